@@ -1,0 +1,95 @@
+"""The `gpt2` command: a root that wires one module per sub-command, and the single place where
+errors become exit codes."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import traceback
+from typing import Annotated
+
+import typer
+
+from gpt2cli import __version__
+from gpt2cli.cli import compare, data, evaluate, export, generate, info, train
+from gpt2cli.errors import UserError
+
+
+def _click_exception_modules() -> list:
+    """Typer >= 0.26 vendors click as ``typer._click``; older Typer uses click itself."""
+    modules = []
+    for name in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            modules.append(importlib.import_module(name))
+        except ImportError:
+            pass
+    return modules
+
+
+def _classes(attr: str) -> tuple[type[BaseException], ...]:
+    return tuple(getattr(m, attr) for m in _click_exception_modules() if hasattr(m, attr))
+
+
+_NO_ARGS_HELP = _classes("NoArgsIsHelpError")
+_USAGE_ERROR = _classes("UsageError")
+_CLICK_EXCEPTION = _classes("ClickException")
+_ABORT = _classes("Abort")
+
+app = typer.Typer(
+    name="gpt2",
+    help="Prepare data for, train, evaluate, sample from and compare GPT-2-family language models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"gpt2 {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for errors.")] = False,
+) -> None:
+    """Prepare data for, train, evaluate, sample from and compare GPT-2-family language models."""
+
+
+for module in (data, train, evaluate, generate, compare, info, export):
+    module.register(app)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `gpt2` console script. `--debug` is accepted anywhere on the line."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    args = [a for a in args if a != "--debug"]
+    try:
+        result = app(args=args, standalone_mode=False, prog_name="gpt2")
+    except UserError as exc:
+        if debug:
+            traceback.print_exc()
+        sys.stderr.write(exc.render() + "\n")
+        sys.exit(exc.exit_code)
+    except _NO_ARGS_HELP:
+        sys.exit(0)  # help was printed for `gpt2` alone
+    except _USAGE_ERROR as exc:
+        if debug:
+            traceback.print_exc()
+        where = exc.ctx.command_path if exc.ctx else "gpt2"
+        message = exc.format_message().replace("\n", " ").rstrip(".")
+        sys.stderr.write(f"Error: {message} (see '{where} --help')\n")
+        sys.exit(2)
+    except _CLICK_EXCEPTION as exc:
+        sys.stderr.write(f"Error: {exc.format_message()}\n")
+        sys.exit(exc.exit_code)
+    except (*_ABORT, KeyboardInterrupt):
+        sys.stderr.write("Aborted.\n")
+        sys.exit(130)
+    sys.exit(result if isinstance(result, int) else 0)

@@ -1,0 +1,46 @@
+"""Pieces every command shares: option aliases, spec building, output helpers.
+
+Only the cli package prints for humans; library code returns values or raises UserError.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Any
+
+import typer
+from pydantic import BaseModel
+from rich.console import Console
+
+from gpt2cli.specs import build_spec
+
+# Results go to stdout; progress, timing and messages to stderr so that stdout stays pipeable.
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False)
+
+PRECEDENCE_HELP = "Settings precedence: defaults < --config FILE < flags < --set section.field=value."
+
+ConfigOpt = Annotated[
+    str | None,
+    typer.Option("--config", "-c", help="TOML, YAML or JSON spec file. " + PRECEDENCE_HELP, show_default=False),
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override any spec field: section.field=value (repeatable); wins over flags."),
+]
+
+
+def field_help(spec_cls: type[BaseModel], field: str) -> str:
+    """The spec field's description: one source for --help and docs."""
+    info = spec_cls.model_fields[field]
+    return info.description or ""
+
+
+def make_spec(spec_cls: type[BaseModel], config: str | None, flags: dict[str, Any], sets: list[str] | None):
+    return build_spec(spec_cls, config_file=config, flags=flags, sets=sets or ())
+
+
+def print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    sys.stdout.flush()

@@ -1,0 +1,536 @@
+"""Every setting of gpt2, typed, documented and validated in one place.
+
+The specs are pydantic models (``extra="forbid"``, frozen). They are the single source of truth
+for defaults: the CLI reads its help text and defaults from here, config files are validated
+against them, and a resolved spec is stored as JSON beside every run and inside every checkpoint.
+
+This module imports no torch, so ``--help`` and validation stay fast.
+
+Precedence when a spec is built (:func:`build_spec`): field defaults < ``--config FILE`` <
+explicit command-line flags < ``--set section.field=value``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from gpt2cli.errors import UserError
+from gpt2cli.presets import DEFAULT_PRESET_CPU, PRESETS, preset_names
+
+SpecT = TypeVar("SpecT", bound=BaseModel)
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+# --------------------------------------------------------------------------------------- model
+
+
+class ModelSpec(_Spec):
+    """The network: GPT-2 by default, with RoPE and grouped-query attention as options."""
+
+    preset: str | None = Field(
+        None,
+        description="Named size the other fields start from (tiny, nano, mini, gpt2, gpt2-medium, "
+        "gpt2-large, gpt2-xl); explicit fields override it.",
+    )
+    vocab_size: int = Field(50257, gt=0, description="Vocabulary size (GPT-2 BPE: 50257).")
+    block_size: int = Field(1024, gt=0, description="Context length: the most positions the model sees.")
+    n_layer: int = Field(12, gt=0, description="Number of decoder blocks.")
+    n_head: int = Field(12, gt=0, description="Number of query heads per attention layer.")
+    n_embd: int = Field(768, gt=0, description="Width of the residual stream; divisible by n_head.")
+    attn: Literal["mha", "gqa", "mqa"] = Field(
+        "mha",
+        description="Attention: mha (every head has its own keys/values), gqa (n_kv_head shared "
+        "key/value heads), mqa (one key/value head).",
+    )
+    n_kv_head: int | None = Field(
+        None,
+        gt=0,
+        description="Key/value heads; divides n_head. Defaults: mha -> n_head, mqa -> 1, "
+        "gqa -> the divisor of n_head closest to n_head/4.",
+    )
+    pos: Literal["learned", "rope"] = Field(
+        "learned", description="Positions: learned absolute embeddings (GPT-2) or rotary (RoFormer)."
+    )
+    rope_base: float = Field(10000.0, gt=1.0, description="RoPE base: theta_i = base^(-2i/head_dim).")
+    rope_learnable: bool = Field(False, description="Make the rotary frequencies trainable parameters.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on embeddings, attention and residuals.")
+    bias: bool = Field(True, description="Biases in Linear and LayerNorm layers, as GPT-2 has.")
+    layer_norm_eps: float = Field(1e-5, gt=0.0, description="LayerNorm epsilon (GPT-2: 1e-5).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve(cls, data: Any) -> Any:
+        """Expand the preset (explicit fields win), then write the number of key/value heads
+        into the spec so that the resolved spec says it."""
+        if not isinstance(data, dict):
+            return data
+        name = data.get("preset")
+        if name is not None:
+            if name not in PRESETS:
+                raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(preset_names())}")
+            data = {**PRESETS[name], **data}
+        if data.get("n_kv_head") is not None:
+            return data
+        n_head = data.get("n_head", cls.model_fields["n_head"].default)
+        attn = data.get("attn", "mha")
+        if not isinstance(n_head, int) or n_head <= 0:
+            return data  # the field validator reports it
+        if attn == "mqa":
+            kv = 1
+        elif attn == "gqa":
+            divisors = [d for d in range(1, n_head) if n_head % d == 0] or [1]
+            kv = min(divisors, key=lambda d: (abs(d - n_head / 4), -d))
+        else:
+            kv = n_head
+        return {**data, "n_kv_head": kv}
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelSpec:
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
+            )
+        kv = self.n_kv_head
+        assert kv is not None
+        if self.n_head % kv:
+            raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({kv})")
+        if self.attn == "mha" and kv != self.n_head:
+            raise ValueError(
+                f"attn=mha needs n_kv_head == n_head ({self.n_head}), got {kv}; use attn=gqa for fewer kv heads"
+            )
+        if self.attn == "mqa" and kv != 1:
+            raise ValueError(f"attn=mqa needs n_kv_head == 1, got {kv}")
+        if self.attn == "gqa" and kv == self.n_head:
+            raise ValueError(
+                f"attn=gqa needs fewer kv heads than n_head ({self.n_head}); use attn=mha for equal counts"
+            )
+        if self.pos == "rope" and self.head_dim % 2:
+            raise ValueError(f"pos=rope needs an even head size, got {self.head_dim} (n_embd / n_head)")
+        if self.rope_learnable and self.pos != "rope":
+            raise ValueError("rope_learnable needs pos=rope")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        assert self.n_kv_head is not None
+        return self.n_kv_head
+
+    def shape_fields(self) -> dict[str, Any]:
+        """The fields that decide parameter shapes (a resume must keep them)."""
+        keys = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_kv_head", "pos",
+                "rope_learnable", "bias")
+        return {k: getattr(self, k) for k in keys}
+
+
+# ---------------------------------------------------------------------------------------- data
+
+
+class PrepareSpec(_Spec):
+    """`gpt2 data`: turn a text corpus into GPT-2 token files."""
+
+    sources: list[str] = Field(
+        default_factory=list,
+        description="Files, folders, globs, saved datasets or a Hugging Face dataset name; "
+        "empty = the embedded tiny Shakespeare corpus.",
+    )
+    out: str = Field("data/tinyshakespeare", description="Output folder for the token files and meta.json.")
+    text_column: str = Field("text", description="Column holding the text in JSONL, parquet and datasets.")
+    subset: str | None = Field(None, description="Hugging Face dataset configuration (subset) name.")
+    split: str = Field("train", description="Hugging Face dataset split to read.")
+    val_fraction: float = Field(
+        0.1, ge=0.0, lt=1.0, description="Share of documents for validation (by position for one document)."
+    )
+    max_docs: int | None = Field(None, gt=0, description="Read at most this many documents.")
+    max_tokens: int | None = Field(None, gt=0, description="Stop after about this many tokens.")
+    num_proc: int | None = Field(None, gt=0, description="Tokenizer processes; default: all cores.")
+    errors: Literal["strict", "replace"] = Field(
+        "strict", description="Non-UTF-8 text: strict stops with the file's name, replace substitutes U+FFFD."
+    )
+    overwrite: bool = Field(False, description="Replace an existing output folder.")
+
+
+class DataSpec(_Spec):
+    """Where training and evaluation read tokens from."""
+
+    dir: str | None = Field(
+        None,
+        description="A folder written by `gpt2 data`; default: the embedded corpus, prepared on first use.",
+    )
+    train_split: str = Field("train", description="Split the model trains on.")
+    val_split: str = Field("val", description="Split used for evaluation during training.")
+
+
+# ----------------------------------------------------------------------------------- optimizer
+
+
+class OptimSpec(_Spec):
+    """Optimizer and learning-rate schedule."""
+
+    name: Literal["adamw", "adam"] = Field("adamw", description="Optimizer (weight decay only on 2-D weights).")
+    lr: float = Field(1e-3, gt=0.0, description="Peak learning rate.")
+    min_lr: float | None = Field(None, ge=0.0, description="Final learning rate; default lr / 10.")
+    warmup: int = Field(100, ge=0, description="Linear warm-up steps.")
+    schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Decay from lr to min_lr after warm-up."
+    )
+    weight_decay: float = Field(0.1, ge=0.0, description="Decoupled weight decay on 2-D weights (AdamW).")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="Adam betas (beta1, beta2).")
+    eps: float = Field(1e-8, gt=0.0, description="Adam epsilon.")
+    grad_clip: float = Field(1.0, ge=0.0, description="Clip the global gradient norm to this; 0 = off.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_min_lr(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("min_lr") is None:
+            lr = data.get("lr", cls.model_fields["lr"].default)
+            if isinstance(lr, (int, float, str)):
+                try:
+                    return {**data, "min_lr": float(lr) / 10}
+                except ValueError:
+                    return data
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> OptimSpec:
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must lie in [0, 1), got {list(self.betas)}")
+        assert self.min_lr is not None
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        return self
+
+
+# ---------------------------------------------------------------------------------------- train
+
+Device = str  # auto | cpu | mps | cuda | cuda:N (checked below)
+_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+class TrainingSpec(_Spec):
+    """The training loop: budget, batch arithmetic, precision, device."""
+
+    steps: int | None = Field(None, gt=0, description="Optimizer steps to run; default 600 unless tokens is set.")
+    tokens: int | None = Field(None, gt=0, description="Train on this many tokens (sets steps from the global batch).")
+    batch_size: int = Field(16, gt=0, description="Sequences per process per micro-step.")
+    seq_len: int | None = Field(None, gt=1, description="Tokens per sequence; default: the model's block_size.")
+    grad_accum: int = Field(1, gt=0, description="Micro-steps per optimizer step.")
+    batch_tokens: int | None = Field(
+        None, gt=0,
+        description="Global batch in tokens; sets grad_accum from batch_size, seq_len and world size.",
+    )
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Compute precision: auto = bf16 autocast on CUDA with bf16, else fp32."
+    )
+    compile: bool | None = Field(None, description="torch.compile the model; default: on for CUDA, off otherwise.")
+    device: Device = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
+    seed: int = Field(1337, ge=0, description="Seed for initialisation, data order and dropout.")
+    log_every: int = Field(10, gt=0, description="Steps between metric rows (the only host syncs).")
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="A NaN/inf loss or gradient: stop before the optimizer step, or skip the step."
+    )
+    max_nonfinite_skips: int = Field(
+        5, gt=0, description="With on_nonfinite=skip: stop after this many consecutive skipped steps."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainingSpec:
+        if not _DEVICE_RE.match(self.device):
+            raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        if self.steps is not None and self.tokens is not None:
+            raise ValueError("give steps or tokens, not both")
+        if self.batch_tokens is not None and self.grad_accum != 1:
+            raise ValueError("give grad_accum or batch_tokens, not both")
+        return self
+
+
+class EvalSpec(_Spec):
+    """Evaluation during training."""
+
+    every: int = Field(100, gt=0, description="Steps between evaluations (and best.pt updates).")
+    tokens: int = Field(32768, gt=0, description="Validation tokens per evaluation (a fixed prefix of the split).")
+    batch_size: int | None = Field(None, gt=0, description="Sequences per eval batch; default: the train batch size.")
+
+
+class ParallelSpec(_Spec):
+    """How many processes train, and how the model is spread over them."""
+
+    strategy: Literal["single", "ddp", "fsdp"] = Field(
+        "single", description="single device, DDP (replicated) or FSDP (sharded with fully_shard)."
+    )
+    nproc: int | None = Field(None, gt=0, description="Processes per node on any device (gloo on CPU).")
+    gpus: int | None = Field(None, gt=0, description="CUDA GPUs per node (one process each, NCCL).")
+    nnodes: int = Field(1, gt=0, description="Number of nodes (torchrun rendezvous).")
+    node_rank: int | None = Field(None, ge=0, description="This node's rank when nnodes > 1 (else from rendezvous).")
+    rdzv_endpoint: str | None = Field(None, description="host:port of the c10d rendezvous for multi-node runs.")
+    rdzv_id: str = Field("gpt2", description="Rendezvous id shared by every node of one job.")
+    max_restarts: int = Field(0, ge=0, description="Elastic restarts after a worker fails (each resumes).")
+    dist_timeout: float = Field(300.0, gt=0, description="Seconds a collective may wait before the job fails.")
+    fsdp_reshard_after_forward: bool = Field(True, description="FSDP: free gathered weights after forward.")
+    fsdp_cpu_offload: bool = Field(False, description="FSDP: keep sharded parameters and optimizer state on CPU.")
+    activation_checkpointing: bool = Field(False, description="Recompute block activations in backward to save memory.")
+
+    @model_validator(mode="after")
+    def _check(self) -> ParallelSpec:
+        if self.nproc is not None and self.gpus is not None and self.nproc != self.gpus:
+            raise ValueError(f"nproc ({self.nproc}) and gpus ({self.gpus}) disagree; give one of them")
+        if self.strategy == "single" and self.procs_per_node * self.nnodes > 1:
+            raise ValueError("several processes need strategy ddp or fsdp")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError("nnodes > 1 needs rdzv_endpoint (host:port of the rendezvous)")
+        return self
+
+    @property
+    def procs_per_node(self) -> int:
+        return self.gpus or self.nproc or 1
+
+
+class RunSpec(_Spec):
+    """The run folder: where outputs go, how often checkpoints are written, resume."""
+
+    out: str | None = Field(None, description="Run folder; default: runs/<preset>-<attn>-<pos>-<time>.")
+    runs_dir: str = Field("runs", description="Parent of auto-named run folders.")
+    resume: str | None = Field(
+        None, description="auto (the run's latest complete checkpoint, if any), a run folder or a checkpoint file."
+    )
+    save_every: int | None = Field(None, gt=0, description="Steps between ckpt.pt writes; default: eval.every.")
+    keep: int = Field(0, ge=0, description="Also keep the last K step checkpoints (step-N.pt).")
+    quiet: bool = Field(False, description="Print only errors and the final summary.")
+
+
+class TrainSpec(_Spec):
+    """Everything `gpt2 train` needs; stored as spec.json in the run folder and in checkpoints."""
+
+    model: ModelSpec = Field(
+        default_factory=lambda: ModelSpec(preset=DEFAULT_PRESET_CPU),
+        description="The network; fields not given come from the preset (default: nano).",
+    )
+    data: DataSpec = Field(default_factory=DataSpec)
+    optim: OptimSpec = Field(default_factory=OptimSpec)
+    train: TrainingSpec = Field(default_factory=TrainingSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    parallel: ParallelSpec = Field(default_factory=ParallelSpec)
+    run: RunSpec = Field(default_factory=RunSpec)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_preset(cls, data: Any) -> Any:
+        """A model section without a preset starts from the default training preset, so that
+        `--n-layer 2` means "nano with two layers", not "GPT-2 124M with two layers"."""
+        if isinstance(data, dict) and isinstance(data.get("model"), dict) and "preset" not in data["model"]:
+            return {**data, "model": {"preset": DEFAULT_PRESET_CPU, **data["model"]}}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainSpec:
+        seq_len = self.train.seq_len
+        if seq_len is not None and seq_len > self.model.block_size:
+            raise ValueError(
+                f"train.seq_len ({seq_len}) exceeds model.block_size ({self.model.block_size})"
+            )
+        if self.parallel.gpus and self.train.device not in ("auto", "cuda"):
+            raise ValueError(f"parallel.gpus needs device cuda, got {self.train.device}")
+        return self
+
+    @property
+    def seq_len(self) -> int:
+        return self.train.seq_len or self.model.block_size
+
+    @property
+    def save_every(self) -> int:
+        return self.run.save_every or self.eval.every
+
+    @property
+    def eval_batch_size(self) -> int:
+        return self.eval.batch_size or self.train.batch_size
+
+
+# ------------------------------------------------------------------------------ eval, generate
+
+
+class EvaluateSpec(_Spec):
+    """`gpt2 eval`: score checkpoints on the same token windows."""
+
+    checkpoints: list[str] = Field(default_factory=list, description="Checkpoint files, run folders or HF GPT-2 folders.")
+    data: str | None = Field(None, description="Token folder from `gpt2 data`; default: the embedded corpus.")
+    split: str = Field("val", description="Split to score.")
+    tokens: int | None = Field(None, gt=0, description="Score at most this many tokens; default: the whole split.")
+    batch_size: int = Field(8, gt=0, description="Windows per batch.")
+    seq_len: int | None = Field(None, gt=1, description="Window length; default: the model's block_size.")
+    device: Device = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="Compute precision.")
+    format: Literal["table", "json"] = Field("table", description="Output format.")
+
+
+class GenerateSpec(_Spec):
+    """`gpt2 generate`: sampling settings."""
+
+    max_new_tokens: int = Field(200, gt=0, description="Tokens to sample after the prompt.")
+    temperature: float = Field(0.8, ge=0.0, description="Softmax temperature; 0 = greedy.")
+    top_k: int | None = Field(200, gt=0, description="Sample from the k most likely tokens only.")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling: smallest set with this mass.")
+    seed: int = Field(1337, ge=0, description="Sampling seed: same seed and settings give the same text.")
+    num_samples: int = Field(1, gt=0, description="Samples decoded together as one batch.")
+    stop: list[str] = Field(default_factory=list, description="Strings that end a sample (repeatable).")
+    ignore_eos: bool = Field(False, description="Keep sampling after <|endoftext|>.")
+    device: Device = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="Compute precision.")
+    compile: bool = Field(False, description="torch.compile the decoding step.")
+
+
+class CompareSpec(_Spec):
+    """`gpt2 compare`: side-by-side table of runs."""
+
+    runs: list[str] = Field(default_factory=list, description="Run folders or a sweep's parent folder.")
+    metric: str = Field("val_loss", description="Metric to rank runs by.")
+    target: float | None = Field(None, description="Report tokens and time to reach this metric value.")
+    plot: str | None = Field(None, description="Write loss curves to this PNG or SVG file.")
+    format: Literal["table", "markdown", "json", "csv"] = Field("table", description="Output format.")
+    group_by: str | None = Field(None, description="Group runs by this spec field (dotted path).")
+
+
+# -------------------------------------------------------------------------- building a spec
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML, YAML or JSON file into a dict (the format is chosen by its extension)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {str(p)!r} does not exist", "check the --config path")
+    suffix = p.suffix.lower()
+    text = p.read_text(encoding="utf-8")
+    try:
+        if suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib  # type: ignore[no-redef]
+            data = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        elif suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise UserError(
+                f"config file {str(p)!r} has an unknown type {suffix!r}", "use .toml, .yaml, .yml or .json"
+            )
+    except UserError:
+        raise
+    except Exception as exc:  # parse errors of three libraries
+        raise UserError(f"cannot parse config file {str(p)!r}: {exc}".replace("\n", " "), "fix its syntax") from exc
+    if not isinstance(data, dict):
+        raise UserError(f"config file {str(p)!r} must hold a mapping of sections", "see docs/specs.md")
+    return data
+
+
+def parse_set(assignment: str) -> tuple[list[str], Any]:
+    """Parse ``section.field=value``; the value is read as YAML (numbers, booleans, lists, null)."""
+    import yaml
+
+    key, sep, raw = assignment.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise UserError(f"--set {assignment!r} is not of the form section.field=value", "e.g. --set optim.lr=3e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Return base with override merged in, recursing into nested dicts."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _nest(path: list[str], value: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {path[-1]: value}
+    for key in reversed(path[:-1]):
+        out = {key: out}
+    return out
+
+
+def build_spec(
+    spec_cls: type[SpecT],
+    *,
+    config_file: str | Path | None = None,
+    flags: dict[str, Any] | None = None,
+    sets: list[str] | tuple[str, ...] = (),
+) -> SpecT:
+    """Build and validate a spec: defaults < config file < flags < ``--set`` assignments.
+
+    ``flags`` is nested like the spec (``{"optim": {"lr": 3e-4}}``); entries whose value is None
+    count as "not given" and are dropped, so a flag's absence never overrides a file.
+    """
+    layered: dict[str, Any] = read_config_file(config_file) if config_file else {}
+    layered = deep_merge(layered, drop_none(flags or {}))
+    for assignment in sets:
+        path, value = parse_set(assignment)
+        layered = deep_merge(layered, _nest(path, value))
+    return validate_spec(spec_cls, layered)
+
+
+def drop_none(tree: dict[str, Any]) -> dict[str, Any]:
+    """Remove None leaves (and sections left empty) from a nested dict."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            sub = drop_none(value)
+            if sub:
+                out[key] = sub
+        elif value is not None:
+            out[key] = value
+    return out
+
+
+def validate_spec(spec_cls: type[SpecT], data: dict[str, Any]) -> SpecT:
+    """Validate, turning pydantic's report into one user-facing line."""
+    try:
+        return spec_cls.model_validate(data)
+    except ValidationError as exc:
+        raise UserError(format_validation_error(exc), "see `gpt2 <command> --help` or docs/specs.md") from exc
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line naming every offending field, e.g. ``model.n_head: must be > 0``."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown setting"
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "invalid settings: " + "; ".join(parts)
+
+
+def spec_to_json(spec: BaseModel) -> str:
+    """The canonical JSON of a resolved spec (what spec.json and checkpoints hold)."""
+    return spec.model_dump_json(indent=2)
+
+
+def spec_from_json(spec_cls: type[SpecT], text: str) -> SpecT:
+    try:
+        return spec_cls.model_validate_json(text)
+    except ValidationError as exc:
+        raise UserError(format_validation_error(exc), "the stored spec does not match this version of gpt2") from exc

@@ -1,0 +1,47 @@
+"""Shared test fixtures. Everything runs on CPU, offline, with the tiny preset."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# No test may reach the network: the hub libraries fail at once instead of retrying for 20 s.
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def gpt2_command() -> list[str]:
+    """The installed `gpt2` console script next to this interpreter (falls back to -m)."""
+    exe = Path(sys.executable).with_name("gpt2")
+    if exe.exists():
+        return [str(exe)]
+    found = shutil.which("gpt2")
+    return [found] if found else [sys.executable, "-m", "gpt2cli"]
+
+
+def run_gpt2(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 240,
+             check: bool = False) -> subprocess.CompletedProcess:
+    """Run the real `gpt2` command in a subprocess and capture its output."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.run(
+        [*gpt2_command(), *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"gpt2 {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One gpt2 cache (prepared embedded corpus) shared by the whole session."""
+    path = tmp_path_factory.mktemp("gpt2-cache")
+    os.environ["GPT2_CACHE_DIR"] = str(path)
+    return path
