@@ -316,12 +316,12 @@ class TrainSpec(_Spec):
         default_factory=lambda: ModelSpec(preset=DEFAULT_PRESET_CPU),
         description="The network; fields not given come from the preset (default: nano).",
     )
-    data: DataSpec = Field(default_factory=DataSpec)
-    optim: OptimSpec = Field(default_factory=OptimSpec)
-    train: TrainingSpec = Field(default_factory=TrainingSpec)
-    eval: EvalSpec = Field(default_factory=EvalSpec)
-    parallel: ParallelSpec = Field(default_factory=ParallelSpec)
-    run: RunSpec = Field(default_factory=RunSpec)
+    data: DataSpec = Field(default_factory=DataSpec, description="Token data for training and evaluation.")
+    optim: OptimSpec = Field(default_factory=OptimSpec, description="Optimizer and learning-rate schedule.")
+    train: TrainingSpec = Field(default_factory=TrainingSpec, description="Budget, batch, precision, device.")
+    eval: EvalSpec = Field(default_factory=EvalSpec, description="Evaluation during training.")
+    parallel: ParallelSpec = Field(default_factory=ParallelSpec, description="Processes and sharding.")
+    run: RunSpec = Field(default_factory=RunSpec, description="Run folder, checkpoints, resume.")
 
     @model_validator(mode="before")
     @classmethod
@@ -475,18 +475,24 @@ def build_spec(
     config_file: str | Path | None = None,
     flags: dict[str, Any] | None = None,
     sets: list[str] | tuple[str, ...] = (),
+    base: dict[str, Any] | None = None,
+    flag_names: dict[str, str] | None = None,
 ) -> SpecT:
     """Build and validate a spec: defaults < config file < flags < ``--set`` assignments.
 
     ``flags`` is nested like the spec (``{"optim": {"lr": 3e-4}}``); entries whose value is None
-    count as "not given" and are dropped, so a flag's absence never overrides a file.
+    count as "not given" and are dropped, so a flag's absence never overrides a file. ``base``
+    (a stored spec, when resuming) sits under the file. ``flag_names`` maps dotted field paths to
+    the flags that set them, so errors name what the user typed.
     """
-    layered: dict[str, Any] = read_config_file(config_file) if config_file else {}
+    layered: dict[str, Any] = dict(base or {})
+    if config_file:
+        layered = deep_merge(layered, read_config_file(config_file))
     layered = deep_merge(layered, drop_none(flags or {}))
     for assignment in sets:
         path, value = parse_set(assignment)
         layered = deep_merge(layered, _nest(path, value))
-    return validate_spec(spec_cls, layered)
+    return validate_spec(spec_cls, layered, flag_names)
 
 
 def drop_none(tree: dict[str, Any]) -> dict[str, Any]:
@@ -502,19 +508,21 @@ def drop_none(tree: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def validate_spec(spec_cls: type[SpecT], data: dict[str, Any]) -> SpecT:
+def validate_spec(spec_cls: type[SpecT], data: dict[str, Any], flag_names: dict[str, str] | None = None) -> SpecT:
     """Validate, turning pydantic's report into one user-facing line."""
     try:
         return spec_cls.model_validate(data)
     except ValidationError as exc:
-        raise UserError(format_validation_error(exc), "see `gpt2 <command> --help` or docs/specs.md") from exc
+        raise UserError(format_validation_error(exc, flag_names), "see --help or docs/specs.md") from exc
 
 
-def format_validation_error(exc: ValidationError) -> str:
-    """One line naming every offending field, e.g. ``model.n_head: must be > 0``."""
+def format_validation_error(exc: ValidationError, flag_names: dict[str, str] | None = None) -> str:
+    """One line naming every offending field, e.g. ``--n-head (model.n_head): must be > 0``."""
     parts = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
+        if flag_names and loc in flag_names:
+            loc = f"{flag_names[loc]} ({loc})"
         msg = err["msg"]
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]

@@ -1,17 +1,310 @@
-"""`gpt2 train`: Train a model (single device, DDP or FSDP), with evaluation, checkpoints and exact resume."""
+"""`gpt2 train`: flags -> TrainSpec -> (torchrun re-invocation |) gpt2cli.train.train -> report."""
 
 from __future__ import annotations
 
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
 
-from gpt2cli.errors import UserError
+from gpt2cli.cli.common import PRECEDENCE_HELP, ConfigOpt, SetOpt, err, out
+from gpt2cli.errors import EXIT_INTERRUPTED, UserError
+from gpt2cli.specs import (
+    DataSpec,
+    EvalSpec,
+    ModelSpec,
+    OptimSpec,
+    ParallelSpec,
+    RunSpec,
+    TrainingSpec,
+    TrainSpec,
+    build_spec,
+    spec_from_json,
+    spec_to_json,
+)
+
+M, D, O, T, E, P, R = "Model", "Data", "Optimizer", "Training", "Evaluation", "Parallelism", "Run folder"
+
+# flag -> (spec section, field). One table drives the flags dict, error messages and docs.
+FLAG_FIELDS: dict[str, tuple[str, str]] = {
+    "--preset": ("model", "preset"), "--attn": ("model", "attn"), "--kv-heads": ("model", "n_kv_head"),
+    "--pos": ("model", "pos"), "--rope-base": ("model", "rope_base"), "--rope-learnable": ("model", "rope_learnable"),
+    "--n-layer": ("model", "n_layer"), "--n-head": ("model", "n_head"), "--n-embd": ("model", "n_embd"),
+    "--block-size": ("model", "block_size"), "--dropout": ("model", "dropout"),
+    "--data": ("data", "dir"),
+    "--optimizer": ("optim", "name"), "--lr": ("optim", "lr"), "--min-lr": ("optim", "min_lr"),
+    "--warmup": ("optim", "warmup"), "--schedule": ("optim", "schedule"),
+    "--weight-decay": ("optim", "weight_decay"), "--betas": ("optim", "betas"), "--grad-clip": ("optim", "grad_clip"),
+    "--steps": ("train", "steps"), "--tokens": ("train", "tokens"), "--batch-size": ("train", "batch_size"),
+    "--seq-len": ("train", "seq_len"), "--grad-accum": ("train", "grad_accum"),
+    "--batch-tokens": ("train", "batch_tokens"), "--dtype": ("train", "dtype"), "--compile": ("train", "compile"),
+    "--device": ("train", "device"), "--seed": ("train", "seed"), "--log-every": ("train", "log_every"),
+    "--on-nonfinite": ("train", "on_nonfinite"), "--max-nonfinite-skips": ("train", "max_nonfinite_skips"),
+    "--eval-every": ("eval", "every"), "--eval-tokens": ("eval", "tokens"), "--eval-batch-size": ("eval", "batch_size"),
+    "--strategy": ("parallel", "strategy"), "--gpus": ("parallel", "gpus"), "--nproc": ("parallel", "nproc"),
+    "--nnodes": ("parallel", "nnodes"), "--node-rank": ("parallel", "node_rank"),
+    "--rdzv-endpoint": ("parallel", "rdzv_endpoint"), "--rdzv-id": ("parallel", "rdzv_id"),
+    "--max-restarts": ("parallel", "max_restarts"), "--dist-timeout": ("parallel", "dist_timeout"),
+    "--fsdp-reshard-after-forward": ("parallel", "fsdp_reshard_after_forward"),
+    "--fsdp-cpu-offload": ("parallel", "fsdp_cpu_offload"),
+    "--activation-checkpointing": ("parallel", "activation_checkpointing"),
+    "--out": ("run", "out"), "--runs-dir": ("run", "runs_dir"), "--resume": ("run", "resume"),
+    "--save-every": ("run", "save_every"), "--keep": ("run", "keep"), "--quiet": ("run", "quiet"),
+}
+FLAG_FOR_FIELD = {f"{section}.{name}": flag for flag, (section, name) in FLAG_FIELDS.items()}
+_SECTIONS = {"model": ModelSpec, "data": DataSpec, "optim": OptimSpec, "train": TrainingSpec, "eval": EvalSpec,
+             "parallel": ParallelSpec, "run": RunSpec}
+
+
+def h(flag: str) -> str:
+    """Help text of a flag: the description of the spec field it sets."""
+    section, name = FLAG_FIELDS[flag]
+    return _SECTIONS[section].model_fields[name].description or ""
 
 
 def register(app: typer.Typer) -> None:
-    app.command("train", help="Train a model (single device, DDP or FSDP), with evaluation, checkpoints and exact resume.", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
-        train
+    app.command(
+        "train",
+        help="Train a model (single device, DDP or FSDP), with evaluation, checkpoints and exact resume. "
+        + PRECEDENCE_HELP,
+        no_args_is_help=False,
+    )(train)
+
+
+def _parse_betas(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        values = [float(v) for v in text.replace(" ", "").split(",")]
+    except ValueError:
+        raise UserError(f"--betas {text!r} is not two numbers", "write e.g. --betas 0.9,0.95") from None
+    if len(values) != 2:
+        raise UserError(f"--betas {text!r} is not two numbers", "write e.g. --betas 0.9,0.95")
+    return values
+
+
+def train(
+    # model
+    preset: Annotated[str | None, typer.Option(help=h("--preset"), rich_help_panel=M, show_default=False)] = None,
+    attn: Annotated[str | None, typer.Option(help=h("--attn"), rich_help_panel=M, show_default=False)] = None,
+    kv_heads: Annotated[int | None, typer.Option("--kv-heads", help=h("--kv-heads"), rich_help_panel=M)] = None,
+    pos: Annotated[str | None, typer.Option(help=h("--pos"), rich_help_panel=M)] = None,
+    rope_base: Annotated[float | None, typer.Option(help=h("--rope-base"), rich_help_panel=M)] = None,
+    rope_learnable: Annotated[bool | None, typer.Option("--rope-learnable/--no-rope-learnable", help=h("--rope-learnable"), rich_help_panel=M)] = None,
+    n_layer: Annotated[int | None, typer.Option(help=h("--n-layer"), rich_help_panel=M)] = None,
+    n_head: Annotated[int | None, typer.Option(help=h("--n-head"), rich_help_panel=M)] = None,
+    n_embd: Annotated[int | None, typer.Option(help=h("--n-embd"), rich_help_panel=M)] = None,
+    block_size: Annotated[int | None, typer.Option(help=h("--block-size"), rich_help_panel=M)] = None,
+    dropout: Annotated[float | None, typer.Option(help=h("--dropout"), rich_help_panel=M)] = None,
+    # data
+    data: Annotated[str | None, typer.Option(help=h("--data"), rich_help_panel=D)] = None,
+    # optimizer
+    optimizer: Annotated[str | None, typer.Option(help=h("--optimizer"), rich_help_panel=O)] = None,
+    lr: Annotated[float | None, typer.Option(help=h("--lr"), rich_help_panel=O)] = None,
+    min_lr: Annotated[float | None, typer.Option(help=h("--min-lr"), rich_help_panel=O)] = None,
+    warmup: Annotated[int | None, typer.Option(help=h("--warmup"), rich_help_panel=O)] = None,
+    schedule: Annotated[str | None, typer.Option(help=h("--schedule"), rich_help_panel=O)] = None,
+    weight_decay: Annotated[float | None, typer.Option(help=h("--weight-decay"), rich_help_panel=O)] = None,
+    betas: Annotated[str | None, typer.Option(help=h("--betas") + " Written 0.9,0.95.", rich_help_panel=O)] = None,
+    grad_clip: Annotated[float | None, typer.Option(help=h("--grad-clip"), rich_help_panel=O)] = None,
+    # training
+    steps: Annotated[int | None, typer.Option(help=h("--steps"), rich_help_panel=T)] = None,
+    tokens: Annotated[int | None, typer.Option(help=h("--tokens"), rich_help_panel=T)] = None,
+    batch_size: Annotated[int | None, typer.Option(help=h("--batch-size"), rich_help_panel=T)] = None,
+    seq_len: Annotated[int | None, typer.Option(help=h("--seq-len"), rich_help_panel=T)] = None,
+    grad_accum: Annotated[int | None, typer.Option(help=h("--grad-accum"), rich_help_panel=T)] = None,
+    batch_tokens: Annotated[int | None, typer.Option(help=h("--batch-tokens"), rich_help_panel=T)] = None,
+    dtype: Annotated[str | None, typer.Option(help=h("--dtype"), rich_help_panel=T)] = None,
+    compile: Annotated[bool | None, typer.Option("--compile/--no-compile", help=h("--compile"), rich_help_panel=T)] = None,
+    device: Annotated[str | None, typer.Option(help=h("--device"), rich_help_panel=T)] = None,
+    seed: Annotated[int | None, typer.Option(help=h("--seed"), rich_help_panel=T)] = None,
+    log_every: Annotated[int | None, typer.Option(help=h("--log-every"), rich_help_panel=T)] = None,
+    on_nonfinite: Annotated[str | None, typer.Option(help=h("--on-nonfinite"), rich_help_panel=T)] = None,
+    max_nonfinite_skips: Annotated[int | None, typer.Option(help=h("--max-nonfinite-skips"), rich_help_panel=T)] = None,
+    # evaluation
+    eval_every: Annotated[int | None, typer.Option(help=h("--eval-every"), rich_help_panel=E)] = None,
+    eval_tokens: Annotated[int | None, typer.Option(help=h("--eval-tokens"), rich_help_panel=E)] = None,
+    eval_batch_size: Annotated[int | None, typer.Option(help=h("--eval-batch-size"), rich_help_panel=E)] = None,
+    # parallelism
+    strategy: Annotated[str | None, typer.Option(help=h("--strategy"), rich_help_panel=P)] = None,
+    gpus: Annotated[int | None, typer.Option(help=h("--gpus"), rich_help_panel=P)] = None,
+    nproc: Annotated[int | None, typer.Option(help=h("--nproc"), rich_help_panel=P)] = None,
+    nnodes: Annotated[int | None, typer.Option(help=h("--nnodes"), rich_help_panel=P)] = None,
+    node_rank: Annotated[int | None, typer.Option(help=h("--node-rank"), rich_help_panel=P)] = None,
+    rdzv_endpoint: Annotated[str | None, typer.Option(help=h("--rdzv-endpoint"), rich_help_panel=P)] = None,
+    rdzv_id: Annotated[str | None, typer.Option(help=h("--rdzv-id"), rich_help_panel=P)] = None,
+    max_restarts: Annotated[int | None, typer.Option(help=h("--max-restarts"), rich_help_panel=P)] = None,
+    dist_timeout: Annotated[float | None, typer.Option(help=h("--dist-timeout"), rich_help_panel=P)] = None,
+    fsdp_reshard_after_forward: Annotated[bool | None, typer.Option("--fsdp-reshard-after-forward/--no-fsdp-reshard-after-forward", help=h("--fsdp-reshard-after-forward"), rich_help_panel=P)] = None,
+    fsdp_cpu_offload: Annotated[bool | None, typer.Option("--fsdp-cpu-offload/--no-fsdp-cpu-offload", help=h("--fsdp-cpu-offload"), rich_help_panel=P)] = None,
+    activation_checkpointing: Annotated[bool | None, typer.Option("--activation-checkpointing/--no-activation-checkpointing", help=h("--activation-checkpointing"), rich_help_panel=P)] = None,
+    # run folder
+    out_dir: Annotated[str | None, typer.Option("--out", help=h("--out"), rich_help_panel=R)] = None,
+    runs_dir: Annotated[str | None, typer.Option(help=h("--runs-dir"), rich_help_panel=R)] = None,
+    resume: Annotated[str | None, typer.Option(help=h("--resume"), rich_help_panel=R)] = None,
+    save_every: Annotated[int | None, typer.Option(help=h("--save-every"), rich_help_panel=R)] = None,
+    keep: Annotated[int | None, typer.Option(help=h("--keep"), rich_help_panel=R)] = None,
+    quiet: Annotated[bool | None, typer.Option("--quiet/--no-quiet", "-q", help=h("--quiet"), rich_help_panel=R)] = None,
+    # spec plumbing
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    spec_file: Annotated[str | None, typer.Option("--spec", help="A resolved spec.json to run exactly as is (what the torchrun launcher passes); other settings are refused.", rich_help_panel=R)] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved spec, model size and batch arithmetic; train nothing.")] = False,
+) -> None:
+    values: dict[str, Any] = {
+        "--preset": preset, "--attn": attn, "--kv-heads": kv_heads, "--pos": pos, "--rope-base": rope_base,
+        "--rope-learnable": rope_learnable, "--n-layer": n_layer, "--n-head": n_head, "--n-embd": n_embd,
+        "--block-size": block_size, "--dropout": dropout, "--data": data, "--optimizer": optimizer, "--lr": lr,
+        "--min-lr": min_lr, "--warmup": warmup, "--schedule": schedule, "--weight-decay": weight_decay,
+        "--betas": _parse_betas(betas), "--grad-clip": grad_clip, "--steps": steps, "--tokens": tokens,
+        "--batch-size": batch_size, "--seq-len": seq_len, "--grad-accum": grad_accum,
+        "--batch-tokens": batch_tokens, "--dtype": dtype, "--compile": compile, "--device": device,
+        "--seed": seed, "--log-every": log_every, "--on-nonfinite": on_nonfinite,
+        "--max-nonfinite-skips": max_nonfinite_skips, "--eval-every": eval_every, "--eval-tokens": eval_tokens,
+        "--eval-batch-size": eval_batch_size, "--strategy": strategy, "--gpus": gpus, "--nproc": nproc,
+        "--nnodes": nnodes, "--node-rank": node_rank, "--rdzv-endpoint": rdzv_endpoint, "--rdzv-id": rdzv_id,
+        "--max-restarts": max_restarts, "--dist-timeout": dist_timeout,
+        "--fsdp-reshard-after-forward": fsdp_reshard_after_forward, "--fsdp-cpu-offload": fsdp_cpu_offload,
+        "--activation-checkpointing": activation_checkpointing, "--out": out_dir, "--runs-dir": runs_dir,
+        "--resume": resume, "--save-every": save_every, "--keep": keep, "--quiet": quiet,
+    }
+    if spec_file is not None:
+        extra = [f for f, v in values.items() if v is not None] + (["--config"] if config else []) + (["--set"] if set_ else [])
+        if extra:
+            raise UserError(f"--spec runs a resolved spec as is; it cannot be combined with {', '.join(extra)}",
+                            "edit the spec file instead")
+        spec = _read_spec_file(spec_file)
+    else:
+        spec = resolve_train_spec(values, config, set_ or [])
+    run(spec, dry_run=dry_run)
+
+
+def _read_spec_file(path: str) -> TrainSpec:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"spec file {path!r} does not exist", "pass a spec.json written by gpt2 train")
+    return spec_from_json(TrainSpec, p.read_text(encoding="utf-8"))
+
+
+def resolve_train_spec(values: dict[str, Any], config: str | None, sets: list[str]) -> TrainSpec:
+    """Flags -> nested dict -> TrainSpec. When resuming, the stored spec is the base layer, so
+    `gpt2 train --out RUN --resume auto` continues with the run's own settings."""
+    flags: dict[str, dict[str, Any]] = {}
+    for flag, value in values.items():
+        if value is not None:
+            section, name = FLAG_FIELDS[flag]
+            flags.setdefault(section, {})[name] = value
+    base = _stored_spec_for_resume(values.get("--resume"), values.get("--out"))
+    if base is None and "preset" not in flags.get("model", {}):
+        flags.setdefault("model", {})["preset"] = _default_preset(values.get("--device"), values.get("--gpus"))
+    return build_spec(TrainSpec, config_file=config, flags=flags, sets=sets, base=base, flag_names=FLAG_FOR_FIELD)
+
+
+def _default_preset(device: str | None, gpus: int | None) -> str:
+    from gpt2cli.presets import DEFAULT_PRESET_CPU, DEFAULT_PRESET_CUDA
+
+    if device == "cpu" or device == "mps":
+        return DEFAULT_PRESET_CPU
+    if gpus or (device or "").startswith("cuda"):
+        return DEFAULT_PRESET_CUDA
+    import torch
+
+    return DEFAULT_PRESET_CUDA if torch.cuda.is_available() else DEFAULT_PRESET_CPU
+
+
+def _stored_spec_for_resume(resume: str | None, out_dir: str | None) -> dict[str, Any] | None:
+    """The spec.json of the run being resumed, minus what must not carry over (resume, out)."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        folder = Path(out_dir) if out_dir else None
+    else:
+        target = Path(resume)
+        folder = target if target.is_dir() else target.parent
+    if folder is None or not (folder / "spec.json").is_file():
+        return None
+    try:
+        stored = json.loads((folder / "spec.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"cannot read {folder / 'spec.json'}: {exc}", "the run folder is damaged") from exc
+    stored.get("run", {}).pop("resume", None)
+    return stored
+
+
+def run(spec: TrainSpec, dry_run: bool = False) -> None:
+    from gpt2cli.parallel.launch import LAUNCH_SPEC_NAME, check_gpus, launch, needs_launch, under_torchrun
+    from gpt2cli.train import plan_batches, refuse_existing_run
+
+    p = spec.parallel
+    world = p.procs_per_node * p.nnodes
+    if not under_torchrun():
+        check_gpus(p)
+    plan = plan_batches(spec, int(os.environ.get("WORLD_SIZE", world)))
+    if dry_run:
+        _print_dry_run(spec, plan)
+        return
+    if needs_launch(p):
+        from gpt2cli.train import resolve_run_dir
+
+        run_dir = resolve_run_dir(spec, 1) if spec.run.out or spec.run.resume else None
+        if run_dir is None:
+            from gpt2cli.train import auto_run_name
+
+            run_dir = Path(spec.run.runs_dir) / auto_run_name(spec)
+        refuse_existing_run(spec, run_dir)
+        # Workers resume by themselves after an elastic restart: resume=auto in the run folder.
+        resume = spec.run.resume if spec.run.resume is not None else ("auto" if p.max_restarts else None)
+        child = spec.model_copy(update={"run": spec.run.model_copy(update={"out": str(run_dir), "resume": resume})})
+        run_dir.mkdir(parents=True, exist_ok=True)
+        spec_path = run_dir / LAUNCH_SPEC_NAME
+        spec_path.write_text(spec_to_json(child), encoding="utf-8")
+        if not spec.run.quiet:
+            err.print(f"launching {world} processes under torchrun ({p.strategy}) -> {run_dir}")
+        code = launch(p, spec_path, debug="--debug" in sys.argv)
+        raise typer.Exit(code)
+    _train_here(spec)
+
+
+def _train_here(spec: TrainSpec) -> None:
+    from gpt2cli.cli.progress import TrainProgress
+    from gpt2cli.train import train as train_workflow
+
+    rank = int(os.environ.get("RANK", 0))
+    reporter = TrainProgress(quiet=spec.run.quiet) if rank == 0 else None
+    try:
+        result = train_workflow(spec, reporter=reporter)
+    except UserError as exc:
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            exc.message = f"[rank {rank}] {exc.message}"
+        raise
+    if result.status == "interrupted":
+        raise typer.Exit(EXIT_INTERRUPTED)
+
+
+def _print_dry_run(spec: TrainSpec, plan) -> None:
+    from gpt2cli.modelinfo import model_stats
+
+    stats = model_stats(spec.model, seq_len=plan.seq_len, world_size=plan.world_size)
+    summary = {
+        "params": stats["params"],
+        "non_embedding_params": stats["non_embedding_params"],
+        "flops_per_token": stats["flops_per_token"],
+        "world_size": plan.world_size,
+        "batch_size": plan.batch_size,
+        "seq_len": plan.seq_len,
+        "grad_accum": plan.grad_accum,
+        "global_batch_sequences": plan.global_batch,
+        "tokens_per_step": plan.tokens_per_step,
+        "steps": plan.total_steps,
+        "total_tokens": plan.tokens_per_step * plan.total_steps,
+    }
+    out.print_json(spec_to_json(spec))
+    out.print(
+        f"model: {summary['params']:,} parameters ({summary['non_embedding_params']:,} without embeddings)\n"
+        f"batch: {plan.batch_size} sequences x {plan.seq_len} tokens x {plan.grad_accum} accumulation x "
+        f"{plan.world_size} process(es) = {plan.tokens_per_step:,} tokens per step\n"
+        f"budget: {plan.total_steps:,} steps = {summary['total_tokens']:,} tokens"
     )
-
-
-def train(ctx: typer.Context) -> None:
-    raise UserError("`gpt2 train` is not available yet", "it lands with issue #4")

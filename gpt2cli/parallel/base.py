@@ -1,0 +1,133 @@
+"""The Strategy interface: everything the training loop asks of "how many processes, which
+device, how is the model spread".
+
+The loop never calls torch.distributed itself. It asks a Strategy to wrap the finished model, to
+silence gradient sync during accumulation, to reduce metrics, to clip by the global norm and to
+produce or load the *full* (unsharded) state that checkpoints hold, so a checkpoint written under
+one strategy loads under any other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from gpt2cli.errors import UserError
+
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """auto -> cuda (this process's GPU) if present, else mps, else cpu. Unavailable -> UserError."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"device {name!r} asked for, but this machine has no CUDA GPU", "use --device cpu or auto")
+        if name == "cuda":
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        index = int(name.split(":")[1])
+        if index >= torch.cuda.device_count():
+            raise UserError(
+                f"device {name!r} asked for, but only {torch.cuda.device_count()} GPU(s) exist",
+                "pick an existing index",
+            )
+        return torch.device(name)
+    if name == "mps":
+        if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+            raise UserError("device 'mps' asked for, but MPS is not available here", "use --device cpu or auto")
+    return torch.device(name)
+
+
+class Strategy:
+    """One process, one device. Subclasses add process groups and model wrapping."""
+
+    name = "single"
+
+    def __init__(self, device: str = "auto", activation_checkpointing: bool = False) -> None:
+        self.rank = int(os.environ.get("RANK", 0))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.device = resolve_device(device, self.local_rank)
+        self.activation_checkpointing = activation_checkpointing
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def setup(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
+    def teardown(self) -> None:
+        pass
+
+    # ------------------------------------------------------------------ model
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """Apply activation checkpointing (if asked) to a finished model; return what trains."""
+        if self.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        return model
+
+    def no_sync(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """Context for accumulation micro-steps that must not all-reduce gradients."""
+        return contextlib.nullcontext()
+
+    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        """Clip to ``max_norm`` (0 = only measure) and return the global pre-clip norm (a tensor;
+        no host sync)."""
+        params = [p for p in model.parameters() if p.grad is not None]
+        return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf, foreach=True)
+
+    # ------------------------------------------------------------------ reductions
+    def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+    def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+    def all_reduce_max(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+    def barrier(self) -> None:
+        pass
+
+    # ------------------------------------------------------------------ state
+    def model_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The full state dict on CPU, keys without wrapper prefixes (collective under FSDP)."""
+        return get_model_state_dict(model, options=FULL_STATE)
+
+    def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        """The full optimizer state keyed by parameter names (collective under FSDP)."""
+        return get_optimizer_state_dict(model, optimizer, options=FULL_STATE)
+
+    def load_model_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=True))
+
+    def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder block's activations in backward instead of storing them."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    blocks = model.transformer.h
+    for i, block in enumerate(blocks):
+        blocks[i] = checkpoint_wrapper(block, preserve_rng_state=True)

@@ -1,0 +1,140 @@
+"""DDP and FSDP2 strategies: several processes, one model replica (DDP) or shard (FSDP) each.
+
+Both are applied to a finished model from outside. Under either, every rank computes the same
+global gradient norm and the same averaged metrics; only rank 0 writes files and prints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from gpt2cli.errors import UserError
+from gpt2cli.parallel.base import Strategy
+
+
+class _ProcessGroupStrategy(Strategy):
+    def __init__(self, device: str = "auto", activation_checkpointing: bool = False,
+                 dist_timeout: float = 300.0) -> None:
+        super().__init__(device, activation_checkpointing)
+        self.dist_timeout = dist_timeout
+
+    def setup(self) -> None:
+        super().setup()
+        if dist.is_initialized():
+            return
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        kwargs = {"backend": backend, "timeout": datetime.timedelta(seconds=self.dist_timeout)}
+        if backend == "nccl":
+            kwargs["device_id"] = self.device
+        dist.init_process_group(**kwargs)
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+
+    def teardown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
+        value = value.detach().clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        return value / self.world_size
+
+    def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
+        value = value.detach().clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        return value
+
+    def all_reduce_max(self, value: torch.Tensor) -> torch.Tensor:
+        value = value.detach().clone()
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return value
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+
+class DDPStrategy(_ProcessGroupStrategy):
+    """Replicated model; gradients all-reduced once per optimizer step (not per micro-step)."""
+
+    name = "ddp"
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = super().wrap(model)
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids)
+
+    def no_sync(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        return model.no_sync()
+
+
+class FSDPStrategy(_ProcessGroupStrategy):
+    """FSDP2: each block sharded with fully_shard, then the root; bf16 params with fp32 gradient
+    reduction on GPU."""
+
+    name = "fsdp"
+
+    def __init__(self, device: str = "auto", activation_checkpointing: bool = False,
+                 dist_timeout: float = 300.0, reshard_after_forward: bool = True,
+                 cpu_offload: bool = False, mixed_precision: bool | None = None) -> None:
+        super().__init__(device, activation_checkpointing, dist_timeout)
+        self.reshard_after_forward = reshard_after_forward
+        self.cpu_offload = cpu_offload
+        # bf16 parameters are a GPU speed feature; on CPU they only cost accuracy.
+        self.mixed_precision = self.device.type == "cuda" if mixed_precision is None else mixed_precision
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        try:
+            from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+        except ImportError:  # torch 2.4/2.5 kept FSDP2 under _composable
+            from torch.distributed._composable.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+        model = super().wrap(model)
+        kwargs: dict = {"reshard_after_forward": self.reshard_after_forward}
+        if self.mixed_precision:
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if self.cpu_offload:
+            kwargs["offload_policy"] = CPUOffloadPolicy()
+        for block in model.transformer.h:
+            fully_shard(block, **kwargs)
+        fully_shard(model, **kwargs)
+        return model
+
+    def no_sync(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        return _fsdp_no_sync(model)
+
+    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        params = [p for p in model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf, foreach=True)
+        # The norm of sharded (DTensor) gradients is itself a DTensor; every rank needs the value.
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model: nn.Module):
+    """FSDP2 equivalent of DDP.no_sync: skip reduce-scatter during accumulation micro-steps."""
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def make_strategy(strategy: str, device: str, *, activation_checkpointing: bool = False,
+                  dist_timeout: float = 300.0, fsdp_reshard_after_forward: bool = True,
+                  fsdp_cpu_offload: bool = False) -> Strategy:
+    if strategy == "single":
+        return Strategy(device, activation_checkpointing)
+    if strategy == "ddp":
+        return DDPStrategy(device, activation_checkpointing, dist_timeout)
+    if strategy == "fsdp":
+        return FSDPStrategy(device, activation_checkpointing, dist_timeout,
+                            reshard_after_forward=fsdp_reshard_after_forward, cpu_offload=fsdp_cpu_offload)
+    raise UserError(f"unknown strategy {strategy!r}", "use single, ddp or fsdp")

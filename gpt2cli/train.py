@@ -1,0 +1,608 @@
+"""The training workflow: build, (resume,) loop, evaluate, checkpoint.
+
+``train(spec)`` is the whole of `gpt2 train` minus the printing: it reports progress through a
+:class:`Reporter` (the CLI renders it with rich) and returns a :class:`TrainResult`. The loop asks
+a :class:`~gpt2cli.parallel.Strategy` for everything that depends on the number of processes, so
+single-device, DDP and FSDP share this code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gpt2cli import checkpoint as ckpt
+from gpt2cli.errors import NonFiniteLossError, UserError
+from gpt2cli.evaluate import evaluate_loss
+from gpt2cli.metrics import MetricsWriter, mfu, peak_flops, perplexity, truncate_metrics
+from gpt2cli.model import GPT
+from gpt2cli.parallel import Strategy, make_strategy
+from gpt2cli.specs import TrainSpec, spec_from_json, spec_to_json
+
+DEFAULT_STEPS = 600
+
+
+# --------------------------------------------------------------------------------- reporting
+
+
+class Reporter(Protocol):
+    """What the loop tells the outside world (rank 0 only)."""
+
+    def start(self, info: dict[str, Any]) -> None: ...
+    def step(self, row: dict[str, Any]) -> None: ...
+    def evaluation(self, row: dict[str, Any]) -> None: ...
+    def message(self, text: str) -> None: ...
+    def end(self, result: TrainResult) -> None: ...
+
+
+class SilentReporter:
+    def start(self, info: dict[str, Any]) -> None: ...
+    def step(self, row: dict[str, Any]) -> None: ...
+    def evaluation(self, row: dict[str, Any]) -> None: ...
+    def message(self, text: str) -> None: ...
+    def end(self, result: TrainResult) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    status: str  # "completed" | "interrupted"
+    step: int
+    total_steps: int
+    tokens_seen: int
+    train_loss: float | None
+    val_loss: float | None
+    best_val_loss: float | None
+    wall_s: float
+    checkpoint: Path | None
+    best: Path | None
+
+
+# ----------------------------------------------------------------------------- batch arithmetic
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    world_size: int
+    batch_size: int
+    seq_len: int
+    grad_accum: int
+    total_steps: int
+
+    @property
+    def global_batch(self) -> int:
+        """Sequences per optimizer step, all processes together."""
+        return self.batch_size * self.grad_accum * self.world_size
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch * self.seq_len
+
+
+def plan_batches(spec: TrainSpec, world_size: int) -> BatchPlan:
+    """Global batch = per-process batch x grad-accum x world size; --batch-tokens fixes the global
+    batch in tokens whatever the world size; --tokens sets the number of steps."""
+    t = spec.train
+    seq_len = spec.seq_len
+    micro_tokens = t.batch_size * seq_len * world_size
+    grad_accum = t.grad_accum
+    if t.batch_tokens is not None:
+        if t.batch_tokens % micro_tokens:
+            raise UserError(
+                f"--batch-tokens {t.batch_tokens} is not a multiple of batch_size x seq_len x world size "
+                f"= {t.batch_size} x {seq_len} x {world_size} = {micro_tokens}",
+                "pick a multiple so the global batch is exact",
+            )
+        grad_accum = t.batch_tokens // micro_tokens
+    tokens_per_step = micro_tokens * grad_accum
+    if t.steps is not None:
+        total = t.steps
+    elif t.tokens is not None:
+        total = max(1, math.ceil(t.tokens / tokens_per_step))
+    else:
+        total = DEFAULT_STEPS
+    return BatchPlan(world_size, t.batch_size, seq_len, grad_accum, total)
+
+
+def lr_at(step: int, spec: TrainSpec, total_steps: int) -> float:
+    """Linear warm-up over `warmup` steps, then the chosen decay from lr to min_lr."""
+    o = spec.optim
+    assert o.min_lr is not None
+    if step < o.warmup:
+        return o.lr * (step + 1) / o.warmup
+    if o.schedule == "constant":
+        return o.lr
+    progress = min(1.0, (step - o.warmup) / max(1, total_steps - o.warmup))
+    if o.schedule == "linear":
+        return o.lr - progress * (o.lr - o.min_lr)
+    return o.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (o.lr - o.min_lr)
+
+
+# ------------------------------------------------------------------------------ fault hooks
+
+
+def _faults() -> list[list[str]]:
+    return [f.split(":") for f in os.environ.get(ckpt.FAULT_ENV, "").split(",") if f]
+
+
+def _fault_at(kind: str, step: int, rank: int) -> bool:
+    """GPT2_FAULT=kind:STEP[:rankR] (reliability tests; off unless the variable is set).
+    crash faults fire only in the first attempt of an elastic job, so a restart can recover."""
+    for parts in _faults():
+        if parts[0] != kind or len(parts) < 2 or int(parts[1]) != step:
+            continue
+        if len(parts) > 2 and parts[2] != f"rank{rank}":
+            continue
+        if kind == "crash_at_step" and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+            continue
+        return True
+    return False
+
+
+# ------------------------------------------------------------------------------ precision
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def build_optimizer(model: nn.Module, spec: TrainSpec, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW/Adam with weight decay only on 2-D weights (matrices and embeddings), fused on CUDA."""
+    o = spec.optim
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": o.weight_decay if o.name == "adamw" else 0.0},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    kwargs: dict[str, Any] = {"lr": o.lr, "betas": tuple(o.betas), "eps": o.eps}
+    if device.type == "cuda":
+        kwargs["fused"] = True
+    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+    return cls(groups, **kwargs)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss in fp32 (logits may be bf16 under autocast)."""
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+
+
+# ------------------------------------------------------------------------------ run folder
+
+
+def auto_run_name(spec: TrainSpec) -> str:
+    m = spec.model
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return f"{m.preset or 'custom'}-{m.attn}-{m.pos}-{stamp}"
+
+
+def resolve_run_dir(spec: TrainSpec, world_size: int) -> Path:
+    if spec.run.out:
+        return Path(spec.run.out)
+    if spec.run.resume not in (None, "auto"):
+        target = Path(spec.run.resume)
+        return target if target.is_dir() else target.parent
+    if spec.run.resume == "auto":
+        raise UserError("--resume auto needs the run folder", "pass --out RUN_DIR")
+    if world_size > 1:
+        raise UserError("a multi-process run needs --out", "the launcher sets it; under torchrun pass --out RUN_DIR")
+    return Path(spec.run.runs_dir) / auto_run_name(spec)
+
+
+def refuse_existing_run(spec: TrainSpec, run_dir: Path) -> None:
+    """A new run never writes into a folder that holds another run's metrics or checkpoints."""
+    if spec.run.resume is None and any((run_dir / n).exists() for n in ("metrics.jsonl", ckpt.CKPT_NAME)):
+        raise UserError(f"run folder {str(run_dir)!r} already holds a run",
+                        "continue it with --resume auto, or choose another --out")
+
+
+def find_resume_checkpoint(spec: TrainSpec, run_dir: Path, warn: Any) -> Path | None:
+    """--resume auto: the latest complete checkpoint, if any; a folder: its latest; a file: it."""
+    target = spec.run.resume
+    if target is None:
+        return None
+    if target == "auto":
+        return ckpt.latest_checkpoint(run_dir, warn) if run_dir.exists() else None
+    p = Path(target)
+    if p.is_dir():
+        found = ckpt.latest_checkpoint(p, warn)
+        if found is None:
+            raise UserError(f"run folder {str(p)!r} holds no complete checkpoint to resume", "check --resume")
+        return found
+    if not p.exists():
+        raise UserError(f"--resume {target!r} does not exist", "pass auto, a run folder or a checkpoint file")
+    return p
+
+
+def check_resume_compatible(spec: TrainSpec, saved: TrainSpec, saved_state: dict, plan: BatchPlan,
+                            data_fingerprint: str | None) -> None:
+    if spec.model.shape_fields() != saved.model.shape_fields():
+        changed = [k for k, v in spec.model.shape_fields().items() if saved.model.shape_fields()[k] != v]
+        raise UserError(
+            f"cannot resume with a different model shape (changed: {', '.join(changed)})",
+            "keep the model settings of the checkpoint, or start a new run with another --out",
+        )
+    saved_batch = saved_state.get("global_batch")
+    if saved_batch is not None and saved_batch != plan.global_batch:
+        raise UserError(
+            f"the global batch changed from {saved_batch} to {plan.global_batch} sequences "
+            f"(batch_size x grad_accum x world size); resuming would skip or repeat data",
+            "keep the global batch, e.g. with --batch-tokens",
+        )
+    saved_fp = saved_state.get("data_fingerprint")
+    if saved_fp and data_fingerprint and saved_fp != data_fingerprint:
+        raise UserError(
+            "the training data differs from the data of the checkpoint (fingerprint mismatch)",
+            "resume with the same --data folder",
+        )
+
+
+# ------------------------------------------------------------------------------ main entry
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop finishes the step, checkpoints and exits."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopRequest:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. called from a test thread)
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.signal = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def train(spec: TrainSpec, reporter: Reporter | None = None, strategy: Strategy | None = None) -> TrainResult:
+    """Run (or resume) a training run described by ``spec``."""
+    reporter = reporter or SilentReporter()
+    p = spec.parallel
+    strategy = strategy or make_strategy(
+        p.strategy, spec.train.device, activation_checkpointing=p.activation_checkpointing,
+        dist_timeout=p.dist_timeout, fsdp_reshard_after_forward=p.fsdp_reshard_after_forward,
+        fsdp_cpu_offload=p.fsdp_cpu_offload,
+    )
+    strategy.setup()
+    try:
+        return _Trainer(spec, strategy, reporter).run()
+    finally:
+        strategy.teardown()
+
+
+class _Trainer:
+    def __init__(self, spec: TrainSpec, strategy: Strategy, reporter: Reporter) -> None:
+        self.spec = spec
+        self.strategy = strategy
+        self.reporter = reporter if strategy.is_main else SilentReporter()
+        self.device = strategy.device
+        self.dtype = resolve_dtype(spec.train.dtype, self.device)
+        self.plan = plan_batches(spec, strategy.world_size)
+
+    # ------------------------------------------------------------------ build
+    def _open_data(self):
+        from gpt2cli.data import TokenFolder, TrainLoader, default_data_dir
+
+        folder = TokenFolder(Path(self.spec.data.dir) if self.spec.data.dir else default_data_dir())
+        for split in (self.spec.data.train_split, self.spec.data.val_split):
+            if split not in folder.splits:
+                raise UserError(
+                    f"data folder {str(folder.path)!r} has no {split!r} split (it has: {', '.join(folder.splits)})",
+                    "prepare it with gpt2 data, or set data.train_split / data.val_split",
+                )
+        if folder.meta.get("vocab_size", self.spec.model.vocab_size) > self.spec.model.vocab_size:
+            raise UserError(
+                f"the data's vocabulary ({folder.meta['vocab_size']}) exceeds model.vocab_size "
+                f"({self.spec.model.vocab_size})", "use a model with the data's vocabulary",
+            )
+        loader = TrainLoader(
+            folder.tokens(self.spec.data.train_split), batch_size=self.plan.batch_size,
+            seq_len=self.plan.seq_len, seed=self.spec.train.seed, rank=self.strategy.rank,
+            world_size=self.strategy.world_size, device=self.device,
+        )
+        return folder, loader
+
+    def _build_model(self) -> tuple[GPT, nn.Module]:
+        torch.manual_seed(self.spec.train.seed)  # identical initialisation on every rank
+        model = GPT(self.spec.model).to(self.device)
+        trained = self.strategy.wrap(model)
+        use_compile = self.spec.train.compile
+        if use_compile is None:
+            use_compile = self.device.type == "cuda"
+        if use_compile:
+            trained = torch.compile(trained)
+        return model, trained
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> TrainResult:
+        spec, strategy, reporter, plan = self.spec, self.strategy, self.reporter, self.plan
+        started = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.set_float32_matmul_precision("high")  # TF32 matmuls
+        run_dir = resolve_run_dir(spec, strategy.world_size)
+        folder, loader = self._open_data()
+        resume_from = find_resume_checkpoint(spec, run_dir, reporter.message)
+        refuse_existing_run(spec, run_dir)
+        saved_state: dict[str, Any] | None = None
+        if resume_from is not None:
+            saved_state = ckpt.load_checkpoint(resume_from)
+            saved_spec = spec_from_json(TrainSpec, saved_state["spec"])
+            check_resume_compatible(spec, saved_spec, saved_state, plan, folder.fingerprint)
+            if "optimizer" not in saved_state:
+                raise UserError(f"{str(resume_from)!r} holds no optimizer state", "resume from ckpt.pt, not best.pt")
+
+        model, trained = self._build_model()
+        optimizer = build_optimizer(trained, spec, self.device)
+        step, tokens_seen, best_val = 0, 0, math.inf
+        if saved_state is not None:
+            strategy.load_model_state(trained, saved_state["model"])
+            strategy.load_optimizer_state(trained, optimizer, saved_state["optimizer"])
+            loader.load_state_dict(saved_state["loader"])
+            step = int(saved_state["step"])
+            tokens_seen = int(saved_state["tokens_seen"])
+            best_val = float(saved_state["best_val_loss"])
+            _restore_rng(saved_state.get("rng", {}), self.device)
+
+        # Validation passed: only now does the run folder appear.
+        if strategy.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            resolved = spec.model_copy(update={"run": spec.run.model_copy(update={"out": str(run_dir)})})
+            ckpt.atomic_write_bytes(run_dir / "spec.json", lambda f: f.write(spec_to_json(resolved).encode()))
+            if saved_state is not None:
+                truncate_metrics(run_dir / "metrics.jsonl", step)
+        strategy.barrier()
+        metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=strategy.is_main)
+
+        from gpt2cli.modelinfo import model_stats
+
+        stats = model_stats(spec.model, seq_len=plan.seq_len)
+        flops_per_token = stats["flops_per_token"]
+        device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
+        peak = peak_flops(device_name)
+        reporter.start({
+            "run_dir": str(run_dir), "device": str(self.device), "device_name": device_name or self.device.type,
+            "dtype": str(self.dtype).replace("torch.", ""), "strategy": strategy.name,
+            "world_size": strategy.world_size, "params": stats["params"], "batch_size": plan.batch_size,
+            "seq_len": plan.seq_len, "grad_accum": plan.grad_accum, "global_batch": plan.global_batch,
+            "tokens_per_step": plan.tokens_per_step, "total_steps": plan.total_steps, "start_step": step,
+            "resumed_from": str(resume_from) if resume_from else None, "data": str(folder.path),
+        })
+
+        scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
+        val_tokens = folder.tokens(spec.data.val_split)
+        last_val: float | None = None
+        last_train: float | None = None
+        status = "completed"
+        consecutive_skips = 0
+        window_start, window_tokens = time.perf_counter(), 0
+        ckpt_path: Path | None = None
+        best_path = run_dir / ckpt.BEST_NAME if (run_dir / ckpt.BEST_NAME).exists() else None
+
+        def save(step_now: int) -> Path:
+            path = run_dir / ckpt.CKPT_NAME
+            payload = {
+                "spec": spec_to_json(spec),
+                "model": strategy.model_state(trained),
+                "optimizer": strategy.optimizer_state(trained, optimizer),
+                "loader": loader.state_dict(),
+                "rng": _rng_state(self.device),
+                "step": step_now,
+                "tokens_seen": tokens_seen,
+                "best_val_loss": best_val,
+                "world_size": strategy.world_size,
+                "global_batch": plan.global_batch,
+                "data_fingerprint": folder.fingerprint,
+            }
+            if strategy.is_main:
+                ckpt.save_checkpoint(path, payload)
+                if spec.run.keep:
+                    _keep_step_copy(run_dir, path, step_now, spec.run.keep, reporter.message)
+            strategy.barrier()
+            return path
+
+        def run_eval(step_now: int) -> float:
+            nonlocal best_val, best_path
+            t0 = time.perf_counter()
+            val = evaluate_loss(
+                trained, val_tokens, seq_len=plan.seq_len, batch_size=spec.eval_batch_size,
+                max_tokens=spec.eval.tokens, strategy=strategy,
+                autocast=lambda: autocast_context(self.device, self.dtype),
+            )
+            row = {"kind": "eval", "step": step_now, "tokens": tokens_seen, "val_loss": val,
+                   "val_ppl": perplexity(val), "eval_s": time.perf_counter() - t0,
+                   "time_s": time.perf_counter() - started}
+            improved = val < best_val
+            if improved:
+                best_val = val
+                state = strategy.model_state(trained)
+                if strategy.is_main:
+                    best_path = run_dir / ckpt.BEST_NAME
+                    ckpt.save_checkpoint(best_path, {"spec": spec_to_json(spec), "model": state,
+                                                     "step": step_now, "tokens_seen": tokens_seen,
+                                                     "val_loss": val})
+                strategy.barrier()
+            row["best"] = improved
+            metrics.write(row)
+            reporter.evaluation(row)
+            return val
+
+        trained.train()
+        with _StopRequest() as stop:
+            while step < plan.total_steps:
+                if _fault_at("crash_at_step", step, strategy.rank):
+                    os._exit(1)
+                if _fault_at("hang_at_step", step, strategy.rank):
+                    time.sleep(10_000)  # a peer that stops taking part in collectives
+                # Dropout randomness is a pure function of (seed, rank, step): resume is exact on every rank.
+                torch.manual_seed(spec.train.seed * 1_000_003 + strategy.rank * 7_919 + step)
+                lr = lr_at(step, spec, plan.total_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+
+                step_loss = torch.zeros((), device=self.device)
+                for micro in range(plan.grad_accum):
+                    x, y = loader.next_batch()
+                    last_micro = micro == plan.grad_accum - 1
+                    sync = contextlib.nullcontext() if last_micro else strategy.no_sync(trained)
+                    with sync:
+                        with autocast_context(self.device, self.dtype):
+                            loss = cross_entropy(trained(x), y) / plan.grad_accum
+                        if _fault_at("nan_at_step", step, strategy.rank):
+                            loss = loss * float("nan")
+                        (scaler.scale(loss) if scaler else loss).backward()
+                    step_loss += loss.detach()
+                if scaler is not None:
+                    scaler.unscale_(optimizer)
+                grad_norm = strategy.clip_grad_norm(trained, spec.optim.grad_clip)
+
+                # The one host sync of a step: is the update finite, and was a stop requested
+                # (agreed across ranks, so every process stops at the same step)?
+                nonfinite, stop_now = _agree(strategy, ~torch.isfinite(grad_norm), stop.signal is not None, self.device)
+                if nonfinite and scaler is None:
+                    optimizer.zero_grad(set_to_none=True)
+                    msg = f"non-finite loss or gradient at step {step}"
+                    if spec.train.on_nonfinite == "stop" or consecutive_skips + 1 >= spec.train.max_nonfinite_skips:
+                        metrics.close()
+                        where = f"; the last checkpoint {ckpt_path} holds finite values" if ckpt_path else ""
+                        raise NonFiniteLossError(
+                            msg + " (the optimizer step was not taken" + where + ")",
+                            "lower --lr, raise --warmup, use --grad-clip, or --on-nonfinite skip",
+                        )
+                    consecutive_skips += 1
+                    reporter.message(f"{msg}: step skipped ({consecutive_skips} in a row)")
+                else:
+                    consecutive_skips = 0
+                    if scaler is not None:
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                step += 1
+                tokens_seen += plan.tokens_per_step
+                window_tokens += plan.tokens_per_step
+
+                is_log = step % spec.train.log_every == 0 or step == plan.total_steps or stop_now
+                if is_log:
+                    loss_value = float(strategy.all_reduce_mean(step_loss).item())
+                    now = time.perf_counter()
+                    tok_s = window_tokens / max(now - window_start, 1e-9)
+                    window_start, window_tokens = now, 0
+                    last_train = loss_value
+                    row = {"kind": "train", "step": step, "tokens": tokens_seen, "loss": loss_value,
+                           "lr": lr, "grad_norm": float(grad_norm.item()), "tokens_per_s": tok_s,
+                           "time_s": now - started}
+                    utilisation = mfu(flops_per_token, tok_s, peak)
+                    if utilisation is not None:
+                        row["mfu"] = utilisation
+                    row.update(_memory(self.device))
+                    metrics.write(row)
+                    reporter.step({**row, "total_steps": plan.total_steps})
+
+                is_eval = step % spec.eval.every == 0 or step == plan.total_steps
+                if is_eval:
+                    last_val = run_eval(step)
+                    trained.train()
+                if step % spec.save_every == 0 or step == plan.total_steps or stop_now:
+                    ckpt_path = save(step)
+                if stop_now:
+                    status = "interrupted"
+                    reporter.message(
+                        f"stopped by signal {stop.signal or 'on another rank'} after step {step}; "
+                        f"checkpoint written, continue with --resume auto"
+                    )
+                    break
+        metrics.close()
+        result = TrainResult(
+            run_dir=run_dir, status=status, step=step, total_steps=plan.total_steps,
+            tokens_seen=tokens_seen, train_loss=last_train, val_loss=last_val,
+            best_val_loss=None if math.isinf(best_val) else best_val,
+            wall_s=time.perf_counter() - started, checkpoint=ckpt_path or (run_dir / ckpt.CKPT_NAME),
+            best=best_path,
+        )
+        reporter.end(result)
+        return result
+
+
+def _agree(strategy: Strategy, nonfinite: torch.Tensor, stop: bool, device: torch.device) -> tuple[bool, bool]:
+    flags = torch.stack([nonfinite.to(torch.float32).reshape(()),
+                         torch.tensor(1.0 if stop else 0.0, device=nonfinite.device)])
+    values = strategy.all_reduce_max(flags).tolist()
+    return values[0] > 0, values[1] > 0
+
+
+def _memory(device: torch.device) -> dict[str, int]:
+    if device.type == "cuda":
+        return {"peak_mem_bytes": int(torch.cuda.max_memory_allocated(device))}
+    try:
+        import resource
+
+        return {"peak_rss_bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024}
+    except ImportError:  # not on POSIX
+        return {}
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _restore_rng(state: dict[str, Any], device: torch.device) -> None:
+    if "cpu" in state:
+        torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _keep_step_copy(run_dir: Path, path: Path, step: int, keep: int, warn: Any) -> None:
+    """Keep step-N.pt beside ckpt.pt (a hard link: no second write), then prune to the last K.
+    The old file is removed only after the new one exists; a failed delete is only a warning."""
+    target = run_dir / ckpt.step_checkpoint_name(step)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        os.link(path, tmp)
+    except OSError:
+        import shutil
+
+        shutil.copy2(path, tmp)
+    os.replace(tmp, target)
+    for old in ckpt.step_checkpoints(run_dir)[:-keep]:
+        try:
+            old.unlink()
+        except OSError as exc:
+            warn(f"could not delete old checkpoint {old}: {exc}")

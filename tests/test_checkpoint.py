@@ -1,0 +1,129 @@
+"""Checkpoint files: round trip under weights_only, damage detection, refusal of foreign pickles,
+atomic replacement."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt2cli import checkpoint as ckpt
+from gpt2cli.errors import UserError
+
+
+def _payload() -> dict:
+    torch.manual_seed(0)
+    return {
+        "spec": '{"model": {}}',
+        "model": {"w": torch.randn(64, 32), "b": torch.zeros(32), "h": torch.randn(8).bfloat16()},
+        "optimizer": {"state": {"w": {"step": torch.tensor(3.0), "exp_avg": torch.randn(64, 32)}},
+                      "param_groups": [{"lr": 1e-3, "params": ["w"]}]},
+        "rng": {"cpu": torch.get_rng_state()},
+        "loader": {"epoch": 1, "position": 17},
+        "step": 12,
+        "tokens_seen": 4096,
+        "best_val_loss": float("inf"),
+    }
+
+
+def test_round_trip_through_weights_only(tmp_path: Path):
+    path = tmp_path / "ckpt.pt"
+    payload = _payload()
+    ckpt.save_checkpoint(path, payload)
+    record = ckpt.load_checkpoint(path)
+    assert record["format"] == ckpt.FORMAT and record["format_version"] == ckpt.FORMAT_VERSION
+    assert torch.equal(record["model"]["w"], payload["model"]["w"])
+    assert torch.equal(record["model"]["h"], payload["model"]["h"])
+    assert record["optimizer"]["state"]["w"]["step"].item() == 3.0
+    assert record["step"] == 12 and record["best_val_loss"] == float("inf")
+    # The file itself loads with torch's safe loader, no gpt2 code involved.
+    assert isinstance(torch.load(path, weights_only=True), dict)
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_truncated_file_is_refused(tmp_path: Path):
+    path = tmp_path / "ckpt.pt"
+    ckpt.save_checkpoint(path, _payload())
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="damaged, truncated"):
+        ckpt.load_checkpoint(path)
+
+
+@pytest.mark.parametrize("where", [0.3, 0.5, 0.7])
+def test_flipped_byte_is_refused(tmp_path: Path, where: float):
+    path = tmp_path / "ckpt.pt"
+    ckpt.save_checkpoint(path, _payload())
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * where)] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="damaged"):
+        ckpt.load_checkpoint(path)
+
+
+def test_wrong_format_version_and_foreign_files(tmp_path: Path):
+    newer = tmp_path / "newer.pt"
+    record = {**_payload(), "format": ckpt.FORMAT, "format_version": 999}
+    record["digest"] = ckpt.payload_digest(record)
+    torch.save(record, newer)
+    with pytest.raises(UserError, match="upgrade gpt2"):
+        ckpt.load_checkpoint(newer)
+    plain = tmp_path / "plain.pt"
+    torch.save({"w": torch.zeros(2)}, plain)
+    with pytest.raises(UserError, match="not a gpt2 checkpoint"):
+        ckpt.load_checkpoint(plain)
+    text = tmp_path / "notes.pt"
+    text.write_text("hello")
+    with pytest.raises(UserError):
+        ckpt.load_checkpoint(text)
+    with pytest.raises(UserError, match="does not exist"):
+        ckpt.load_checkpoint(tmp_path / "missing.pt")
+
+
+class _Evil:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_malicious_pickle_is_never_executed(tmp_path: Path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": ckpt.FORMAT, "model": _Evil(str(marker))}, evil, pickle_protocol=2)
+    with pytest.raises(UserError, match="nothing was executed"):
+        ckpt.load_checkpoint(evil)
+    assert not marker.exists()
+    raw = tmp_path / "raw.pt"
+    raw.write_bytes(pickle.dumps(_Evil(str(marker))))
+    with pytest.raises(UserError):
+        ckpt.load_checkpoint(raw)
+    assert not marker.exists()
+
+
+def test_failed_rename_keeps_the_old_file(tmp_path: Path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    ckpt.save_checkpoint(path, _payload())
+    before = path.read_bytes()
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError):
+        ckpt.save_checkpoint(path, {**_payload(), "step": 99})
+    assert path.read_bytes() == before
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_latest_checkpoint_skips_damaged(tmp_path: Path):
+    ckpt.save_checkpoint(tmp_path / ckpt.step_checkpoint_name(4), _payload())
+    ckpt.save_checkpoint(tmp_path / ckpt.CKPT_NAME, _payload())
+    (tmp_path / ckpt.CKPT_NAME).write_bytes(b"garbage")
+    warnings = []
+    assert ckpt.latest_checkpoint(tmp_path, warnings.append) == tmp_path / ckpt.step_checkpoint_name(4)
+    assert warnings and "damaged" in warnings[0]

@@ -1,0 +1,160 @@
+"""Specs: defaults, validation messages, config files, precedence, JSON round trip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gpt2cli.errors import UserError
+from gpt2cli.specs import (
+    CompareSpec,
+    EvaluateSpec,
+    GenerateSpec,
+    ModelSpec,
+    PrepareSpec,
+    TrainSpec,
+    build_spec,
+    spec_from_json,
+    spec_to_json,
+)
+
+ALL_SPECS = [TrainSpec, PrepareSpec, EvaluateSpec, GenerateSpec, CompareSpec]
+
+
+def _models(cls):
+    yield cls
+    for f in cls.model_fields.values():
+        ann = f.annotation
+        if isinstance(ann, type) and hasattr(ann, "model_fields"):
+            yield from _models(ann)
+
+
+@pytest.mark.parametrize("spec_cls", ALL_SPECS)
+def test_every_field_is_documented(spec_cls):
+    for cls in _models(spec_cls):
+        for name, info in cls.model_fields.items():
+            assert info.description, f"{cls.__name__}.{name} has no description"
+
+
+def test_default_train_spec_is_nano_gpt2_shape():
+    spec = TrainSpec()
+    assert spec.model.preset == "nano"
+    assert (spec.model.attn, spec.model.pos, spec.model.n_kv_head) == ("mha", "learned", spec.model.n_head)
+    assert spec.seq_len == spec.model.block_size
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"n_embd": 100, "n_head": 8}, "divisible by n_head"),
+        ({"attn": "gqa", "n_head": 8, "n_kv_head": 3}, "divisible by n_kv_head"),
+        ({"attn": "mha", "n_head": 8, "n_kv_head": 2}, "attn=mha"),
+        ({"attn": "mqa", "n_kv_head": 2}, "attn=mqa"),
+        ({"pos": "rope", "n_embd": 36, "n_head": 4}, "even head size"),
+        ({"n_layer": 0}, "greater than 0"),
+        ({"preset": "gpt5"}, "unknown preset"),
+        ({"rope_learnable": True}, "needs pos=rope"),
+    ],
+)
+def test_model_validation_messages(fields, message):
+    with pytest.raises(UserError) as info:
+        build_spec(ModelSpec, flags=fields)
+    assert message in info.value.message
+
+
+def test_kv_heads_are_resolved_into_the_spec():
+    assert ModelSpec(preset="gpt2", attn="gqa").n_kv_head == 3
+    assert ModelSpec(preset="nano", attn="gqa").n_kv_head == 2
+    assert ModelSpec(preset="nano", attn="mqa").n_kv_head == 1
+    assert ModelSpec(preset="nano", attn="gqa", n_kv_head=4).n_kv_head == 4
+
+
+def test_unknown_setting_is_refused():
+    with pytest.raises(UserError, match="unknown setting"):
+        build_spec(TrainSpec, sets=["optim.learning_rate=1"])
+
+
+def test_precedence_defaults_file_flags_set(tmp_path):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('[optim]\nlr = 0.002\nwarmup = 7\n[train]\nsteps = 50\n[model]\npreset = "tiny"\n')
+    spec = build_spec(TrainSpec, config_file=cfg, flags={"optim": {"lr": 0.003, "warmup": None}},
+                      sets=["train.steps=60"])
+    assert spec.optim.lr == 0.003  # flag beats file
+    assert spec.optim.warmup == 7  # file beats default; an absent flag (None) does not override
+    assert spec.train.steps == 60  # --set beats file
+    assert spec.model.preset == "tiny" and spec.model.n_layer == 2
+    assert spec.optim.min_lr == pytest.approx(0.0003)
+
+
+@pytest.mark.parametrize("suffix, text", [
+    (".yaml", "optim:\n  lr: 0.004\nmodel:\n  preset: tiny\n  pos: rope\n"),
+    (".json", json.dumps({"optim": {"lr": 0.004}, "model": {"preset": "tiny", "pos": "rope"}})),
+    (".toml", '[optim]\nlr = 0.004\n[model]\npreset = "tiny"\npos = "rope"\n'),
+])
+def test_config_formats(tmp_path, suffix, text):
+    path = tmp_path / f"cfg{suffix}"
+    path.write_text(text)
+    spec = build_spec(TrainSpec, config_file=path)
+    assert spec.optim.lr == 0.004 and spec.model.pos == "rope"
+
+
+def test_bad_config_files(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        build_spec(TrainSpec, config_file=tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[optim\nlr=")
+    with pytest.raises(UserError, match="cannot parse"):
+        build_spec(TrainSpec, config_file=bad)
+    odd = tmp_path / "cfg.ini"
+    odd.write_text("x")
+    with pytest.raises(UserError, match="unknown type"):
+        build_spec(TrainSpec, config_file=odd)
+
+
+def test_set_parsing_types_and_errors():
+    spec = build_spec(TrainSpec, sets=["optim.betas=[0.8, 0.9]", "train.compile=true", "train.seq_len=null",
+                                       "model.preset=tiny"])
+    assert spec.optim.betas == (0.8, 0.9) and spec.train.compile is True and spec.train.seq_len is None
+    with pytest.raises(UserError, match="section.field=value"):
+        build_spec(TrainSpec, sets=["optim.lr"])
+
+
+def test_flag_names_appear_in_errors():
+    with pytest.raises(UserError) as info:
+        build_spec(TrainSpec, flags={"train": {"batch_size": 0}}, flag_names={"train.batch_size": "--batch-size"})
+    assert "--batch-size (train.batch_size)" in info.value.message
+
+
+@pytest.mark.parametrize("spec", [
+    TrainSpec(),
+    build_spec(TrainSpec, flags={"model": {"preset": "tiny", "attn": "gqa", "pos": "rope", "rope_learnable": True},
+                                 "optim": {"lr": 3e-4, "betas": (0.9, 0.99)}, "train": {"steps": 7}}),
+    GenerateSpec(stop=["\n\n"], top_p=0.9),
+    EvaluateSpec(checkpoints=["a.pt"]),
+])
+def test_json_round_trip_is_exact(spec):
+    text = spec_to_json(spec)
+    again = spec_from_json(type(spec), text)
+    assert again == spec
+    assert spec_to_json(again) == text
+
+
+def test_cross_section_validation():
+    with pytest.raises(UserError, match="exceeds model.block_size"):
+        build_spec(TrainSpec, flags={"model": {"preset": "tiny"}, "train": {"seq_len": 65}})
+    with pytest.raises(UserError, match="steps or tokens"):
+        build_spec(TrainSpec, flags={"train": {"steps": 1, "tokens": 10}})
+    with pytest.raises(UserError, match="ddp or fsdp"):
+        build_spec(TrainSpec, flags={"parallel": {"nproc": 2}})
+    with pytest.raises(UserError, match="rdzv_endpoint"):
+        build_spec(TrainSpec, flags={"parallel": {"strategy": "ddp", "nnodes": 2}})
+    with pytest.raises(UserError, match="min_lr"):
+        build_spec(TrainSpec, flags={"optim": {"lr": 1e-4, "min_lr": 1e-3}})
+
+
+def test_shape_fields_ignore_training_only_settings():
+    a = ModelSpec(preset="tiny")
+    b = ModelSpec(preset="tiny", dropout=0.1, rope_base=500.0)
+    assert a.shape_fields() == b.shape_fields()
+    assert a.shape_fields() != ModelSpec(preset="tiny", n_layer=3).shape_fields()
