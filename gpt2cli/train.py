@@ -466,6 +466,8 @@ class _Trainer:
                     os._exit(1)
                 if _fault_at("hang_at_step", step, strategy.rank):
                     time.sleep(10_000)  # a peer that stops taking part in collectives
+                if _fault_at("stop_at_step", step + 1, strategy.rank):
+                    stop.signal = signal.SIGTERM  # as if SIGTERM arrived during this step
                 # Dropout randomness is a pure function of (seed, rank, step): resume is exact on every rank.
                 torch.manual_seed(spec.train.seed * 1_000_003 + strategy.rank * 7_919 + step)
                 lr = lr_at(step, spec, plan.total_steps)

@@ -1,0 +1,46 @@
+"""The root `gpt2` command through the installed console script."""
+
+from __future__ import annotations
+
+import sys
+
+from tests.conftest import run_gpt2
+
+
+def test_help_lists_every_command():
+    proc = run_gpt2("--help", check=True)
+    for name in ("data", "train", "eval", "generate", "compare", "info"):
+        assert f" {name} " in proc.stdout
+
+
+def test_version():
+    proc = run_gpt2("--version", check=True)
+    assert proc.stdout.startswith("gpt2 ")
+
+
+def test_python_dash_m_works():
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "gpt2cli", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("gpt2 ")
+
+
+def test_unknown_command_and_option_are_one_line_errors():
+    for args in (["frobnicate"], ["train", "--no-such-flag"], ["train", "--steps", "many"]):
+        proc = run_gpt2(*args)
+        assert proc.returncode == 2, args
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("Error:"), (args, proc.stderr)
+
+
+def test_debug_shows_the_traceback():
+    proc = run_gpt2("train", "--steps", "0", "--debug")
+    assert proc.returncode == 2 and "Traceback" in proc.stderr and "Error:" in proc.stderr
+
+
+def test_train_help_states_precedence_and_groups():
+    proc = run_gpt2("train", "--help", check=True)
+    text = " ".join(proc.stdout.split())
+    assert "defaults < --config FILE < flags < --set" in text
+    for panel in ("Model", "Optimizer", "Parallelism", "Run folder"):
+        assert panel in proc.stdout

@@ -1,0 +1,233 @@
+"""The training workflow: learning, exact resume, checkpoints, signals, non-finite losses, the
+run folder, and the real `gpt2 train` command."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt2cli import checkpoint as ckpt
+from gpt2cli.errors import NonFiniteLossError, UserError
+from gpt2cli.metrics import read_metrics
+from gpt2cli.specs import TrainSpec, build_spec
+from gpt2cli.train import lr_at, plan_batches, train
+
+from tests.conftest import gpt2_command, run_gpt2
+
+
+def tiny_spec(out: Path, **sections) -> TrainSpec:
+    flags = {
+        "model": {"preset": "tiny"},
+        "train": {"steps": 12, "batch_size": 4, "seq_len": 32, "device": "cpu", "log_every": 1},
+        "optim": {"warmup": 2, "lr": 3e-3},
+        "eval": {"every": 6, "tokens": 1024},
+        "run": {"out": str(out), "save_every": 4},
+    }
+    for section, values in sections.items():
+        flags[section] = {**flags.get(section, {}), **values}
+    return build_spec(TrainSpec, flags=flags)
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"}
+
+
+def test_loss_decreases_and_run_folder_is_complete(tmp_path, cache_dir):
+    result = train(tiny_spec(tmp_path / "run", train={"steps": 40}, eval={"every": 20}))
+    losses = train_losses(tmp_path / "run")
+    assert result.status == "completed" and result.step == 40
+    assert sum(list(losses.values())[-5:]) / 5 < sum(list(losses.values())[:5]) / 5 - 0.5
+    assert {p.name for p in (tmp_path / "run").iterdir()} >= {"spec.json", "metrics.jsonl", "ckpt.pt", "best.pt"}
+    stored = TrainSpec.model_validate_json((tmp_path / "run" / "spec.json").read_text())
+    assert stored.run.out == str(tmp_path / "run") and stored.model.preset == "tiny"
+
+
+def test_metrics_schema(tmp_path, cache_dir):
+    train(tiny_spec(tmp_path / "run", train={"steps": 6, "log_every": 3}, eval={"every": 3}))
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    eval_rows = [r for r in rows if r["kind"] == "eval"]
+    assert [r["step"] for r in train_rows] == [3, 6] and [r["step"] for r in eval_rows] == [3, 6]
+    for r in train_rows:
+        assert {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "time_s"} <= r.keys()
+        assert r["tokens"] == r["step"] * 4 * 32
+        assert math.isfinite(r["loss"]) and r["tokens_per_s"] > 0
+    for r in eval_rows:
+        assert {"step", "tokens", "val_loss", "val_ppl", "best"} <= r.keys()
+        assert r["val_ppl"] == pytest.approx(math.exp(r["val_loss"]))
+
+
+def test_resume_is_bit_exact(tmp_path, cache_dir, monkeypatch):
+    full = tmp_path / "full"
+    train(tiny_spec(full, model={"dropout": 0.1}))
+    part = tmp_path / "part"
+    monkeypatch.setenv("GPT2_FAULT", "stop_at_step:7")  # interrupted after step 7 (not a save step)
+    stopped = train(tiny_spec(part, model={"dropout": 0.1}))
+    assert stopped.status == "interrupted" and stopped.step == 7
+    monkeypatch.delenv("GPT2_FAULT")
+    result = train(tiny_spec(part, model={"dropout": 0.1}, run={"resume": "auto"}))
+    assert result.step == 12
+    assert train_losses(part) == train_losses(full)  # exact float equality, every step
+    a = ckpt.load_checkpoint(full / "ckpt.pt")["model"]
+    b = ckpt.load_checkpoint(part / "ckpt.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_holds_the_full_training_state(tmp_path, cache_dir):
+    train(tiny_spec(tmp_path / "run", train={"steps": 4}))
+    record = ckpt.load_checkpoint(tmp_path / "run" / "ckpt.pt")
+    assert record["step"] == 4 and record["tokens_seen"] == 4 * 4 * 32
+    assert {"model", "optimizer", "loader", "rng", "spec", "best_val_loss", "global_batch"} <= record.keys()
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in record["model"])
+    assert "transformer.h.0.attn.c_attn.weight" in record["optimizer"]["state"]
+    best = ckpt.load_checkpoint(tmp_path / "run" / "best.pt")
+    assert "optimizer" not in best and best["val_loss"] > 0
+
+
+def test_keep_step_checkpoints(tmp_path, cache_dir):
+    train(tiny_spec(tmp_path / "run", train={"steps": 12}, run={"save_every": 2, "keep": 2}))
+    names = sorted(p.name for p in ckpt.step_checkpoints(tmp_path / "run"))
+    assert names == [ckpt.step_checkpoint_name(10), ckpt.step_checkpoint_name(12)]
+    assert ckpt.load_checkpoint(tmp_path / "run" / names[0])["step"] == 10
+
+
+def test_resume_refuses_a_different_model_shape(tmp_path, cache_dir):
+    train(tiny_spec(tmp_path / "run", train={"steps": 4}))
+    with pytest.raises(UserError, match="model shape"):
+        train(tiny_spec(tmp_path / "run", model={"n_layer": 3}, run={"resume": "auto"}))
+    with pytest.raises(UserError, match="global batch"):
+        train(tiny_spec(tmp_path / "run", train={"batch_size": 8}, run={"resume": "auto"}))
+
+
+def test_new_run_refuses_an_existing_run_folder(tmp_path, cache_dir):
+    train(tiny_spec(tmp_path / "run", train={"steps": 2}))
+    with pytest.raises(UserError, match="already holds a run"):
+        train(tiny_spec(tmp_path / "run", train={"steps": 2}))
+
+
+def test_nonfinite_loss_stops_before_the_step(tmp_path, cache_dir, monkeypatch):
+    monkeypatch.setenv("GPT2_FAULT", "nan_at_step:5")
+    with pytest.raises(NonFiniteLossError, match="step 5"):
+        train(tiny_spec(tmp_path / "run"))
+    record = ckpt.load_checkpoint(tmp_path / "run" / "ckpt.pt")
+    assert record["step"] == 4
+    assert all(torch.isfinite(t).all() for t in record["model"].values())
+
+
+def test_nonfinite_skip_mode_continues(tmp_path, cache_dir, monkeypatch):
+    monkeypatch.setenv("GPT2_FAULT", "nan_at_step:5")
+    result = train(tiny_spec(tmp_path / "run", train={"on_nonfinite": "skip"}))
+    assert result.status == "completed" and result.step == 12
+
+
+def test_batch_arithmetic():
+    spec = build_spec(TrainSpec, flags={"model": {"preset": "tiny"}, "train": {"batch_size": 4, "seq_len": 32,
+                                                                               "batch_tokens": 512}})
+    assert plan_batches(spec, 1).grad_accum == 4 and plan_batches(spec, 2).grad_accum == 2
+    assert plan_batches(spec, 2).tokens_per_step == 512
+    with pytest.raises(UserError, match="not a multiple"):
+        plan_batches(spec, 3)
+    by_tokens = build_spec(TrainSpec, flags={"model": {"preset": "tiny"}, "train": {"tokens": 10_000,
+                                                                                    "batch_size": 4, "seq_len": 32}})
+    assert plan_batches(by_tokens, 1).total_steps == math.ceil(10_000 / 128)
+
+
+def test_schedule_warmup_then_cosine_to_min_lr():
+    spec = build_spec(TrainSpec, flags={"optim": {"lr": 1.0, "min_lr": 0.1, "warmup": 10}})
+    assert lr_at(0, spec, 100) == pytest.approx(0.1)
+    assert lr_at(9, spec, 100) == pytest.approx(1.0)
+    assert lr_at(100, spec, 100) == pytest.approx(0.1)
+    values = [lr_at(s, spec, 100) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+# ------------------------------------------------------------------ the real command
+
+
+def test_cli_train_tiny_then_resume(tmp_path, cache_dir):
+    run = tmp_path / "run"
+    args = ["train", "--preset", "tiny", "--steps", "6", "--batch-size", "4", "--seq-len", "32",
+            "--eval-every", "3", "--eval-tokens", "512", "--device", "cpu", "--out", str(run)]
+    first = run_gpt2(*args, check=True)
+    assert "best val loss" in first.stdout and "gpt2 generate" in first.stdout
+    assert "\x1b[" not in first.stderr  # piped output has no control codes
+    again = run_gpt2(*args)
+    assert again.returncode == 2 and again.stderr.startswith("Error:") and "Traceback" not in again.stderr
+    more = run_gpt2("train", "--out", str(run), "--resume", "auto", "--steps", "9", check=True)
+    assert "resumed from" in more.stderr
+    assert max(train_losses(run)) == 9
+
+
+def test_cli_dry_run_prints_plan_and_creates_nothing(tmp_path):
+    proc = run_gpt2("train", "--preset", "gpt2", "--attn", "gqa", "--batch-size", "8", "--grad-accum", "4",
+                    "--dry-run", "--out", str(tmp_path / "run"), check=True)
+    assert "parameters" in proc.stdout and "32,768 tokens per step" in proc.stdout and '"n_kv_head": 3' in proc.stdout
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_bad_inputs_exit_2_with_one_line(tmp_path):
+    cases = [
+        ["--steps", "-1"],
+        ["--preset", "gpt5"],
+        ["--dtype", "fp8"],
+        ["--n-head", "5", "--preset", "tiny"],
+        ["--gpus", "2", "--strategy", "ddp"],
+        ["--data", str(tmp_path / "missing")],
+        ["--resume", str(tmp_path / "nothing.pt"), "--preset", "tiny"],
+        ["--betas", "0.9"],
+        ["--nproc", "2"],
+    ]
+    for extra in cases:
+        proc = run_gpt2("train", "--device", "cpu", "--out", str(tmp_path / "run"), *extra)
+        assert proc.returncode == 2, (extra, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("Error:"), (extra, proc.stderr)
+        assert not (tmp_path / "run").exists(), extra
+
+
+def test_cli_damaged_checkpoint_on_resume(tmp_path, cache_dir):
+    run = tmp_path / "run"
+    run_gpt2("train", "--preset", "tiny", "--steps", "2", "--batch-size", "2", "--seq-len", "16",
+             "--eval-tokens", "256", "--device", "cpu", "--out", str(run), check=True)
+    data = (run / "ckpt.pt").read_bytes()
+    (run / "ckpt.pt").write_bytes(data[: len(data) // 3])
+    proc = run_gpt2("train", "--resume", str(run / "ckpt.pt"), "--steps", "4")
+    assert proc.returncode == 2 and "damaged" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_cli_sigterm_checkpoints_and_resumes(tmp_path, cache_dir):
+    run = tmp_path / "run"
+    args = ["train", "--preset", "tiny", "--steps", "400", "--batch-size", "2", "--seq-len", "16",
+            "--eval-every", "1000", "--eval-tokens", "256", "--log-every", "1", "--device", "cpu",
+            "--out", str(run)]
+    import os
+
+    proc = subprocess.Popen([*gpt2_command(), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        rows = read_metrics(run / "metrics.jsonl") if (run / "metrics.jsonl").exists() else []
+        if len(rows) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 75, stderr
+    record = ckpt.load_checkpoint(run / "ckpt.pt")
+    stopped_at = record["step"]
+    assert 3 <= stopped_at < 400
+    assert "--resume auto" in stdout
+    done = run_gpt2("train", "--out", str(run), "--resume", "auto", "--steps", str(stopped_at + 3), check=True)
+    assert done.returncode == 0
+    assert max(train_losses(run)) == stopped_at + 3
+    steps = [r["step"] for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"]
+    assert steps == sorted(set(steps))  # no duplicated rows after the resume
+    json.loads((run / "spec.json").read_text())
