@@ -145,7 +145,11 @@ class PrepareSpec(_Spec):
         description="Files, folders, globs, saved datasets or a Hugging Face dataset name; "
         "empty = the embedded tiny Shakespeare corpus.",
     )
-    out: str = Field("data/tinyshakespeare", description="Output folder for the token files and meta.json.")
+    out: str | None = Field(
+        None,
+        description="Output folder for the token files and meta.json; default: data/<name of the first "
+        "source> (data/tinyshakespeare for the embedded corpus).",
+    )
     text_column: str = Field("text", description="Column holding the text in JSONL, parquet and datasets.")
     subset: str | None = Field(None, description="Hugging Face dataset configuration (subset) name.")
     split: str = Field("train", description="Hugging Face dataset split to read.")
@@ -154,7 +158,9 @@ class PrepareSpec(_Spec):
     )
     max_docs: int | None = Field(None, gt=0, description="Read at most this many documents.")
     max_tokens: int | None = Field(None, gt=0, description="Stop after about this many tokens.")
-    num_proc: int | None = Field(None, gt=0, description="Tokenizer processes; default: all cores.")
+    num_proc: int | None = Field(
+        None, gt=0, description="Parallel tokenizer workers (threads; tiktoken releases the GIL); default: all cores."
+    )
     errors: Literal["strict", "replace"] = Field(
         "strict", description="Non-UTF-8 text: strict stops with the file's name, replace substitutes U+FFFD."
     )
@@ -392,12 +398,28 @@ class GenerateSpec(_Spec):
 class CompareSpec(_Spec):
     """`gpt2 compare`: side-by-side table of runs."""
 
-    runs: list[str] = Field(default_factory=list, description="Run folders or a sweep's parent folder.")
-    metric: str = Field("val_loss", description="Metric to rank runs by.")
-    target: float | None = Field(None, description="Report tokens and time to reach this metric value.")
-    plot: str | None = Field(None, description="Write loss curves to this PNG or SVG file.")
+    runs: list[str] = Field(
+        default_factory=list, description="Run folders, or parent folders of runs (a sweep's folder)."
+    )
+    metric: Literal["val_loss", "val_ppl", "train_loss"] = Field(
+        "val_loss", description="Metric (lower is better) that ranks the runs and that --target refers to."
+    )
+    target: float | None = Field(
+        None, description="Report the tokens and wall time each run took to first reach this metric value."
+    )
+    plot: str | None = Field(
+        None, description="Write val and train loss against tokens to this PNG or SVG file."
+    )
     format: Literal["table", "markdown", "json", "csv"] = Field("table", description="Output format.")
-    group_by: str | None = Field(None, description="Group runs by this spec field (dotted path).")
+    group_by: str | None = Field(
+        None,
+        description="Group runs by these spec fields (dotted paths or unique field names, "
+        "comma-separated, e.g. model.pos or pos,attn) and show mean ± std (n).",
+    )
+    group_seeds: bool = Field(
+        True, description="Show runs whose specs differ only by train.seed as one column (mean ± std)."
+    )
+    chart: bool = Field(True, description="With the table format and no --plot, draw a loss chart in the terminal.")
 
 
 # -------------------------------------------------------------------------- building a spec

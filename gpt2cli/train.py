@@ -465,7 +465,11 @@ class _Trainer:
                 if _fault_at("crash_at_step", step, strategy.rank):
                     os._exit(1)
                 if _fault_at("hang_at_step", step, strategy.rank):
-                    time.sleep(10_000)  # a peer that stops taking part in collectives
+                    # A peer that stops taking part in collectives (it still dies on SIGTERM, so
+                    # torchrun can clean up without its 30 s SIGKILL grace).
+                    while stop.signal is None:
+                        time.sleep(0.1)
+                    os._exit(1)
                 if _fault_at("stop_at_step", step + 1, strategy.rank):
                     stop.signal = signal.SIGTERM  # as if SIGTERM arrived during this step
                 # Dropout randomness is a pure function of (seed, rank, step): resume is exact on every rank.

@@ -18,7 +18,6 @@ from gpt2cli.errors import NonFiniteLossError, UserError
 from gpt2cli.metrics import read_metrics
 from gpt2cli.specs import TrainSpec, build_spec
 from gpt2cli.train import lr_at, plan_batches, train
-
 from tests.conftest import gpt2_command, run_gpt2
 
 
@@ -145,7 +144,7 @@ def test_schedule_warmup_then_cosine_to_min_lr():
     assert lr_at(9, spec, 100) == pytest.approx(1.0)
     assert lr_at(100, spec, 100) == pytest.approx(0.1)
     values = [lr_at(s, spec, 100) for s in range(10, 101)]
-    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
 
 
 # ------------------------------------------------------------------ the real command

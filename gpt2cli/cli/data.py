@@ -1,17 +1,150 @@
-"""`gpt2 data`: Turn a text corpus (files, folders, JSONL, parquet, HF datasets) into GPT-2 token files."""
+"""`gpt2 data`: turn a text corpus (files, folders, JSONL, parquet, HF datasets) into GPT-2 token files."""
 
 from __future__ import annotations
 
-import typer
+import time
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
 
-from gpt2cli.errors import UserError
+import typer
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from gpt2cli.cli.common import ConfigOpt, SetOpt, err, field_help, make_spec, out
+from gpt2cli.specs import PrepareSpec
+
+if TYPE_CHECKING:
+    from gpt2cli.data.prepare import PrepareProgress
+
+HELP = "Turn a text corpus (files, folders, JSONL, parquet, HF datasets) into GPT-2 token files."
+
+
+class ErrorsMode(str, Enum):
+    strict = "strict"
+    replace = "replace"
 
 
 def register(app: typer.Typer) -> None:
-    app.command("data", help="Turn a text corpus (files, folders, JSONL, parquet, HF datasets) into GPT-2 token files.", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
-        data
+    app.command("data", help=HELP)(data)
+
+
+def _opt(field: str, *names: str, **kwargs: Any) -> Any:
+    return typer.Option(*names, help=field_help(PrepareSpec, field), show_default=False, **kwargs)
+
+
+def data(
+    sources: Annotated[
+        list[str] | None,
+        typer.Argument(help=field_help(PrepareSpec, "sources"), show_default=False, metavar="SOURCE"),
+    ] = None,
+    out_dir: Annotated[str | None, _opt("out", "--out", "-o")] = None,
+    text_column: Annotated[str | None, _opt("text_column", "--text-column")] = None,
+    subset: Annotated[str | None, _opt("subset", "--subset")] = None,
+    split: Annotated[str | None, _opt("split", "--split")] = None,
+    val_fraction: Annotated[float | None, _opt("val_fraction", "--val-fraction")] = None,
+    max_docs: Annotated[int | None, _opt("max_docs", "--max-docs")] = None,
+    max_tokens: Annotated[int | None, _opt("max_tokens", "--max-tokens")] = None,
+    num_proc: Annotated[int | None, _opt("num_proc", "--num-proc", "-j")] = None,
+    errors: Annotated[ErrorsMode | None, _opt("errors", "--errors")] = None,
+    overwrite: Annotated[bool, _opt("overwrite", "--overwrite")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Turn a text corpus into GPT-2 token files (train.bin, val.bin, meta.json).
+
+    Examples: `gpt2 data` (the embedded tiny Shakespeare), `gpt2 data books/ notes/*.md`,
+    `gpt2 data dump.jsonl --text-column content --out data/dump`,
+    `gpt2 data HuggingFaceFW/fineweb-edu --subset sample-10BT --max-tokens 100000000`.
+    """
+    flags = {
+        "sources": list(sources) if sources else None,
+        "out": out_dir,
+        "text_column": text_column,
+        "subset": subset,
+        "split": split,
+        "val_fraction": val_fraction,
+        "max_docs": max_docs,
+        "max_tokens": max_tokens,
+        "num_proc": num_proc,
+        "errors": errors.value if errors is not None else None,
+        "overwrite": True if overwrite else None,  # absent: a config file's value stands
+    }
+    spec = make_spec(PrepareSpec, config, flags, set_)
+
+    from gpt2cli.data.prepare import prepare_data
+
+    started = time.perf_counter()
+    with _ProgressDisplay(enabled=not quiet, total_tokens=spec.max_tokens) as display:
+        folder = prepare_data(spec, progress=display.update)
+    _print_summary(folder, time.perf_counter() - started)
+
+
+def _si(value: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f}{unit}"
+    return f"{value:.0f}"
+
+
+class _ProgressDisplay:
+    """A rich progress line on stderr (terminals only): documents and tokens, and their rates."""
+
+    def __init__(self, *, enabled: bool, total_tokens: int | None) -> None:
+        self.progress: Progress | None = None
+        if enabled and err.is_terminal:
+            self.progress = Progress(
+                SpinnerColumn(),
+                TextColumn("[bold]tokenizing"),
+                TimeElapsedColumn(),
+                TextColumn("{task.fields[stats]}"),
+                console=err,
+                transient=True,
+            )
+            self.task = self.progress.add_task("tokenize", total=total_tokens, stats="starting")
+
+    def __enter__(self) -> _ProgressDisplay:
+        if self.progress is not None:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def update(self, event: PrepareProgress) -> None:
+        if self.progress is None:
+            return
+        seconds = max(event.elapsed_s, 1e-9)
+        stats = (
+            f"{event.documents:,} docs ({_si(event.documents / seconds)}/s) | "
+            f"{event.tokens:,} tokens ({_si(event.tokens / seconds)}/s) | {_si(event.text_bytes)}B text"
+        )
+        self.progress.update(self.task, completed=event.tokens, stats=stats)
+
+
+def _print_summary(path: Path, seconds: float) -> None:
+    from gpt2cli.data.shards import TokenFolder
+
+    folder = TokenFolder(path)
+    split_by = folder.meta["split_by"]
+    how = "no validation split" if split_by == "none" else f"validation split by {split_by}"
+    table = Table(title=f"{path}  ({how})", title_justify="left")
+    table.add_column("split")
+    table.add_column("documents", justify="right")
+    table.add_column("tokens", justify="right")
+    table.add_column("text bytes", justify="right")
+    table.add_column("file")
+    tokens = text_bytes = 0
+    for split in folder.splits:
+        info = folder.meta["splits"][split]
+        table.add_row(split, f"{info['documents']:,}", f"{info['tokens']:,}", f"{info['text_bytes']:,}", info["file"])
+        tokens += info["tokens"]
+        text_bytes += info["text_bytes"]
+    table.add_row("total", f"{folder.meta['documents']:,}", f"{tokens:,}", f"{text_bytes:,}", "meta.json", style="bold")
+    out.print(table)
+    out.print(
+        f"{tokens:,} tokens in {seconds:.2f} s ({_si(tokens / max(seconds, 1e-9))} tokens/s), "
+        f"fingerprint {folder.fingerprint[:16]}"
     )
-
-
-def data(ctx: typer.Context) -> None:
-    raise UserError("`gpt2 data` is not available yet", "it lands with issue #3")

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
+from gpt2cli.checkpoint import atomic_write_bytes
 from gpt2cli.cli.common import PRECEDENCE_HELP, ConfigOpt, SetOpt, err, out
 from gpt2cli.errors import EXIT_INTERRUPTED, UserError
 from gpt2cli.specs import (
@@ -26,7 +27,8 @@ from gpt2cli.specs import (
     spec_to_json,
 )
 
-M, D, O, T, E, P, R = "Model", "Data", "Optimizer", "Training", "Evaluation", "Parallelism", "Run folder"
+# Help panels.
+M, D, OPT, T, E, P, R = "Model", "Data", "Optimizer", "Training", "Evaluation", "Parallelism", "Run folder"
 
 # flag -> (spec section, field). One table drives the flags dict, error messages and docs.
 FLAG_FIELDS: dict[str, tuple[str, str]] = {
@@ -102,14 +104,14 @@ def train(
     # data
     data: Annotated[str | None, typer.Option(help=h("--data"), rich_help_panel=D)] = None,
     # optimizer
-    optimizer: Annotated[str | None, typer.Option(help=h("--optimizer"), rich_help_panel=O)] = None,
-    lr: Annotated[float | None, typer.Option(help=h("--lr"), rich_help_panel=O)] = None,
-    min_lr: Annotated[float | None, typer.Option(help=h("--min-lr"), rich_help_panel=O)] = None,
-    warmup: Annotated[int | None, typer.Option(help=h("--warmup"), rich_help_panel=O)] = None,
-    schedule: Annotated[str | None, typer.Option(help=h("--schedule"), rich_help_panel=O)] = None,
-    weight_decay: Annotated[float | None, typer.Option(help=h("--weight-decay"), rich_help_panel=O)] = None,
-    betas: Annotated[str | None, typer.Option(help=h("--betas") + " Written 0.9,0.95.", rich_help_panel=O)] = None,
-    grad_clip: Annotated[float | None, typer.Option(help=h("--grad-clip"), rich_help_panel=O)] = None,
+    optimizer: Annotated[str | None, typer.Option(help=h("--optimizer"), rich_help_panel=OPT)] = None,
+    lr: Annotated[float | None, typer.Option(help=h("--lr"), rich_help_panel=OPT)] = None,
+    min_lr: Annotated[float | None, typer.Option(help=h("--min-lr"), rich_help_panel=OPT)] = None,
+    warmup: Annotated[int | None, typer.Option(help=h("--warmup"), rich_help_panel=OPT)] = None,
+    schedule: Annotated[str | None, typer.Option(help=h("--schedule"), rich_help_panel=OPT)] = None,
+    weight_decay: Annotated[float | None, typer.Option(help=h("--weight-decay"), rich_help_panel=OPT)] = None,
+    betas: Annotated[str | None, typer.Option(help=h("--betas") + " Written 0.9,0.95.", rich_help_panel=OPT)] = None,
+    grad_clip: Annotated[float | None, typer.Option(help=h("--grad-clip"), rich_help_panel=OPT)] = None,
     # training
     steps: Annotated[int | None, typer.Option(help=h("--steps"), rich_help_panel=T)] = None,
     tokens: Annotated[int | None, typer.Option(help=h("--tokens"), rich_help_panel=T)] = None,
@@ -235,7 +237,13 @@ def _stored_spec_for_resume(resume: str | None, out_dir: str | None) -> dict[str
 
 
 def run(spec: TrainSpec, dry_run: bool = False) -> None:
-    from gpt2cli.parallel.launch import LAUNCH_SPEC_NAME, check_gpus, launch, needs_launch, under_torchrun
+    from gpt2cli.parallel.launch import (
+        LAUNCH_SPEC_NAME,
+        check_gpus,
+        launch,
+        needs_launch,
+        under_torchrun,
+    )
     from gpt2cli.train import plan_batches, refuse_existing_run
 
     p = spec.parallel
@@ -260,7 +268,8 @@ def run(spec: TrainSpec, dry_run: bool = False) -> None:
         child = spec.model_copy(update={"run": spec.run.model_copy(update={"out": str(run_dir), "resume": resume})})
         run_dir.mkdir(parents=True, exist_ok=True)
         spec_path = run_dir / LAUNCH_SPEC_NAME
-        spec_path.write_text(spec_to_json(child), encoding="utf-8")
+        # Atomic: on a shared filesystem every node's launcher writes this same file.
+        atomic_write_bytes(spec_path, lambda f: f.write(spec_to_json(child).encode()))
         if not spec.run.quiet:
             err.print(f"launching {world} processes under torchrun ({p.strategy}) -> {run_dir}")
         code = launch(p, spec_path, debug="--debug" in sys.argv)
@@ -273,15 +282,34 @@ def _train_here(spec: TrainSpec) -> None:
     from gpt2cli.train import train as train_workflow
 
     rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
     reporter = TrainProgress(quiet=spec.run.quiet) if rank == 0 else None
     try:
         result = train_workflow(spec, reporter=reporter)
     except UserError as exc:
-        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        if world > 1:
             exc.message = f"[rank {rank}] {exc.message}"
+        raise
+    except Exception as exc:
+        if world > 1 and _is_collective_timeout(exc):
+            raise UserError(
+                f"[rank {rank}] a collective did not finish within --dist-timeout "
+                f"{spec.parallel.dist_timeout:g} s: another process died or hung ({_first_line(exc)})",
+                "see the other ranks' messages; raise --dist-timeout only if steps are merely slow",
+                exit_code=1,
+            ) from exc
         raise
     if result.status == "interrupted":
         raise typer.Exit(EXIT_INTERRUPTED)
+
+
+def _is_collective_timeout(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__} {exc}".lower()
+    return "timed out" in text or "timeout" in text or "connection closed by peer" in text or "connection reset" in text
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
 
 
 def _print_dry_run(spec: TrainSpec, plan) -> None:

@@ -94,7 +94,11 @@ class FSDPStrategy(_ProcessGroupStrategy):
         try:
             from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
         except ImportError:  # torch 2.4/2.5 kept FSDP2 under _composable
-            from torch.distributed._composable.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+            from torch.distributed._composable.fsdp import (
+                CPUOffloadPolicy,
+                MixedPrecisionPolicy,
+                fully_shard,
+            )
 
         model = super().wrap(model)
         kwargs: dict = {"reshard_after_forward": self.reshard_after_forward}

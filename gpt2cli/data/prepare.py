@@ -1,0 +1,953 @@
+"""`gpt2 data`: any text corpus -> GPT-2 token files (the format is described in shards.py).
+
+The pipeline streams, so corpora larger than memory work:
+
+    sources -> documents (str) -> pieces of ~128K characters -> batches -> worker threads
+            -> uint16 tokens (+ <|endoftext|> after each document) -> train.bin / val.bin
+
+* Tokenization runs on ``num_proc`` threads: tiktoken releases the GIL while it encodes, so
+  threads scale without pickling text into processes. Local files never go through
+  ``datasets.map``, whose per-row overhead is several times the cost of BPE itself.
+* Long documents are cut into pieces at places where GPT-2's pre-tokenizer would start a new
+  piece anyway (see :func:`split_text`), so the tokens are identical to encoding the whole text.
+* Results are consumed in submission order, so the output does not depend on thread timing: the
+  same input gives byte-identical token files (meta.json differs only in ``created_at``).
+* Everything is written into a hidden temporary folder next to the output, ``meta.json`` last,
+  then renamed into place: an interrupted run never leaves a folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from fractions import Fraction
+from importlib import resources
+from itertools import islice
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from gpt2cli import __version__
+from gpt2cli.data.shards import (
+    BYTE_ORDER,
+    DTYPE_NAME,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    META_NAME,
+    TOKEN_DTYPE,
+    fingerprint_files,
+    is_token_folder,
+    split_file_name,
+    write_meta,
+)
+from gpt2cli.errors import UserError
+from gpt2cli.specs import PrepareSpec
+from gpt2cli.tokenizer import (
+    EOT_ID,
+    RANKS_SHA256,
+    TOKENIZER_NAME,
+    VOCAB_SIZE,
+    get_tokenizer,
+    token_byte_lengths,
+)
+
+EMBEDDED_NAME = "tinyshakespeare"
+EMBEDDED_FILE = "tinyshakespeare.txt"
+
+# Long documents are tokenized in pieces of about this many characters (so that one big file
+# still spreads over all workers and never becomes one giant Python list); batches of pieces of
+# about BATCH_CHARS are the unit of work handed to a thread.
+PIECE_CHARS = 1 << 17
+BATCH_CHARS = 1 << 19
+
+TEXT_SUFFIXES = (".txt", ".md", ".text", ".markdown")
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+JSON_SUFFIXES = (".json",)
+PARQUET_SUFFIXES = (".parquet",)
+SUPPORTED_TYPES = ".txt, .md, .jsonl, .json or .parquet"
+LOCAL_SOURCES_HINT = (
+    "pass local data instead: .txt/.md files, folders, .jsonl/.parquet files or a folder written "
+    "by datasets.save_to_disk"
+)
+
+
+@dataclass(frozen=True)
+class PrepareProgress:
+    """What a progress callback receives after every batch of tokenized text."""
+
+    documents: int
+    tokens: int
+    text_bytes: int
+    elapsed_s: float
+
+
+ProgressFn = Callable[[PrepareProgress], None]
+
+
+# ===================================================================================== sources
+#
+# A source yields document texts. ``check`` runs for every source before anything is written,
+# so missing columns, missing splits and an unreachable hub fail before the output folder exists.
+
+
+def _open_binary(path: Path) -> IO[bytes]:
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+
+
+def _decode(data: bytes, errors: str, where: str) -> str:
+    """UTF-8 (a leading byte-order mark is dropped); strict mode names the place of a bad byte."""
+    try:
+        return data.decode("utf-8-sig", errors=errors)
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"{where} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start:,})",
+            "convert it to UTF-8, or pass --errors replace to substitute U+FFFD",
+        ) from None
+
+
+def _text_of(record: Any, column: str, where: str) -> str:
+    """The document text in one JSON record (a plain string counts as the text itself)."""
+    if isinstance(record, str):
+        return record
+    if not isinstance(record, dict):
+        raise UserError(f"{where} is a JSON {type(record).__name__}, not an object with a text field")
+    if column not in record:
+        columns = ", ".join(map(str, record)) or "none"
+        raise UserError(f"{where} has no column {column!r} (columns: {columns})", "choose one with --text-column")
+    return _column_text(record[column], column, where)
+
+
+def _column_text(value: Any, column: str, where: str) -> str:
+    if value is None:
+        return ""  # a missing value is an empty document, which is skipped
+    if not isinstance(value, str):
+        raise UserError(
+            f"{where}: column {column!r} holds {type(value).__name__} values, not text",
+            "choose a text column with --text-column",
+        )
+    return value
+
+
+def _file_suffix(path: Path) -> str:
+    """The type suffix, looking through a trailing .gz (``a.jsonl.gz`` -> ``.jsonl``)."""
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        name = name[:-3]
+    return os.path.splitext(name)[1]
+
+
+class Source:
+    """One input that yields documents."""
+
+    label: str
+
+    def check(self, spec: PrepareSpec) -> None:
+        """Fail early (before any output exists) on problems that can be seen without reading it all."""
+
+    def documents(self, spec: PrepareSpec) -> Iterator[str]:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class EmbeddedCorpus(Source):
+    """The tiny Shakespeare corpus bundled in the package: one document."""
+
+    label = EMBEDDED_NAME
+
+    def _data(self) -> bytes:
+        return (resources.files("gpt2cli") / "assets" / EMBEDDED_FILE).read_bytes()
+
+    def documents(self, spec: PrepareSpec) -> Iterator[str]:
+        yield self._data().decode("utf-8")
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "embedded", "name": EMBEDDED_NAME, "sha256": hashlib.sha256(self._data()).hexdigest()}
+
+
+class TextFile(Source):
+    """A .txt/.md file: the whole file is one document."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.label = str(path)
+
+    def documents(self, spec: PrepareSpec) -> Iterator[str]:
+        with _open_binary(self.path) as fh:
+            data = fh.read()
+        yield _decode(data, spec.errors, self.label)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "text", "path": self.label}
+
+
+class JsonLinesFile(Source):
+    """A .jsonl file: one JSON object per line, the text in ``text_column``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.label = str(path)
+
+    def documents(self, spec: PrepareSpec) -> Iterator[str]:
+        with _open_binary(self.path) as fh:
+            yield from _json_lines(fh, spec, self.label)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "jsonl", "path": self.label}
+
+
+def _json_lines(lines: Iterable[bytes], spec: PrepareSpec, label: str) -> Iterator[str]:
+    for number, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        where = f"{label} line {number}"
+        try:
+            record = json.loads(_decode(raw, spec.errors, where))
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{where} is not valid JSON ({exc.msg})", "each line must hold one JSON object") from None
+        yield _text_of(record, spec.text_column, where)
+
+
+class JsonFile(Source):
+    """A .json file: a list of records (or strings), a single record, or JSON lines."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.label = str(path)
+
+    def documents(self, spec: PrepareSpec) -> Iterator[str]:
+        with _open_binary(self.path) as fh:
+            data = fh.read()
+        text = _decode(data, spec.errors, self.label)
+        try:
+            content = json.loads(text)
+        except json.JSONDecodeError as exc:
+            if exc.msg == "Extra data":  # several top-level values: it is JSON lines after all
+                yield from _json_lines(data.splitlines(), spec, self.label)
+                return
+            raise UserError(f"{self.label} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        records = content if isinstance(content, list) else [content]
+        for index, record in enumerate(records):
+            yield _text_of(record, spec.text_column, f"{self.label} record {index}")
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "json", "path": self.label}
+
+
+class ParquetFile(Source):
+    """A .parquet file: one document per row of ``text_column``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.label = str(path)
+
+    def check(self, spec: PrepareSpec) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            schema = pq.read_schema(self.path)
+        except (OSError, pa.ArrowException) as exc:
+            raise UserError(f"cannot read {self.label} as parquet ({exc})".replace("\n", " ")) from None
+        column = spec.text_column
+        if column not in schema.names:
+            raise UserError(
+                f"{self.label} has no column {column!r} (columns: {', '.join(schema.names)})",
+                "choose one with --text-column",
+            )
+        kind = schema.field(column).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
+            raise UserError(
+                f"{self.label}: column {column!r} holds {kind} values, not text", "choose a text column with --text-column"
+            )
+
+    def documents(self, spec: PrepareSpec) -> Iterator[str]:
+        import pyarrow.parquet as pq
+
+        with pq.ParquetFile(self.path) as table:
+            for batch in table.iter_batches(batch_size=1024, columns=[spec.text_column]):
+                for value in batch.column(0).to_pylist():
+                    yield value or ""
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "parquet", "path": self.label}
+
+
+class HuggingFaceDataset(Source):
+    """A folder written by ``datasets.save_to_disk``, or a dataset name on the Hugging Face Hub.
+
+    ``datasets`` is imported only here: it is slow to import and most runs do not need it.
+    """
+
+    def __init__(self, *, saved_path: Path | None = None, hub_name: str | None = None) -> None:
+        self.saved_path = saved_path
+        self.hub_name = hub_name
+        self.label = str(saved_path) if saved_path is not None else str(hub_name)
+        self._dataset: Any = None
+
+    def check(self, spec: PrepareSpec) -> None:
+        dataset = self._load_saved(spec) if self.saved_path is not None else self._load_hub(spec)
+        if spec.text_column not in dataset.column_names:
+            raise UserError(
+                f"dataset {self.label} has no column {spec.text_column!r} "
+                f"(columns: {', '.join(dataset.column_names)})",
+                "choose one with --text-column",
+            )
+        self._dataset = dataset
+
+    def _load_saved(self, spec: PrepareSpec) -> Any:
+        import datasets
+
+        try:
+            loaded = datasets.load_from_disk(str(self.saved_path))
+        except Exception as exc:  # datasets raises a variety of types for a damaged folder
+            raise UserError(f"cannot load the saved dataset {self.label}: {_one_line(exc)}") from None
+        if isinstance(loaded, datasets.DatasetDict):
+            if spec.split not in loaded:
+                raise UserError(
+                    f"saved dataset {self.label} has no split {spec.split!r} (splits: {', '.join(loaded)})",
+                    "choose one with --split",
+                )
+            return loaded[spec.split]
+        return loaded
+
+    def _load_hub(self, spec: PrepareSpec) -> Any:
+        import datasets
+
+        try:
+            return datasets.load_dataset(self.hub_name, spec.subset, split=spec.split)
+        except ConnectionError:
+            offline = any(
+                os.environ.get(var, "").lower() in ("1", "true", "yes", "on")
+                for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+            )
+            why = "offline mode is on, HF_HUB_OFFLINE / HF_DATASETS_OFFLINE" if offline else "no network"
+            raise UserError(
+                f"{self.hub_name!r} is not a local path, and the Hugging Face Hub cannot be reached "
+                f"to download it: {why}",
+                LOCAL_SOURCES_HINT,
+            ) from None
+        except Exception as exc:  # not found, unknown subset or split, ...
+            raise UserError(f"cannot load dataset {self.hub_name!r}: {_one_line(exc)}", LOCAL_SOURCES_HINT) from None
+
+    def documents(self, spec: PrepareSpec) -> Iterator[str]:
+        column = spec.text_column
+        for batch in self._dataset.select_columns([column]).iter(batch_size=1000):
+            for value in batch[column]:
+                yield _column_text(value, column, f"dataset {self.label}")
+
+    def describe(self) -> dict[str, Any]:
+        if self.saved_path is not None:
+            return {"kind": "saved_dataset", "path": self.label}
+        return {"kind": "hub", "name": self.hub_name}
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+# ------------------------------------------------------------------------ resolving arguments
+
+_GLOB_CHARS = re.compile(r"[*?\[]")
+# owner/name or name, as the Hub spells dataset ids. A missing path that ends in a file suffix
+# (letters only: ".csv", not the ".1" of "the-stack-v1.1") is reported missing, not looked up.
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+_FILE_SUFFIX = re.compile(r"\.[A-Za-z]{1,8}$")
+
+
+def _is_saved_dataset(folder: Path) -> bool:
+    """``save_to_disk`` writes dataset_dict.json (DatasetDict) or state.json + dataset_info.json."""
+    return (folder / "dataset_dict.json").is_file() or (
+        (folder / "state.json").is_file() and (folder / "dataset_info.json").is_file()
+    )
+
+
+def _file_source(path: Path) -> Source | None:
+    suffix = _file_suffix(path)
+    if suffix in TEXT_SUFFIXES:
+        return TextFile(path)
+    if suffix in JSONL_SUFFIXES:
+        return JsonLinesFile(path)
+    if suffix in JSON_SUFFIXES:
+        return JsonFile(path)
+    if suffix in PARQUET_SUFFIXES and not path.name.lower().endswith(".gz"):
+        return ParquetFile(path)
+    return None
+
+
+def _folder_sources(folder: Path) -> list[Source]:
+    """Every supported file below ``folder``, in sorted path order (hidden entries and files of
+    other types are skipped; a saved dataset inside is read as one dataset)."""
+    if _is_saved_dataset(folder):
+        return [HuggingFaceDataset(saved_path=folder)]
+    found: list[Source] = []
+    for root, dirs, files in os.walk(folder):
+        here = Path(root)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in list(dirs):
+            if _is_saved_dataset(here / name):
+                found.append(HuggingFaceDataset(saved_path=here / name))
+                dirs.remove(name)
+        for name in sorted(files):
+            source = None if name.startswith(".") else _file_source(here / name)
+            if source is not None:
+                found.append(source)
+    if not found:
+        raise UserError(f"folder {str(folder)!r} holds no {SUPPORTED_TYPES} files", "check the path")
+    return found
+
+
+def _path_sources(path: Path) -> list[Source]:
+    if path.is_dir():
+        return _folder_sources(path)
+    source = _file_source(path)
+    if source is None:
+        raise UserError(
+            f"{str(path)!r} has an unknown file type {_file_suffix(path) or 'without suffix'!r}",
+            f"gpt2 data reads {SUPPORTED_TYPES} files, gzipped text files, folders of them and "
+            "folders written by datasets.save_to_disk",
+        )
+    return [source]
+
+
+def _glob_sources(argument: str, pattern: Path) -> list[Source]:
+    """The supported files a glob matches, in sorted order. Like a folder's contents, other
+    types and hidden files are skipped, and so are folders (``**`` matches a folder and the files
+    in it; reading both would read the files twice), except saved datasets."""
+    found: list[Source] = []
+    for match in sorted(glob.glob(str(pattern), recursive=True)):
+        path = Path(match)
+        if path.is_dir():
+            if _is_saved_dataset(path):
+                found.append(HuggingFaceDataset(saved_path=path))
+        elif not path.name.startswith(".") and (source := _file_source(path)) is not None:
+            found.append(source)
+    if not found:
+        raise UserError(f"no {SUPPORTED_TYPES} files match {argument!r}", "check the pattern")
+    return found
+
+
+def _argument_sources(argument: str) -> list[Source]:
+    """Turn one SOURCE argument into sources: a glob, a path, or a Hub dataset name."""
+    path = Path(argument).expanduser()
+    if _GLOB_CHARS.search(argument):
+        return _glob_sources(argument, path)
+    if path.exists():
+        return _path_sources(path)
+    if _HUB_NAME.match(argument) and not _FILE_SUFFIX.search(argument):
+        return [HuggingFaceDataset(hub_name=argument)]
+    raise UserError(f"no such file or folder: {argument!r}", "check the path")
+
+
+def resolve_sources(spec: PrepareSpec) -> list[Source]:
+    """The sources named by the spec (the embedded corpus when there are none), checked."""
+    sources: list[Source] = (
+        [s for argument in spec.sources for s in _argument_sources(argument)] if spec.sources else [EmbeddedCorpus()]
+    )
+    for source in sources:
+        source.check(spec)
+    return sources
+
+
+def iter_documents(sources: list[Source], spec: PrepareSpec) -> Iterator[str]:
+    """Every non-empty document of every source, in order, at most ``max_docs`` of them."""
+    documents = (text for source in sources for text in source.documents(spec) if text)
+    return islice(documents, spec.max_docs) if spec.max_docs is not None else documents
+
+
+# ========================================================================= splitting the text
+
+# A piece boundary of GPT-2's pre-tokenizer that a cut cannot move: before a single space that
+# sits between two non-space characters (a piece starts at " word", the previous one ends before
+# it), or after a single newline between two non-space characters (the newline is its own piece).
+# Python's \s covers every character of Unicode's White_Space (which the tokenizer's regex uses)
+# and a few more, so \S here is never wrong on the safe side.
+_SAFE_CUT = re.compile(r"(?<=\S) (?=\S)|(?<=\S\n)(?=\S)")
+
+
+def split_text(text: str, max_chars: int = PIECE_CHARS) -> list[str]:
+    """Cut ``text`` into pieces of about ``max_chars`` whose tokens, concatenated, equal the
+    tokens of the whole text. Text without a safe cut stays in one piece."""
+    if len(text) <= max_chars:
+        return [text]
+    pieces, start = [], 0
+    while len(text) - start > max_chars:
+        cut = _SAFE_CUT.search(text, start + max_chars)
+        if cut is None:
+            break
+        pieces.append(text[start : cut.start()])
+        start = cut.start()
+    pieces.append(text[start:])
+    return pieces
+
+
+class ValidationSelector:
+    """Chooses validation documents while streaming, without knowing how many will come.
+
+    Document ``i`` goes to validation when ``floor((i + 1) * f) > floor(i * f)``: exactly
+    ``floor(n * f)`` of the first ``n`` documents, spread evenly over the corpus (with f = 0.1,
+    documents 9, 19, 29, ...), so validation samples every source rather than the last files,
+    and is the same on every run. The fraction is taken as the exact decimal the user wrote
+    (0.1 is 1/10, not the float slightly above it).
+    """
+
+    def __init__(self, fraction: float) -> None:
+        self.fraction = Fraction(repr(fraction))
+
+    def is_validation(self, index: int) -> bool:
+        f = self.fraction
+        return (index + 1) * f.numerator // f.denominator > index * f.numerator // f.denominator
+
+
+# =========================================================================== tokenizing
+
+@dataclass(frozen=True)
+class _Piece:
+    text: str
+    to_val: bool
+    last: bool  # the end of its document: <|endoftext|> follows
+    first: bool  # the start of its document (counts the document)
+
+
+def _pieces(documents: Iterable[str], selector: ValidationSelector) -> Iterator[_Piece]:
+    for index, text in enumerate(documents):
+        to_val = selector.is_validation(index)
+        parts = split_text(text, PIECE_CHARS)
+        for number, part in enumerate(parts):
+            yield _Piece(part, to_val, last=number == len(parts) - 1, first=number == 0)
+
+
+def _batches(pieces: Iterable[_Piece], batch_chars: int) -> Iterator[list[_Piece]]:
+    batch: list[_Piece] = []
+    size = 0
+    for piece in pieces:
+        batch.append(piece)
+        size += len(piece.text)
+        if size >= batch_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _encode_ids(text: str) -> np.ndarray:
+    enc = get_tokenizer()
+    try:
+        return enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+    except UnicodeEncodeError:
+        # lone surrogates (e.g. from a JSON "\ud800" escape) cannot go to Rust; replace them
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        return enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+
+
+def _encode_batch(batch: list[_Piece]) -> list[tuple[np.ndarray, int]]:
+    """Runs on a worker thread: (uint16 tokens with EOT after a document's end, text bytes)."""
+    byte_lengths = token_byte_lengths()
+    encoded = []
+    for piece in batch:
+        ids = _encode_ids(piece.text)
+        tokens = np.empty(len(ids) + piece.last, dtype=TOKEN_DTYPE)
+        tokens[: len(ids)] = ids
+        if piece.last:
+            tokens[-1] = EOT_ID
+        encoded.append((tokens, int(byte_lengths[ids].sum())))
+    return encoded
+
+
+class _SplitFile:
+    """One split's token file being written, with its counts."""
+
+    def __init__(self, folder: Path, name: str) -> None:
+        self.name = name
+        self.path = folder / split_file_name(name)
+        self.file: IO[bytes] = open(self.path, "wb", buffering=1 << 20)
+        self.tokens = 0
+        self.documents = 0
+        self.text_bytes = 0
+
+    def write(self, tokens: np.ndarray, text_bytes: int) -> None:
+        self.file.write(tokens.data)
+        self.tokens += len(tokens)
+        self.text_bytes += text_bytes
+
+    def close(self) -> None:
+        if not self.file.closed:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "file": self.path.name,
+            "tokens": self.tokens,
+            "documents": self.documents,
+            "text_bytes": self.text_bytes,
+        }
+
+
+class _TokenWriter:
+    """Writes encoded pieces to the split files in order, enforcing ``max_tokens``."""
+
+    def __init__(self, folder: Path, *, with_val: bool, max_tokens: int | None) -> None:
+        self.train = _SplitFile(folder, "train")
+        self.val = _SplitFile(folder, "val") if with_val else None
+        self.max_tokens = max_tokens
+        self.documents = 0
+        self.last_train_doc_start = 0  # token offset of the newest training document
+        self.full = False
+
+    @property
+    def tokens(self) -> int:
+        return self.train.tokens + (self.val.tokens if self.val else 0)
+
+    @property
+    def text_bytes(self) -> int:
+        return self.train.text_bytes + (self.val.text_bytes if self.val else 0)
+
+    def write_batch(self, batch: list[_Piece], encoded: list[tuple[np.ndarray, int]]) -> None:
+        for piece, (tokens, text_bytes) in zip(batch, encoded, strict=True):
+            if self.full:
+                return
+            self._write_piece(piece, tokens, text_bytes)
+
+    def _write_piece(self, piece: _Piece, tokens: np.ndarray, text_bytes: int) -> None:
+        if self.max_tokens is not None:
+            room = self.max_tokens - self.tokens
+            if len(tokens) >= room:
+                self.full = True
+                if room < (2 if piece.first else 1):
+                    return  # not even one text token plus <|endoftext|> fits
+                # cut the document short, still ending it with <|endoftext|>
+                tokens = np.append(tokens[: room - 1], np.array([EOT_ID], dtype=TOKEN_DTYPE))
+                text_bytes = int(token_byte_lengths()[tokens].sum())
+        split = self.val if piece.to_val and self.val is not None else self.train
+        if piece.first:
+            self.documents += 1
+            split.documents += 1
+            if split is self.train:
+                self.last_train_doc_start = self.train.tokens
+        split.write(tokens, text_bytes)
+
+    def close(self) -> None:
+        self.train.close()
+        if self.val is not None:
+            self.val.close()
+
+    def splits(self) -> list[_SplitFile]:
+        return [self.train] + ([self.val] if self.val is not None else [])
+
+
+def _tokenize(
+    sources: list[Source], spec: PrepareSpec, folder: Path, workers: int, progress: ProgressFn | None
+) -> _TokenWriter:
+    """Tokenize every document into ``folder``; results are written in submission order."""
+    writer = _TokenWriter(folder, with_val=spec.val_fraction > 0, max_tokens=spec.max_tokens)
+    batches = _batches(_pieces(iter_documents(sources, spec), ValidationSelector(spec.val_fraction)), BATCH_CHARS)
+    pending: deque[tuple[list[_Piece], Future]] = deque()
+    in_flight = workers + 2  # keeps every worker busy while the main thread reads and writes
+    started = time.perf_counter()
+
+    def write_results(keep: int) -> None:
+        while len(pending) > keep and not writer.full:
+            batch, future = pending.popleft()
+            writer.write_batch(batch, future.result())
+            if progress is not None:
+                elapsed = time.perf_counter() - started
+                progress(PrepareProgress(writer.documents, writer.tokens, writer.text_bytes, elapsed))
+
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gpt2-tokenize")
+    try:
+        for batch in batches:
+            if writer.full:
+                break
+            pending.append((batch, pool.submit(_encode_batch, batch)))
+            write_results(keep=in_flight)
+        write_results(keep=0)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        batches.close()  # closes the file the sources are reading
+        writer.close()
+    return writer
+
+
+# ======================================================================= validation split
+
+def _token_index_at_byte(path: Path, num_tokens: int, cut_bytes: int) -> int:
+    """The number of leading tokens whose text fits in ``cut_bytes`` bytes (chunked, so a huge
+    single document never needs its cumulative sums in memory at once)."""
+    byte_lengths = token_byte_lengths()
+    tokens = np.memmap(path, dtype=TOKEN_DTYPE, mode="r", shape=(num_tokens,))
+    seen = 0
+    chunk = 1 << 24
+    for start in range(0, num_tokens, chunk):
+        cumulative = np.cumsum(byte_lengths[tokens[start : start + chunk]]) + seen
+        if cumulative[-1] > cut_bytes:
+            return start + int(np.searchsorted(cumulative, cut_bytes, side="right"))
+        seen = int(cumulative[-1])
+    return num_tokens
+
+
+def _copy_tail(source: Path, num_tokens: int, start: int, target: Path) -> int:
+    """Copy tokens ``start:`` of ``source`` into a new file ``target``; returns their text bytes.
+    Copies chunk by chunk, and no view of the map outlives the call (the source is truncated next)."""
+    byte_lengths = token_byte_lengths()
+    tokens = np.memmap(source, dtype=TOKEN_DTYPE, mode="r", shape=(num_tokens,))
+    text_bytes = 0
+    with open(target, "wb") as out:
+        for offset in range(start, num_tokens, 1 << 24):
+            chunk = np.array(tokens[offset : offset + (1 << 24)])
+            out.write(chunk.data)
+            text_bytes += int(byte_lengths[chunk].sum())
+        out.flush()
+        os.fsync(out.fileno())
+    return text_bytes
+
+
+def _move_train_tail_to_val(writer: _TokenWriter, start: int) -> None:
+    """Move the training tokens from ``start`` on into the (still empty) validation file."""
+    train, val = writer.train, writer.val
+    assert val is not None and val.tokens == 0
+    moved_bytes = _copy_tail(train.path, train.tokens, start, val.path)
+    os.truncate(train.path, start * TOKEN_DTYPE.itemsize)
+    val.tokens = train.tokens - start
+    val.text_bytes = moved_bytes
+    train.tokens = start
+    train.text_bytes -= moved_bytes
+
+
+def _finish_validation_split(writer: _TokenWriter, fraction: float) -> str:
+    """Settle the cases the streaming rule cannot decide; returns how the split was made.
+
+    * one document: split by position; the tail with ``fraction`` of the text bytes goes to
+      validation, cut at a token boundary (tiny Shakespeare gives nanoGPT's 301,966 / 36,059);
+    * several documents but fewer than 1 / fraction: the last document goes to validation.
+    """
+    if writer.val is None:
+        return "none"
+    train = writer.train
+    if writer.documents == 1:
+        cut_bytes = int(train.text_bytes * (1 - fraction))
+        _move_train_tail_to_val(writer, _token_index_at_byte(train.path, train.tokens, cut_bytes))
+        writer.val.documents = 1  # both splits hold part of the one document
+        return "position"
+    if writer.val.documents == 0:
+        _move_train_tail_to_val(writer, writer.last_train_doc_start)
+        train.documents -= 1
+        writer.val.documents = 1
+    return "documents"
+
+
+# ====================================================================== output folder
+
+def default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def _safe_name(name: str) -> str:
+    cleaned = re.sub(r"[^\w.-]+", "-", name).strip("-.")
+    return cleaned or "corpus"
+
+
+def source_name(spec: PrepareSpec) -> str:
+    """A folder name for the corpus: the embedded corpus, the first file/folder, or the dataset."""
+    if not spec.sources:
+        return EMBEDDED_NAME
+    first = spec.sources[0]
+    path = Path(first).expanduser()
+    if _GLOB_CHARS.search(first):
+        parts = [part for part in path.parts if not _GLOB_CHARS.search(part)]
+        return _safe_name(parts[-1] if parts else "corpus")
+    if path.exists():
+        resolved = path.resolve()
+        name = resolved.name if resolved.is_dir() else resolved.name.split(".")[0]
+        return _safe_name(name)
+    name = first.rsplit("/", 1)[-1]  # a hub name: owner/name -> name
+    return _safe_name(f"{name}-{spec.subset}" if spec.subset else name)
+
+
+def output_dir(spec: PrepareSpec) -> Path:
+    """Where the spec writes: ``out``, or data/<name of the source>."""
+    return Path(spec.out).expanduser() if spec.out else Path("data") / source_name(spec)
+
+
+def _existing_output(out: Path, overwrite: bool) -> str:
+    """How to publish into ``out``: "new" (absent or empty folder) or "replace"."""
+    if not out.exists():
+        return "new"
+    if not out.is_dir():
+        raise UserError(f"output {str(out)!r} is a file, not a folder", "choose another --out")
+    if not any(out.iterdir()):
+        return "new"  # an empty folder is replaced by the rename
+    if not overwrite:
+        raise UserError(f"output folder {str(out)!r} already exists", "pass --overwrite to replace it, or choose another --out")
+    if not (out / META_NAME).is_file():
+        raise UserError(
+            f"refusing to overwrite {str(out)!r}: it is not a folder written by `gpt2 data` (no {META_NAME})",
+            "choose another --out",
+        )
+    return "replace"
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems do not support it; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+def _publish(staging: Path, out: Path, mode: str) -> None:
+    """Rename the finished staging folder to ``out``.
+
+    mode "new": ``out`` must not have appeared meanwhile; "replace": an existing ``out`` is moved
+    aside first; "keep": if another process published ``out`` first, use theirs.
+    """
+    if mode == "replace" and out.exists():
+        trash = out.with_name(f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+        os.rename(out, trash)
+        os.rename(staging, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        try:
+            os.rename(staging, out)
+        except OSError:  # ENOTEMPTY / EEXIST: someone else's folder is there now
+            shutil.rmtree(staging, ignore_errors=True)
+            if mode == "keep" and is_token_folder(out):
+                return
+            raise UserError(
+                f"output folder {str(out)!r} appeared while preparing", "pass --overwrite to replace it"
+            ) from None
+    _fsync_dir(out.parent)
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """Create missing parent folders; returns those created (to remove them again on failure)."""
+    missing = [p for p in [folder, *folder.parents] if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def _build_meta(
+    spec: PrepareSpec, sources: list[Source], writer: _TokenWriter, split_by: str, folder: Path
+) -> dict[str, Any]:
+    splits = {s.name: s.info() for s in writer.splits()}
+    return {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "tokenizer": {"name": TOKENIZER_NAME, "ranks_sha256": RANKS_SHA256, "eot_id": EOT_ID},
+        "vocab_size": VOCAB_SIZE,
+        "dtype": DTYPE_NAME,
+        "byte_order": BYTE_ORDER,
+        "splits": splits,
+        "documents": writer.documents,
+        "split_by": split_by,
+        "source": [source.describe() for source in sources],
+        "fingerprint": fingerprint_files(folder, list(splits)),
+        "spec": spec.model_dump(mode="json"),
+        "gpt2cli_version": __version__,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _empty_corpus_error(spec: PrepareSpec) -> UserError:
+    where = ", ".join(spec.sources) if spec.sources else "the embedded corpus"
+    return UserError(f"no text found in {where} (every document is empty)", "check the sources and --text-column")
+
+
+def _prepare(spec: PrepareSpec, out: Path, mode: str, progress: ProgressFn | None) -> Path:
+    sources = resolve_sources(spec)  # every path, column and split is checked before writing
+    workers = spec.num_proc or default_workers()
+    resolved = spec.model_copy(update={"out": str(out), "num_proc": workers})
+    created_parents = _make_parents(out.parent)
+    staging = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    staging.mkdir()
+    try:
+        writer = _tokenize(sources, resolved, staging, workers, progress)
+        if writer.documents == 0:
+            raise _empty_corpus_error(spec)
+        split_by = _finish_validation_split(writer, spec.val_fraction)
+        write_meta(staging, _build_meta(resolved, sources, writer, split_by, staging))
+        _fsync_dir(staging)
+        _publish(staging, out, mode)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        for parent in created_parents:
+            try:
+                parent.rmdir()
+            except OSError:
+                break  # not empty (someone else uses it) or gone: stop there
+        raise
+    return out
+
+
+def prepare_data(spec: PrepareSpec, progress: ProgressFn | None = None) -> Path:
+    """Tokenize the spec's sources into a token folder and return its path (see docs/data.md).
+
+    ``progress`` is called after every batch with a :class:`PrepareProgress`.
+    Raises :class:`~gpt2cli.errors.UserError` for anything the user can fix; nothing is left
+    behind then (the output appears only once it is complete).
+    """
+    out = output_dir(spec)
+    mode = _existing_output(out, spec.overwrite)
+    return _prepare(spec, out, mode, progress)
+
+
+# ===================================================================== default corpus
+
+# The PrepareSpec fields that change the tokens (not where they go or how fast they are made).
+_CONTENT_FIELDS = ("sources", "text_column", "subset", "split", "val_fraction", "max_docs", "max_tokens", "errors")
+
+
+def cache_root() -> Path:
+    """``$GPT2_CACHE_DIR``, else ~/.cache/gpt2cli."""
+    env = os.environ.get("GPT2_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "gpt2cli"
+
+
+def settings_key(spec: PrepareSpec) -> str:
+    """A short hash of everything that decides the prepared tokens."""
+    settings = {
+        "format": FORMAT_VERSION,
+        "tokenizer": RANKS_SHA256,
+        "corpus": EmbeddedCorpus().describe()["sha256"] if not spec.sources else None,
+        "spec": {name: getattr(spec, name) for name in _CONTENT_FIELDS},
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def default_data_dir(progress: ProgressFn | None = None) -> Path:
+    """The embedded corpus, prepared on first use into the cache and reused afterwards.
+
+    Safe when several processes (torchrun ranks) call it at once: each prepares into its own
+    temporary folder, the first rename wins, and the others use the winner's folder.
+    """
+    spec = PrepareSpec()
+    target = cache_root() / f"{EMBEDDED_NAME}-{settings_key(spec)}"
+    if is_token_folder(target):
+        return target
+    mode = "replace" if target.exists() and any(target.iterdir()) else "keep"
+    spec = spec.model_copy(update={"out": str(target)})
+    return _prepare(spec, target, mode, progress)

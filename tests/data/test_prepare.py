@@ -1,0 +1,337 @@
+"""`prepare_data`: every source kind, the validation split, determinism, atomicity, bad input."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpt2cli.data import prepare as prep
+from gpt2cli.data.prepare import ValidationSelector, default_data_dir, prepare_data, split_text
+from gpt2cli.data.shards import TokenFolder, fingerprint_files, is_token_folder
+from gpt2cli.errors import UserError
+from gpt2cli.specs import PrepareSpec
+from gpt2cli.tokenizer import EOT_ID, encode
+
+SHAKESPEARE = (resources.files("gpt2cli") / "assets" / "tinyshakespeare.txt").read_text(encoding="utf-8")
+DOCS = [f"Document number {i}. " + "All the world's a stage. " * (i % 5 + 1) for i in range(20)]
+
+
+def prepare(tmp_path: Path, *sources: str | Path, name: str = "out", **settings) -> TokenFolder:
+    spec = PrepareSpec(sources=[str(s) for s in sources], out=str(tmp_path / name), **settings)
+    return TokenFolder(prepare_data(spec))
+
+
+def expected_splits(docs: list[str], fraction: float = 0.1) -> dict[str, list[int]]:
+    """The documented rule: document i is validation when floor((i+1)f) > floor(i f)."""
+    out: dict[str, list[int]] = {"train": [], "val": []}
+    selector = ValidationSelector(fraction)
+    for i, doc in enumerate(docs):
+        out["val" if selector.is_validation(i) else "train"] += encode(doc) + [EOT_ID]
+    return out
+
+
+def tokens_of(folder: TokenFolder, split: str) -> list[int]:
+    return np.asarray(folder.tokens(split)).tolist()
+
+
+def write_jsonl(path: Path, docs: list[str], column: str = "text") -> Path:
+    path.write_text("".join(json.dumps({"id": i, column: d}) + "\n" for i, d in enumerate(docs)), encoding="utf-8")
+    return path
+
+
+# ------------------------------------------------------------------------- embedded corpus
+
+def test_embedded_corpus(tmp_path):
+    folder = prepare(tmp_path)
+    train, val = folder.tokens("train"), folder.tokens("val")
+    assert train.dtype == np.uint16
+    # one document: 338,025 text tokens plus its <|endoftext|>, split by position as nanoGPT does
+    assert folder.num_tokens("train") + folder.num_tokens("val") == 338_025 + 1
+    assert (folder.num_tokens("train"), folder.num_tokens("val")) == (301_966, 36_060)
+    assert int(val[-1]) == EOT_ID and EOT_ID not in np.asarray(train)
+    assert tokens_of(folder, "train") == encode(SHAKESPEARE[:1_003_854])
+    assert folder.num_bytes("train") + folder.num_bytes("val") == len(SHAKESPEARE.encode())
+    meta = folder.meta
+    assert meta["split_by"] == "position" and meta["documents"] == 1
+    assert meta["tokenizer"] == {"name": "gpt2", "ranks_sha256": prep.RANKS_SHA256, "eot_id": 50256}
+    assert meta["vocab_size"] == 50257 and meta["dtype"] == "uint16"
+    assert meta["source"][0]["kind"] == "embedded"
+    assert meta["spec"]["out"] == str(tmp_path / "out") and meta["spec"]["num_proc"] >= 1
+    assert meta["fingerprint"] == fingerprint_files(folder.path, folder.splits) == folder.fingerprint
+    assert "created_at" in meta
+
+
+def test_default_data_dir_is_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPT2_CACHE_DIR", str(tmp_path / "cache"))
+    first = default_data_dir()
+    assert first.parent == tmp_path / "cache" and first.name.startswith("tinyshakespeare-")
+    assert TokenFolder(first).num_tokens("train") == 301_966
+    stamp = (first / "meta.json").stat().st_mtime_ns
+    assert default_data_dir() == first and (first / "meta.json").stat().st_mtime_ns == stamp
+    assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temporary folders left
+
+
+def test_default_data_dir_from_several_processes_at_once(tmp_path):
+    """Like torchrun ranks: every process gets the same complete folder, nothing is left over."""
+    env = {**os.environ, "GPT2_CACHE_DIR": str(tmp_path)}
+    code = "from gpt2cli.data import default_data_dir; print(default_data_dir())"
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True) for _ in range(3)]
+    paths = {p.communicate(timeout=120)[0].strip() for p in procs}
+    assert all(p.returncode == 0 for p in procs)
+    assert len(paths) == 1
+    (path,) = paths
+    assert is_token_folder(path)
+    assert [p.name for p in tmp_path.iterdir()] == [Path(path).name]
+
+
+# ------------------------------------------------------------------------------- sources
+
+def test_text_files_folder_and_glob(tmp_path):
+    src = tmp_path / "src"
+    (src / "b").mkdir(parents=True)
+    (src / "a.txt").write_text(DOCS[0])
+    (src / "b" / "c.md").write_text(DOCS[1])
+    (src / "b" / "d.txt.gz").write_bytes(gzip.compress(DOCS[2].encode()))
+    (src / ".hidden.txt").write_text("never read")
+    (src / "notes.pdf").write_bytes(b"%PDF")  # other types in a folder are skipped
+    # 3 documents are fewer than 1 / val_fraction: the last one goes to validation
+    want = {"train": encode(DOCS[0]) + [EOT_ID] + encode(DOCS[1]) + [EOT_ID], "val": encode(DOCS[2]) + [EOT_ID]}
+
+    by_folder = prepare(tmp_path, src, name="folder")
+    assert {s: tokens_of(by_folder, s) for s in by_folder.splits} == want
+    assert by_folder.meta["documents"] == 3
+    assert by_folder.num_documents("train") == 2 and by_folder.num_documents("val") == 1
+
+    by_glob = prepare(tmp_path, src / "**" / "*.*", name="glob")
+    assert by_glob.fingerprint == by_folder.fingerprint
+    one_file = prepare(tmp_path, src / "a.txt", name="file", val_fraction=0.0)
+    assert one_file.splits == ["train"] and tokens_of(one_file, "train") == encode(DOCS[0]) + [EOT_ID]
+
+
+def test_jsonl_json_and_gzip(tmp_path):
+    want = expected_splits(DOCS)
+    assert len(want["val"]) > 0 and want["val"][-1] == EOT_ID
+    jsonl = prepare(tmp_path, write_jsonl(tmp_path / "c.jsonl", DOCS), name="jsonl")
+    assert {s: tokens_of(jsonl, s) for s in jsonl.splits} == want
+    assert jsonl.num_documents("val") == 2 and jsonl.num_documents("train") == 18  # documents 9 and 19
+
+    (tmp_path / "c.json").write_text(json.dumps([{"text": d} for d in DOCS]))
+    assert prepare(tmp_path, tmp_path / "c.json", name="json").fingerprint == jsonl.fingerprint
+    (tmp_path / "c.jsonl.gz").write_bytes(gzip.compress((tmp_path / "c.jsonl").read_bytes()))
+    assert prepare(tmp_path, tmp_path / "c.jsonl.gz", name="gz").fingerprint == jsonl.fingerprint
+
+    other = prepare(tmp_path, write_jsonl(tmp_path / "d.jsonl", DOCS, column="body"), name="col", text_column="body")
+    assert other.fingerprint == jsonl.fingerprint
+
+
+def test_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"content": DOCS, "n": list(range(len(DOCS)))}), tmp_path / "c.parquet", row_group_size=7)
+    folder = prepare(tmp_path, tmp_path / "c.parquet", text_column="content")
+    assert {s: tokens_of(folder, s) for s in folder.splits} == expected_splits(DOCS)
+
+
+def test_saved_dataset(tmp_path):
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"text": DOCS, "n": list(range(len(DOCS)))})
+    ds.save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": ds.select(range(5)), "test": ds}).save_to_disk(str(tmp_path / "dict"))
+    folder = prepare(tmp_path, tmp_path / "saved", name="a")
+    assert {s: tokens_of(folder, s) for s in folder.splits} == expected_splits(DOCS)
+    assert folder.meta["source"] == [{"kind": "saved_dataset", "path": str(tmp_path / "saved")}]
+    assert prepare(tmp_path, tmp_path / "dict", name="b", split="test").fingerprint == folder.fingerprint
+
+
+def test_several_sources_in_order(tmp_path):
+    (tmp_path / "a.txt").write_text(DOCS[0])
+    write_jsonl(tmp_path / "b.jsonl", DOCS[1:])
+    folder = prepare(tmp_path, tmp_path / "a.txt", tmp_path / "b.jsonl")
+    assert {s: tokens_of(folder, s) for s in folder.splits} == expected_splits(DOCS)
+
+
+# ------------------------------------------------------------------ limits and splitting
+
+def test_max_docs_and_max_tokens(tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", DOCS)
+    few = prepare(tmp_path, path, name="few", max_docs=10, val_fraction=0.0)
+    assert few.meta["documents"] == 10 and tokens_of(few, "train") == expected_splits(DOCS[:10], 0.0)["train"]
+    capped = prepare(tmp_path, path, name="capped", max_tokens=100, val_fraction=0.0)
+    train = tokens_of(capped, "train")
+    assert len(train) == 100 and train[-1] == EOT_ID  # the last document is cut and still ended
+    single = prepare(tmp_path, name="single", max_tokens=1000)  # one document: cut, then split
+    assert single.num_tokens("train") + single.num_tokens("val") == 1000
+
+
+def test_validation_selector_spreads_documents_evenly():
+    chosen = [i for i in range(100) if ValidationSelector(0.1).is_validation(i)]
+    assert chosen == list(range(9, 100, 10))
+    assert sum(ValidationSelector(0.3).is_validation(i) for i in range(1000)) == 300
+    assert not any(ValidationSelector(0.0).is_validation(i) for i in range(100))
+
+
+def test_split_text_keeps_tokens_identical():
+    pieces = split_text(SHAKESPEARE, 997)
+    assert len(pieces) > 1000 and "".join(pieces) == SHAKESPEARE
+    assert [t for piece in pieces for t in encode(piece)] == encode(SHAKESPEARE)
+    tricky = "word  \n  spaced\t\ttabs\n\nnew  lines 'll  123 456 ünï  🤖🤖 " * 300
+    pieces = split_text(tricky, 50)
+    assert len(pieces) > 10 and [t for p in pieces for t in encode(p)] == encode(tricky)
+
+
+def test_small_pieces_and_batches_give_the_same_output(tmp_path, monkeypatch):
+    reference = prepare(tmp_path, name="ref", num_proc=1)
+    monkeypatch.setattr(prep, "PIECE_CHARS", 3000)
+    monkeypatch.setattr(prep, "BATCH_CHARS", 20_000)
+    chunked = prepare(tmp_path, name="chunked", num_proc=2)
+    assert chunked.fingerprint == reference.fingerprint
+
+
+# ------------------------------------------------------------------ determinism, atomicity
+
+def test_second_run_is_byte_identical(tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", DOCS * 5)
+    first = prepare(tmp_path, path, name="one")
+    second = prepare(tmp_path, path, name="two", num_proc=1)
+    for split in first.splits:
+        name = f"{split}.bin"
+        assert (first.path / name).read_bytes() == (second.path / name).read_bytes()
+
+    def stable(meta):
+        return {k: v for k, v in meta.items() if k not in ("created_at", "spec")}
+
+    assert stable(first.meta) == stable(second.meta)
+    again = prepare_data(PrepareSpec(sources=[str(path)], out=str(first.path), overwrite=True))
+    assert TokenFolder(again).fingerprint == first.fingerprint
+
+
+def test_existing_output_is_refused_unless_overwrite(tmp_path):
+    prepare(tmp_path, name="out")
+    with pytest.raises(UserError, match="already exists"):
+        prepare(tmp_path, name="out")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "precious.txt").write_text("keep me")
+    with pytest.raises(UserError, match="not a folder written by `gpt2 data`"):
+        prepare(tmp_path, name="mine", overwrite=True)
+    assert (tmp_path / "mine" / "precious.txt").read_text() == "keep me"
+    (tmp_path / "empty").mkdir()
+    assert prepare(tmp_path, name="empty").num_tokens("train") == 301_966
+
+
+def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(prep, "BATCH_CHARS", 50_000)
+    monkeypatch.setattr(prep, "PIECE_CHARS", 10_000)
+    calls = []
+
+    def interrupt(event):
+        calls.append(event)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "new" / "deeper" / "out"
+    with pytest.raises(KeyboardInterrupt):
+        prepare_data(PrepareSpec(out=str(out)), progress=interrupt)
+    assert calls[0].tokens > 0 and calls[1].documents >= 0
+    assert not out.exists() and not is_token_folder(out)
+    assert list(tmp_path.iterdir()) == []  # no temporary folder, and the parents it made are gone
+
+
+def test_killed_run_never_looks_complete(tmp_path):
+    """A staging folder left by a killed process is hidden and has no meta.json."""
+    path = write_jsonl(tmp_path / "c.jsonl", [SHAKESPEARE] * 20)
+    code = (
+        "import os, sys\n"
+        "from gpt2cli.data import prepare as p\n"
+        "from gpt2cli.specs import PrepareSpec\n"
+        "p.BATCH_CHARS = 100_000\n"
+        "def die(event):\n"
+        "    if event.tokens > 500_000: os._exit(9)\n"
+        f"p.prepare_data(PrepareSpec(sources=[{str(path)!r}], out={str(tmp_path / 'out')!r}), progress=die)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 9, proc.stderr
+    assert not (tmp_path / "out").exists()
+    leftovers = [p for p in tmp_path.iterdir() if p.name != "c.jsonl"]
+    assert leftovers and all(p.name.startswith(".out.tmp-") for p in leftovers)
+    assert not any(is_token_folder(p) or (p / "meta.json").exists() for p in leftovers)
+
+
+# -------------------------------------------------------------------------- bad input
+
+def bad(tmp_path, *sources, **settings) -> str:
+    with pytest.raises(UserError) as info:
+        prepare(tmp_path, *sources, **settings)
+    assert not (tmp_path / "out").exists()
+    message = info.value.render()
+    assert "\n" not in message
+    return message
+
+
+def test_bad_inputs(tmp_path, monkeypatch):
+    assert "no such file or folder: 'missing.txt'" in bad(tmp_path, "missing.txt")
+    (tmp_path / "empty.txt").write_text("")
+    assert "no text found" in bad(tmp_path, tmp_path / "empty.txt")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    message = bad(tmp_path, tmp_path / "latin1.txt")
+    assert "latin1.txt is not UTF-8" in message and "--errors replace" in message
+    replaced = prepare(tmp_path, tmp_path / "latin1.txt", name="ok", errors="replace", val_fraction=0.0)
+    assert replaced.num_tokens("train") == len(encode("caf\ufffd")) + 1
+    write_jsonl(tmp_path / "c.jsonl", ["x"], column="body")
+    assert "no column 'text' (columns: id, body)" in bad(tmp_path, tmp_path / "c.jsonl")
+    (tmp_path / "broken.jsonl").write_text('{"text": "a"}\n{"text": \n')
+    assert "broken.jsonl line 2 is not valid JSON" in bad(tmp_path, tmp_path / "broken.jsonl")
+    (tmp_path / "table.csv").write_text("text\nhello\n")
+    assert "unknown file type '.csv'" in bad(tmp_path, tmp_path / "table.csv")
+    assert "files match" in bad(tmp_path, tmp_path / "*.nothing")
+    (tmp_path / "nothing").mkdir()
+    assert "holds no .txt" in bad(tmp_path, tmp_path / "nothing")
+
+
+def test_missing_parquet_column_lists_columns(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"content": ["a"], "n": [1]}), tmp_path / "c.parquet")
+    assert "no column 'text' (columns: content, n)" in bad(tmp_path, tmp_path / "c.parquet")
+    assert "holds int64 values, not text" in bad(tmp_path, tmp_path / "c.parquet", text_column="n")
+
+
+def test_hub_name_offline_says_so(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    message = bad(tmp_path, "someone/some_dataset")
+    assert "Hugging Face Hub cannot be reached" in message and "offline" in message
+    assert "pass local data instead" in message
+
+
+def test_lone_surrogates_do_not_crash(tmp_path):
+    (tmp_path / "s.jsonl").write_text('{"text": "bad \\ud800 surrogate"}\n')
+    folder = prepare(tmp_path, tmp_path / "s.jsonl", val_fraction=0.0)
+    assert folder.num_tokens("train") > 1
+
+
+# --------------------------------------------------------------------------- TokenFolder
+
+def test_token_folder_validation(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        TokenFolder(tmp_path / "nope")
+    with pytest.raises(UserError, match="not a prepared data folder"):
+        TokenFolder(tmp_path)
+    folder = prepare(tmp_path)
+    with pytest.raises(UserError, match="no split 'test'"):
+        folder.tokens("test")
+    with open(folder.path / "val.bin", "r+b") as fh:
+        fh.truncate(10)
+    with pytest.raises(UserError, match="incomplete or damaged"):
+        TokenFolder(folder.path)
