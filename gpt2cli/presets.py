@@ -21,6 +21,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-xl": {**_GPT2_COMMON, "n_layer": 48, "n_head": 25, "n_embd": 1600},
 }
 
+# Peak learning rates that train each size well (GPT-3 paper, table 2.1, for the GPT-2 sizes;
+# measured on tiny Shakespeare for the small presets). `gpt2 train` uses them when --lr is absent.
+RECOMMENDED_LR: dict[str, float] = {
+    "tiny": 2e-3,
+    "nano": 2e-3,
+    "mini": 1e-3,
+    "gpt2": 6e-4,
+    "gpt2-medium": 3e-4,
+    "gpt2-large": 2.5e-4,
+    "gpt2-xl": 2e-4,
+}
+FALLBACK_LR = 6e-4  # a model without a preset (e.g. imported)
+
 # The preset `gpt2 train` uses when none is given, by device type.
 DEFAULT_PRESET_CPU = "nano"
 DEFAULT_PRESET_CUDA = "mini"

@@ -20,7 +20,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from gpt2cli.errors import UserError
-from gpt2cli.presets import DEFAULT_PRESET_CPU, PRESETS, preset_names
+from gpt2cli.presets import DEFAULT_PRESET_CPU, FALLBACK_LR, PRESETS, RECOMMENDED_LR, preset_names
 
 SpecT = TypeVar("SpecT", bound=BaseModel)
 
@@ -185,9 +185,11 @@ class OptimSpec(_Spec):
     """Optimizer and learning-rate schedule."""
 
     name: Literal["adamw", "adam"] = Field("adamw", description="Optimizer (weight decay only on 2-D weights).")
-    lr: float = Field(1e-3, gt=0.0, description="Peak learning rate.")
+    lr: float = Field(
+        6e-4, gt=0.0, description="Peak learning rate; in gpt2 train the default depends on the preset (nano 2e-3, gpt2 6e-4)."
+    )
     min_lr: float | None = Field(None, ge=0.0, description="Final learning rate; default lr / 10.")
-    warmup: int = Field(100, ge=0, description="Linear warm-up steps.")
+    warmup: int | None = Field(None, ge=0, description="Linear warm-up steps; default: 5% of the steps.")
     schedule: Literal["cosine", "linear", "constant"] = Field(
         "cosine", description="Decay from lr to min_lr after warm-up."
     )
@@ -221,13 +223,16 @@ class OptimSpec(_Spec):
 # ---------------------------------------------------------------------------------------- train
 
 Device = str  # auto | cpu | mps | cuda | cuda:N (checked below)
+DEFAULT_STEPS = 250  # the default run: nano on tiny Shakespeare in a few minutes on a laptop CPU
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 class TrainingSpec(_Spec):
     """The training loop: budget, batch arithmetic, precision, device."""
 
-    steps: int | None = Field(None, gt=0, description="Optimizer steps to run; default 600 unless tokens is set.")
+    steps: int | None = Field(
+        None, gt=0, description=f"Optimizer steps to run; default {DEFAULT_STEPS} unless tokens is set."
+    )
     tokens: int | None = Field(None, gt=0, description="Train on this many tokens (sets steps from the global batch).")
     batch_size: int = Field(16, gt=0, description="Sequences per process per micro-step.")
     seq_len: int | None = Field(None, gt=1, description="Tokens per sequence; default: the model's block_size.")
@@ -333,9 +338,18 @@ class TrainSpec(_Spec):
     @classmethod
     def _default_preset(cls, data: Any) -> Any:
         """A model section without a preset starts from the default training preset, so that
-        `--n-layer 2` means "nano with two layers", not "GPT-2 124M with two layers"."""
-        if isinstance(data, dict) and isinstance(data.get("model"), dict) and "preset" not in data["model"]:
-            return {**data, "model": {"preset": DEFAULT_PRESET_CPU, **data["model"]}}
+        `--n-layer 2` means "nano with two layers", not "GPT-2 124M with two layers". Without an
+        explicit learning rate, the preset's recommended one is written into the spec."""
+        if not isinstance(data, dict):
+            return data
+        model = data.get("model", {})
+        if isinstance(model, dict) and "preset" not in model:
+            model = {"preset": DEFAULT_PRESET_CPU, **model}
+            data = {**data, "model": model}
+        optim = data.get("optim", {})
+        if isinstance(model, dict) and isinstance(optim, dict) and optim.get("lr") is None:
+            lr = RECOMMENDED_LR.get(model.get("preset") or "", FALLBACK_LR)
+            data = {**data, "optim": {**optim, "lr": lr}}
         return data
 
     @model_validator(mode="after")
@@ -417,7 +431,9 @@ class CompareSpec(_Spec):
         "comma-separated, e.g. model.pos or pos,attn) and show mean ± std (n).",
     )
     group_seeds: bool = Field(
-        True, description="Show runs whose specs differ only by train.seed as one column (mean ± std)."
+        True,
+        description="Show runs whose specs differ only by train.seed as one column (mean ± std); "
+        "off: one column per run.",
     )
     chart: bool = Field(True, description="With the table format and no --plot, draw a loss chart in the terminal.")
 

@@ -9,6 +9,7 @@ single-device, DDP and FSDP share this code.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import signal
@@ -28,10 +29,7 @@ from gpt2cli.evaluate import evaluate_loss
 from gpt2cli.metrics import MetricsWriter, mfu, peak_flops, perplexity, truncate_metrics
 from gpt2cli.model import GPT
 from gpt2cli.parallel import Strategy, make_strategy
-from gpt2cli.specs import TrainSpec, spec_from_json, spec_to_json
-
-DEFAULT_STEPS = 600
-
+from gpt2cli.specs import DEFAULT_STEPS, TrainSpec, spec_from_json, spec_to_json
 
 # --------------------------------------------------------------------------------- reporting
 
@@ -115,15 +113,21 @@ def plan_batches(spec: TrainSpec, world_size: int) -> BatchPlan:
     return BatchPlan(world_size, t.batch_size, seq_len, grad_accum, total)
 
 
+def warmup_steps(spec: TrainSpec, total_steps: int) -> int:
+    """The given warm-up, or 5% of the run."""
+    return spec.optim.warmup if spec.optim.warmup is not None else max(1, round(0.05 * total_steps))
+
+
 def lr_at(step: int, spec: TrainSpec, total_steps: int) -> float:
     """Linear warm-up over `warmup` steps, then the chosen decay from lr to min_lr."""
     o = spec.optim
     assert o.min_lr is not None
-    if step < o.warmup:
-        return o.lr * (step + 1) / o.warmup
+    warmup = warmup_steps(spec, total_steps)
+    if step < warmup:
+        return o.lr * (step + 1) / warmup
     if o.schedule == "constant":
         return o.lr
-    progress = min(1.0, (step - o.warmup) / max(1, total_steps - o.warmup))
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
     if o.schedule == "linear":
         return o.lr - progress * (o.lr - o.min_lr)
     return o.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (o.lr - o.min_lr)
@@ -298,9 +302,17 @@ def train(spec: TrainSpec, reporter: Reporter | None = None, strategy: Strategy 
     )
     strategy.setup()
     try:
-        return _Trainer(spec, strategy, reporter).run()
-    finally:
-        strategy.teardown()
+        result = _Trainer(spec, strategy, reporter).run()
+    except torch.cuda.OutOfMemoryError as exc:
+        raise UserError(
+            f"CUDA ran out of memory with --batch-size {spec.train.batch_size} x --seq-len {spec.seq_len}",
+            "use a smaller --batch-size with a larger --grad-accum (same global batch), "
+            "--activation-checkpointing, or --strategy fsdp",
+        ) from exc
+    # Only a clean run tears the process group down: after a failure a peer may be gone, and
+    # destroying a group with pending work can block; the process exit releases it instead.
+    strategy.teardown()
+    return result
 
 
 class _Trainer:
@@ -383,6 +395,7 @@ class _Trainer:
             ckpt.atomic_write_bytes(run_dir / "spec.json", lambda f: f.write(spec_to_json(resolved).encode()))
             if saved_state is not None:
                 truncate_metrics(run_dir / "metrics.jsonl", step)
+            write_status(run_dir, "running", step, plan.total_steps)
         strategy.barrier()
         metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=strategy.is_main)
 
@@ -552,6 +565,8 @@ class _Trainer:
                     )
                     break
         metrics.close()
+        if strategy.is_main:
+            write_status(run_dir, status, step, plan.total_steps)
         result = TrainResult(
             run_dir=run_dir, status=status, step=step, total_steps=plan.total_steps,
             tokens_seen=tokens_seen, train_loss=last_train, val_loss=last_val,
@@ -561,6 +576,23 @@ class _Trainer:
         )
         reporter.end(result)
         return result
+
+
+STATUS_NAME = "status.json"
+
+
+def write_status(run_dir: Path, status: str, step: int, total_steps: int) -> None:
+    """status.json: running | completed | interrupted (a crash leaves "running"). Lets the torchrun
+    launcher report an interrupted run, and `gpt2 compare` show a run still in progress."""
+    record = {"status": status, "step": step, "total_steps": total_steps, "updated": datetime.now().isoformat()}
+    ckpt.atomic_write_bytes(run_dir / STATUS_NAME, lambda f: f.write(json.dumps(record).encode()))
+
+
+def read_status(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((Path(run_dir) / STATUS_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def _agree(strategy: Strategy, nonfinite: torch.Tensor, stop: bool, device: torch.device) -> tuple[bool, bool]:

@@ -155,6 +155,9 @@ def train(
     set_: SetOpt = None,
     spec_file: Annotated[str | None, typer.Option("--spec", help="A resolved spec.json to run exactly as is (what the torchrun launcher passes); other settings are refused.", rich_help_panel=R)] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved spec, model size and batch arithmetic; train nothing.")] = False,
+    # sweeps (gpt2cli/sweep.py, docs/compare.md)
+    sweep: Annotated[list[str] | None, typer.Option("--sweep", metavar="KEY=V1,V2|FILE", help="Train a grid: KEY is a flag name (pos, attn, lr, kv-heads) or a dotted spec path; FILE (TOML/YAML/JSON) lists variants. Repeatable, one axis each. One run folder per point inside --out, then the comparison.", rich_help_panel="Sweep")] = None,
+    seeds: Annotated[int | None, typer.Option("--seeds", help="Train every point with N seeds (--seed, --seed + 1, ...); the comparison shows mean ± std.", rich_help_panel="Sweep")] = None,
 ) -> None:
     values: dict[str, Any] = {
         "--preset": preset, "--attn": attn, "--kv-heads": kv_heads, "--pos": pos, "--rope-base": rope_base,
@@ -181,6 +184,11 @@ def train(
         spec = _read_spec_file(spec_file)
     else:
         spec = resolve_train_spec(values, config, set_ or [])
+    if sweep or seeds is not None:
+        from gpt2cli.cli.compare import train_sweep
+
+        train_sweep(spec, values, config, set_ or [], sweep or [], seeds, spec_file=spec_file, dry_run=dry_run)
+        return
     run(spec, dry_run=dry_run)
 
 
@@ -244,7 +252,7 @@ def run(spec: TrainSpec, dry_run: bool = False) -> None:
         needs_launch,
         under_torchrun,
     )
-    from gpt2cli.train import plan_batches, refuse_existing_run
+    from gpt2cli.train import plan_batches, read_status, refuse_existing_run
 
     p = spec.parallel
     world = p.procs_per_node * p.nnodes
@@ -273,12 +281,16 @@ def run(spec: TrainSpec, dry_run: bool = False) -> None:
         if not spec.run.quiet:
             err.print(f"launching {world} processes under torchrun ({p.strategy}) -> {run_dir}")
         code = launch(p, spec_path, debug="--debug" in sys.argv)
-        raise typer.Exit(code)
+        status = (read_status(run_dir) or {}).get("status")
+        # Workers exit 0 after an interrupt (a non-zero exit would make torchrun restart them);
+        # the launcher turns the recorded status into the documented exit code.
+        raise typer.Exit(EXIT_INTERRUPTED if status == "interrupted" else code)
     _train_here(spec)
 
 
 def _train_here(spec: TrainSpec) -> None:
     from gpt2cli.cli.progress import TrainProgress
+    from gpt2cli.parallel.launch import under_torchrun
     from gpt2cli.train import train as train_workflow
 
     rank = int(os.environ.get("RANK", 0))
@@ -292,14 +304,19 @@ def _train_here(spec: TrainSpec) -> None:
         raise
     except Exception as exc:
         if world > 1 and _is_collective_timeout(exc):
-            raise UserError(
+            error = UserError(
                 f"[rank {rank}] a collective did not finish within --dist-timeout "
                 f"{spec.parallel.dist_timeout:g} s: another process died or hung ({_first_line(exc)})",
                 "see the other ranks' messages; raise --dist-timeout only if steps are merely slow",
                 exit_code=1,
-            ) from exc
+            )
+            # Exit at once: interpreter shutdown would wait on the broken process group's pending work.
+            sys.stderr.write(error.render() + "\n")
+            sys.stderr.flush()
+            sys.stdout.flush()
+            os._exit(error.exit_code)
         raise
-    if result.status == "interrupted":
+    if result.status == "interrupted" and not under_torchrun():
         raise typer.Exit(EXIT_INTERRUPTED)
 
 

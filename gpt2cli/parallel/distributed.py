@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import math
+import os
 
 import torch
 import torch.distributed as dist
@@ -29,7 +30,8 @@ class _ProcessGroupStrategy(Strategy):
         if dist.is_initialized():
             return
         backend = "nccl" if self.device.type == "cuda" else "gloo"
-        kwargs = {"backend": backend, "timeout": datetime.timedelta(seconds=self.dist_timeout)}
+        timeout = datetime.timedelta(seconds=self.dist_timeout)
+        kwargs = {"backend": backend, "timeout": timeout, **_attempt_store(timeout)}
         if backend == "nccl":
             kwargs["device_id"] = self.device
         dist.init_process_group(**kwargs)
@@ -57,6 +59,20 @@ class _ProcessGroupStrategy(Strategy):
 
     def barrier(self) -> None:
         dist.barrier()
+
+
+def _attempt_store(timeout: datetime.timedelta) -> dict:
+    """After an elastic restart, the workers of the new attempt must not read the addresses that
+    the dead attempt's workers left in torchrun's store (gloo then connects to a closed port).
+    Keying the process group by the attempt number keeps every attempt's rendezvous apart."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or "MASTER_ADDR" not in os.environ:
+        return {}
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size=world,
+                          is_master=not agent_store and rank == 0, timeout=timeout)
+    return {"store": dist.PrefixStore(f"gpt2cli/attempt-{attempt}", store), "rank": rank, "world_size": world}
 
 
 class DDPStrategy(_ProcessGroupStrategy):

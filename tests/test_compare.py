@@ -1,0 +1,332 @@
+"""`gpt2 compare` on synthetic run folders: table values, groups, mean and std, targets, partial
+runs, parent folders, plots and the output formats."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+
+from gpt2cli.cli import main
+from gpt2cli.compare import compare_paths, compare_runs, format_stat, load_run, load_runs
+from gpt2cli.errors import UserError
+from gpt2cli.modelinfo import model_stats
+from gpt2cli.plot import terminal_chart, write_plot
+from gpt2cli.specs import TrainSpec, build_spec, spec_to_json
+from tests.conftest import run_gpt2
+
+TOKENS_PER_STEP = 4 * 32  # batch 4 x seq_len 32 below
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def make_spec(out: Path, steps: int = 4, seed: int = 1337, **model) -> TrainSpec:
+    return build_spec(TrainSpec, flags={
+        "model": {"preset": "tiny", **model},
+        "train": {"steps": steps, "batch_size": 4, "seq_len": 32, "seed": seed, "device": "cpu"},
+        "run": {"out": str(out)},
+    })
+
+
+def make_run(path: Path, val: list[float] | None = None, train: list[float] | None = None, *, steps: int = 4,
+             seed: int = 1337, eval_every: int = 2, tokens_per_s: list[float] | None = None,
+             times: list[float] | None = None, lr: float | None = None, **model) -> Path:
+    """A run folder as `gpt2 train` writes it: spec.json and metrics.jsonl (train row every step,
+    eval row every `eval_every` steps; `times` are the time_s of the train rows)."""
+    spec = make_spec(path, steps=steps, seed=seed, **model)
+    if lr is not None:
+        spec = spec.model_copy(update={"optim": spec.optim.model_copy(update={"lr": lr, "min_lr": lr / 10})})
+    path.mkdir(parents=True)
+    (path / "spec.json").write_text(spec_to_json(spec), encoding="utf-8")
+    if val is None and train is None:
+        return path
+    train = train or []
+    tps = tokens_per_s or [1000.0] * len(train)
+    times = times or [float(i) for i in range(1, len(train) + 1)]
+    rows = []
+    for i, loss in enumerate(train, start=1):
+        rows.append({"kind": "train", "step": i, "tokens": i * TOKENS_PER_STEP, "loss": loss, "lr": 1e-3,
+                     "grad_norm": 1.0, "tokens_per_s": tps[i - 1], "time_s": times[i - 1],
+                     "peak_rss_bytes": 100 * 2**20 + i})
+        if val and i % eval_every == 0 and i // eval_every <= len(val):
+            v = val[i // eval_every - 1]
+            rows.append({"kind": "eval", "step": i, "tokens": i * TOKENS_PER_STEP, "val_loss": v,
+                         "val_ppl": math.exp(v), "best": True, "time_s": times[i - 1] + 0.5})
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    """Run `gpt2 ...` in this process (fast); returns (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exc:
+        main(list(args))
+    captured = capsys.readouterr()
+    return exc.value.code, captured.out, captured.err
+
+
+def stat(comparison, label: str, key: str):
+    col = next(c for c in comparison.columns if c.label == label)
+    return col.stats[key]
+
+
+# ------------------------------------------------------------------------------- the table
+
+
+def test_table_values_and_best_marking(tmp_path):
+    a = make_run(tmp_path / "learned", val=[4.0, 3.5], train=[5.0, 4.5, 4.0, 3.6],
+                 tokens_per_s=[10.0, 1000.0, 1200.0, 1100.0])
+    b = make_run(tmp_path / "rope", val=[3.9, 3.2], train=[5.0, 4.4, 3.8, 3.4], pos="rope")
+    result = compare_paths([a, b])
+    assert [c.label for c in result.columns] == ["learned", "rope"]
+    assert [r.key for r in result.rows if r.spec] == ["model.pos"]  # only the fields that differ
+    assert result.cell(next(r for r in result.rows if r.key == "model.pos"), 1) == "rope"
+
+    params = model_stats(make_spec(a).model)["params"]
+    assert stat(result, "learned", "params").mean == params
+    assert stat(result, "learned", "best_val_loss").mean == 3.5
+    assert stat(result, "rope", "final_val_loss").mean == 3.2
+    assert stat(result, "rope", "best_val_ppl").mean == pytest.approx(math.exp(3.2))
+    assert stat(result, "learned", "final_train_loss").mean == 3.6
+    assert stat(result, "learned", "tokens").mean == 4 * TOKENS_PER_STEP
+    assert stat(result, "learned", "tokens_per_s").mean == 1100.0  # median without the start-up window
+    assert stat(result, "learned", "wall_time_s").mean == 4.5  # the last row: eval after step 4
+    assert stat(result, "learned", "peak_mem_bytes").mean == 100 * 2**20 + 4
+    assert result.columns[0].status == "done"
+
+    assert result.best["best_val_loss"] == [1] and result.best["final_train_loss"] == [1]
+    assert result.best["rank"] == [1] and result.best_column() == 1
+    assert "kv_cache_bytes_per_token" not in result.best  # equal everywhere: nothing to mark
+    assert "params" not in result.best  # not a ranked row
+
+
+def test_kv_cache_row_shows_the_gqa_saving(tmp_path):
+    mha = make_run(tmp_path / "mha", val=[3.0], train=[4.0, 3.0])
+    gqa = make_run(tmp_path / "gqa", val=[3.1], train=[4.0, 3.1], attn="gqa")
+    result = compare_paths([mha, gqa])
+    assert stat(result, "mha", "kv_cache_bytes_per_token").mean == 2 * 2 * 4 * 16 * 2  # 2 L n_kv d bf16
+    assert stat(result, "gqa", "kv_cache_bytes_per_token").mean == 2 * 2 * 1 * 16 * 2
+    assert result.best["kv_cache_bytes_per_token"] == [1]
+    assert {r.key for r in result.rows if r.spec} == {"model.attn", "model.n_kv_head"}
+
+
+def test_runs_that_differ_by_seed_are_grouped_with_mean_and_std(tmp_path):
+    rope_best = [3.0, 3.2, 3.4]
+    learned_best = [3.5, 3.8]
+    runs = [make_run(tmp_path / f"rope-s{i}", val=[4.0, v], train=[5, 4, 4, 3], seed=i, pos="rope")
+            for i, v in enumerate(rope_best)]
+    runs += [make_run(tmp_path / f"learned-s{i}", val=[4.0, v], train=[5, 4, 4, 3], seed=i)
+             for i, v in enumerate(learned_best)]
+    result = compare_paths(runs)
+    assert [c.label for c in result.columns] == ["rope", "learned"]  # seed suffix stripped
+    rope = stat(result, "rope", "best_val_loss")
+    assert rope.n == 3 and rope.mean == pytest.approx(statistics.fmean(rope_best))
+    assert rope.std == pytest.approx(statistics.stdev(rope_best))
+    learned = stat(result, "learned", "best_val_loss")
+    assert learned.std == pytest.approx(statistics.stdev(learned_best))
+    row = next(r for r in result.rows if r.key == "best_val_loss")
+    assert result.cell(row, 0) == "3.2000 ± 0.2000 (3)"
+    assert result.cell(next(r for r in result.rows if r.key == "runs"), 1) == "2"
+    # Equal values in a group (same shape, same budget) show no spread.
+    assert result.cell(next(r for r in result.rows if r.key == "params"), 0).endswith("(3)")
+    assert "±" not in result.cell(next(r for r in result.rows if r.key == "params"), 0)
+    seed_row = next(r for r in result.rows if r.key == "train.seed")
+    assert result.cell(seed_row, 0) == "0, 1, 2" and result.cell(seed_row, 1) == "0, 1"
+    assert result.best["best_val_loss"] == [0]
+
+    separate = compare_runs(load_runs(runs), group_seeds=False)
+    assert len(separate.columns) == 5
+    assert "train.seed" in [r.key for r in separate.rows if r.spec]
+
+
+def test_group_by_any_spec_field(tmp_path):
+    runs = [
+        make_run(tmp_path / "a", val=[3.0], train=[4, 3], pos="rope", lr=1e-3),
+        make_run(tmp_path / "b", val=[3.2], train=[4, 3], pos="rope", lr=3e-4),
+        make_run(tmp_path / "c", val=[3.6], train=[4, 3], lr=1e-3),
+    ]
+    loaded = load_runs(runs)
+    by_pos = compare_runs(loaded, group_by="pos")
+    assert [c.label for c in by_pos.columns] == ["pos=rope", "pos=learned"]
+    assert stat(by_pos, "pos=rope", "best_val_loss").mean == pytest.approx(3.1)
+    lr_row = next(r for r in by_pos.rows if r.key == "optim.lr")
+    assert by_pos.cell(lr_row, 0) == "0.001, 0.0003"  # mixed within the group
+    both = compare_runs(loaded, group_by="model.pos,optim.lr")
+    assert len(both.columns) == 3 and both.columns[1].label == "model.pos=rope, optim.lr=0.0003"
+    aliased = compare_runs(loaded, group_by="kv-heads", aliases={"kv-heads": "model.n_kv_head"})
+    assert len(aliased.columns) == 1 and aliased.group_by == ["model.n_kv_head"]
+    with pytest.raises(UserError, match="not a spec field"):
+        compare_runs(loaded, group_by="colour")
+    with pytest.raises(UserError, match="ambiguous"):
+        compare_runs(loaded, group_by="tokens")  # train.tokens or eval.tokens
+
+
+def test_tokens_and_time_to_target_and_resumed_wall_time(tmp_path):
+    # Resumed after step 2: time_s starts again from 0 in the second segment.
+    slow = make_run(tmp_path / "slow", val=[3.5, 2.9], train=[5, 4, 3, 2], times=[1.0, 2.0, 0.5, 1.5])
+    fast = make_run(tmp_path / "fast", val=[2.9, 2.5], train=[5, 4, 3, 2])
+    never = make_run(tmp_path / "never", val=[3.5, 3.4], train=[5, 4, 3, 2])
+    # Identical specs would form one group (repeated runs): compare them one by one.
+    result = compare_paths([slow, fast, never], target=3.0, group_seeds=False)
+    assert stat(result, "fast", "tokens_to_target").mean == 2 * TOKENS_PER_STEP
+    assert stat(result, "fast", "time_to_target_s").mean == 2.5
+    assert stat(result, "slow", "tokens_to_target").mean == 4 * TOKENS_PER_STEP
+    # Eval rows come 0.5 s after their step: the first segment ends at 2.5 s, the second eval at 2.0 s.
+    assert stat(result, "slow", "time_to_target_s").mean == 2.5 + 2.0
+    assert stat(result, "slow", "wall_time_s").mean == 2.5 + 2.0
+    row = next(r for r in result.rows if r.key == "tokens_to_target")
+    assert row.label == "tokens to val loss <= 3" and result.cell(row, 2) == "not reached"
+    assert result.best["tokens_to_target"] == [1]
+    by_train = compare_paths([fast, never], target=3.0, metric="train_loss", group_seeds=False)
+    assert stat(by_train, "fast", "tokens_to_target").mean == 3 * TOKENS_PER_STEP
+    with pytest.raises(UserError, match="unknown metric"):
+        compare_paths([fast], metric="accuracy")
+
+
+def test_running_runs_and_runs_without_eval_show_what_they_have(tmp_path):
+    running = make_run(tmp_path / "running", train=[5.0, 4.5], steps=10)
+    empty = make_run(tmp_path / "empty")
+    done = make_run(tmp_path / "done", val=[3.0, 2.8], train=[5, 4, 3, 2])
+    result = compare_paths([running, empty, done], group_seeds=False)
+    cols = {c.label: c for c in result.columns}
+    assert cols["running"].status == "partial: step 2 of 10" and cols["empty"].status == "no metrics"
+    assert cols["running"].stats["final_train_loss"].mean == 4.5
+    assert cols["running"].stats["best_val_loss"].n == 0
+    assert cols["empty"].stats["params"].n == 1  # from the spec alone
+    row = next(r for r in result.rows if r.key == "best_val_loss")
+    assert result.cell(row, 0) == "-" and result.cell(row, 2) == "2.8000"
+    # A group where only some runs have a value says so.
+    partial = load_run(running)
+    assert format_stat(compare_runs([partial, load_run(empty)], group_by="pos").columns[0].stats["final_train_loss"],
+                       "loss") == "4.5000 (1 of 2)"
+
+
+def test_a_torn_last_line_is_ignored(tmp_path):
+    run = make_run(tmp_path / "run", val=[3.0, 2.8], train=[5, 4, 3, 2])
+    with open(run / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"kind": "train", "step": 5, "tok')
+    assert load_run(run).step == 4
+
+
+def test_parent_folders_expand_into_their_runs(tmp_path):
+    parent = tmp_path / "sweep"
+    make_run(parent / "b", val=[3.0], train=[4, 3], steps=2)
+    make_run(parent / "a", val=[3.1], train=[4, 3], steps=4, pos="rope")
+    (parent / "notes").mkdir()
+    assert [r.name for r in load_runs([parent])] == ["a", "b"]  # sorted, non-runs skipped
+    manifest = {"kind": "gpt2-sweep", "version": 1, "runs": [
+        {"name": "b", "dir": "b", "status": "done"}, {"name": "a", "dir": "a", "status": "failed"},
+        {"name": "c", "dir": "c", "status": "pending"}]}
+    (parent / "sweep.json").write_text(json.dumps(manifest), encoding="utf-8")
+    runs = load_runs([parent, parent / "a"])  # manifest order; a run named twice counts once
+    assert [(r.name, r.status) for r in runs] == [("b", "done"), ("a", "failed")]
+    # Two sweeps with the same point names: the columns say which folder.
+    for i, lr in enumerate((1e-3, 3e-4)):
+        for seed in (0, 1):
+            make_run(tmp_path / f"lr{i}" / f"pos=rope_seed={seed}", val=[3.0], train=[4, 3], steps=2,
+                     seed=seed, pos="rope", lr=lr)
+    labels = [c.label for c in compare_paths([tmp_path / "lr0", tmp_path / "lr1"]).columns]
+    assert labels == ["lr0/pos=rope", "lr1/pos=rope"]
+
+
+def test_folders_that_are_not_runs_are_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file.txt").write_text("x")
+    for bad, match in ((tmp_path / "empty", "not a run folder"), (tmp_path / "missing", "does not exist"),
+                       (tmp_path / "file.txt", "not a run folder")):
+        with pytest.raises(UserError, match=match) as exc:
+            load_runs([bad])
+        assert str(bad) in exc.value.message
+    (tmp_path / "damaged").mkdir()
+    (tmp_path / "damaged" / "spec.json").write_text("{not json")
+    with pytest.raises(UserError, match="damaged"):
+        load_runs([tmp_path / "damaged"])
+
+
+# --------------------------------------------------------------------------------- plots
+
+
+def test_plot_writes_a_valid_png_and_svg(tmp_path):
+    runs = [make_run(tmp_path / f"r{i}", val=[4.0, 3.0 + i / 10], train=[5, 4, 3.5, 3], seed=i) for i in range(2)]
+    runs.append(make_run(tmp_path / "rope", val=[3.9, 2.9], train=[5, 4, 3.4, 2.9], pos="rope"))
+    runs.append(make_run(tmp_path / "no-eval", train=[5, 4.2], steps=4, pos="rope", attn="gqa"))
+    result = compare_paths(runs, target=3.0)
+    png = write_plot(result.columns, tmp_path / "out" / "curves.png", target=3.0)
+    data = png.read_bytes()
+    assert data[:8] == PNG_SIGNATURE and len(data) > 5_000
+    svg = write_plot(result.columns, tmp_path / "curves.svg")
+    assert "<svg" in svg.read_text(encoding="utf-8")
+    with pytest.raises(UserError, match=r"\.png or \.svg"):
+        write_plot(result.columns, tmp_path / "curves.gif")
+
+
+def test_terminal_chart(tmp_path):
+    a = make_run(tmp_path / "a", val=[4.0, 3.0], train=[5, 4, 3.5, 3])
+    b = make_run(tmp_path / "b", val=[3.8, 2.5], train=[5, 4, 3.4, 2.9], pos="rope")
+    text = terminal_chart(compare_paths([a, b]).columns, width=40, height=8)
+    lines = text.splitlines()
+    assert lines[0] == "val loss against tokens" and "  * a" in lines and "  o b" in lines
+    assert lines[1].startswith("4.000 |") and lines[8].startswith("2.500 |")
+    only_train = make_run(tmp_path / "c", train=[5, 4, 3.5, 3])
+    assert terminal_chart(compare_paths([only_train]).columns).startswith("train loss")
+    assert terminal_chart(compare_paths([make_run(tmp_path / "d")]).columns) == ""
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def test_cli_json_csv_and_markdown(tmp_path, capsys):
+    runs = [make_run(tmp_path / f"rope-s{i}", val=[4.0, 3.0 + i / 10], train=[5, 4, 3, 2], seed=i, pos="rope")
+            for i in range(2)]
+    runs.append(make_run(tmp_path / "learned", val=[4.0, 3.5], train=[5, 4, 3, 2.5]))
+    paths = [str(p) for p in runs]
+
+    code, stdout, _ = cli(capsys, "compare", *paths, "--format", "json", "--target", "3.6")
+    assert code == 0
+    data = json.loads(stdout)
+    assert [c["label"] for c in data["columns"]] == ["rope", "learned"]
+    rope = data["columns"][0]
+    assert rope["n"] == 2 and rope["spec"] == {"model.pos": "rope", "train.seed": [0, 1]} and rope["rank"] == 1
+    assert rope["metrics"]["best_val_loss"]["mean"] == pytest.approx(3.05)
+    assert rope["metrics"]["best_val_loss"]["std"] == pytest.approx(statistics.stdev([3.0, 3.1]))
+    assert rope["metrics"]["tokens_to_target"]["values"] == [4 * TOKENS_PER_STEP] * 2
+    assert "best_val_loss" in rope["best"] and len(data["runs"]) == 3
+
+    code, stdout, _ = cli(capsys, "compare", *paths, "--format", "csv")
+    rows = list(csv.DictReader(io.StringIO(stdout)))
+    assert code == 0 and [r["label"] for r in rows] == ["rope", "learned"]
+    assert float(rows[0]["best_val_loss"]) == pytest.approx(3.05) and rows[1]["best_val_loss_std"] == ""
+    assert rows[0]["n"] == "2" and rows[0]["model.pos"] == "rope" and rows[1]["rank"] == "2"
+
+    code, stdout, _ = cli(capsys, "compare", *paths, "--format", "markdown")
+    lines = stdout.splitlines()
+    assert code == 0 and lines[0] == "| | rope | learned |" and lines[1] == "|---|---:|---:|"
+    assert all(line.startswith("| ") and line.endswith(" |") for line in lines[2:])
+    assert "| best val loss | **3.0500 ± 0.0707 (2)** | 3.5000 |" in lines
+    assert "| model.pos | rope | learned |" in lines
+
+    code, stdout, _ = cli(capsys, "compare", *paths, "--no-group-seeds", "--format", "markdown")
+    assert stdout.splitlines()[0] == "| | rope-s0 | rope-s1 | learned |"
+
+    code, _, stderr = cli(capsys, "compare", *paths, "--plot", str(tmp_path / "c.jpg"))
+    assert code == 2 and stderr.startswith("Error: --plot")
+
+
+def test_real_command_table_plot_and_not_a_run(tmp_path):
+    a = make_run(tmp_path / "runA", val=[4.0, 3.0], train=[5, 4, 3.5, 3])
+    b = make_run(tmp_path / "runB", val=[3.8, 3.2], train=[5, 4, 3.4, 2.9], pos="rope")
+    plot = tmp_path / "curves.png"
+    proc = run_gpt2("compare", str(a), str(b), "--plot", str(plot), check=True)
+    assert "runA" in proc.stdout and "runB" in proc.stdout and "model.pos" in proc.stdout
+    assert "best val loss" in proc.stdout and "3.0000 *" in proc.stdout  # the best value is marked
+    assert "best: runA" in proc.stdout and "\x1b[" not in proc.stdout
+    assert plot.read_bytes()[:8] == PNG_SIGNATURE and "plot written" in proc.stderr
+
+    (tmp_path / "notarun").mkdir()
+    bad = run_gpt2("compare", str(a), str(tmp_path / "notarun"))
+    assert bad.returncode == 2 and bad.stdout == ""
+    lines = bad.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error:") and "notarun" in lines[0]

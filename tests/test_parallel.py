@@ -1,0 +1,148 @@
+"""Several processes through the real `gpt2 train` command (gloo on CPU): DDP and FSDP match one
+process, checkpoints move between strategies, resume under DDP is exact, two torchrun agents form
+one job over a loopback rendezvous, a crashed worker is restarted, a hung peer fails the job.
+
+torchrun costs about 4 s per launch here, so runs are shared between assertions (module fixtures).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt2cli import checkpoint as ckpt
+from gpt2cli.metrics import read_metrics
+from tests.conftest import gpt2_command, run_gpt2
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+STEPS = 20
+COMMON = ["--preset", "tiny", "--device", "cpu", "--seq-len", "32", "--eval-every", "10", "--eval-tokens", "512",
+          "--log-every", "1", "--save-every", "5", "--quiet", "--lr", "3e-3", "--warmup", "2"]
+
+
+def losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"}
+
+
+def train(run: Path, *extra: str, env: dict | None = None, check: bool = True):
+    return run_gpt2("train", *COMMON, "--out", str(run), *extra, env=env, check=check, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, cache_dir):
+    root = tmp_path_factory.mktemp("parallel")
+    train(root / "single", "--steps", str(STEPS), "--batch-size", "4")
+    train(root / "ddp", "--steps", str(STEPS), "--batch-size", "2", "--strategy", "ddp", "--nproc", "2")
+    train(root / "fsdp", "--steps", str(STEPS), "--batch-size", "2", "--strategy", "fsdp", "--nproc", "2")
+    return root
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_match_one(runs, strategy):
+    single, other = losses(runs / "single"), losses(runs / strategy)
+    assert sorted(single) == sorted(other) == list(range(1, STEPS + 1))
+    for step in single:
+        assert other[step] == pytest.approx(single[step], rel=1e-5), step
+    assert single[STEPS] < single[1] - 0.5  # and it learned something
+
+
+def test_only_rank_zero_writes(runs):
+    names = {p.name for p in (runs / "ddp").iterdir()}
+    assert {"spec.json", "metrics.jsonl", "ckpt.pt", "best.pt", "launch-spec.json"} <= names
+    rows = read_metrics(runs / "ddp" / "metrics.jsonl")
+    assert len([r for r in rows if r["kind"] == "train"]) == STEPS  # one writer, no duplicates
+
+
+def test_fsdp_checkpoint_resumes_on_one_process(runs, tmp_path):
+    # Take the FSDP run's step-10 state and continue it on a single process with the same global batch.
+    record = ckpt.load_checkpoint(runs / "fsdp" / "ckpt.pt")
+    assert record["world_size"] == 2 and not any(k.startswith("_fsdp") for k in record["model"])
+    resumed = tmp_path / "fsdp-to-single"
+    resumed.mkdir()
+    (resumed / "spec.json").write_text((runs / "fsdp" / "spec.json").read_text())
+    proc = run_gpt2("train", "--resume", str(runs / "fsdp" / "ckpt.pt"), "--out", str(resumed),
+                    "--strategy", "single", "--nproc", "1", "--batch-size", "4", "--steps", str(STEPS + 4),
+                    check=True, timeout=300)
+    assert proc.returncode == 0
+    after = losses(resumed)
+    assert sorted(after) == list(range(STEPS + 1, STEPS + 5))
+    assert all(v == v and v < 11 for v in after.values())
+
+
+def test_single_checkpoint_resumes_under_ddp_and_matches(runs, tmp_path):
+    # single -> ddp: the same global batch continues the same data and the same losses.
+    full = tmp_path / "single-full"
+    train(full, "--steps", str(STEPS + 5), "--batch-size", "4", "--save-every", str(STEPS))
+    part = tmp_path / "single-part"
+    train(part, "--steps", str(STEPS + 5), "--batch-size", "4", "--save-every", str(STEPS),
+          env={"GPT2_FAULT": f"stop_at_step:{STEPS}"}, check=False)
+    assert ckpt.load_checkpoint(part / "ckpt.pt")["step"] == STEPS
+    run_gpt2("train", "--out", str(part), "--resume", "auto", "--strategy", "ddp", "--nproc", "2",
+             "--batch-size", "2", check=True, timeout=300)
+    a, b = losses(full), losses(part)
+    for step in range(STEPS + 1, STEPS + 6):
+        assert b[step] == pytest.approx(a[step], rel=1e-5), step
+
+
+def test_ddp_resume_is_exact(runs, tmp_path):
+    part = tmp_path / "ddp-part"
+    stopped = train(part, "--steps", str(STEPS), "--batch-size", "2", "--strategy", "ddp", "--nproc", "2",
+                    env={"GPT2_FAULT": "stop_at_step:7"}, check=False)
+    assert stopped.returncode == 75, stopped.stderr
+    train(part, "--resume", "auto", "--steps", str(STEPS), "--batch-size", "2", "--strategy", "ddp", "--nproc", "2")
+    assert losses(part) == losses(runs / "ddp")  # bit for bit
+    a = ckpt.load_checkpoint(part / "ckpt.pt")["model"]
+    b = ckpt.load_checkpoint(runs / "ddp" / "ckpt.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_crashed_worker_is_restarted_and_resumes(tmp_path, cache_dir):
+    run = tmp_path / "elastic"
+    proc = train(run, "--steps", "12", "--batch-size", "2", "--strategy", "ddp", "--nproc", "2",
+                 "--max-restarts", "1", "--save-every", "4", env={"GPT2_FAULT": "crash_at_step:6:rank1"}, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    steps = sorted(losses(run))
+    assert steps == list(range(1, 13))  # rows after the step-4 checkpoint were rewritten, none lost
+    assert ckpt.load_checkpoint(run / "ckpt.pt")["step"] == 12
+
+
+def test_hung_peer_fails_within_the_timeout(tmp_path, cache_dir):
+    started = time.time()
+    proc = train(tmp_path / "hang", "--steps", "8", "--batch-size", "2", "--strategy", "ddp", "--nproc", "2",
+                 "--dist-timeout", "5", env={"GPT2_FAULT": "hang_at_step:3:rank1"}, check=False)
+    assert proc.returncode != 0
+    assert time.time() - started < 60
+    assert "[rank 0]" in proc.stderr and "--dist-timeout" in proc.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_over_loopback_rendezvous(tmp_path, cache_dir):
+    run = tmp_path / "two-nodes"
+    port = _free_port()
+    args = [*gpt2_command(), "train", *COMMON, "--out", str(run), "--steps", "6", "--batch-size", "2",
+            "--strategy", "ddp", "--nproc", "1", "--nnodes", "2", "--rdzv-endpoint", f"127.0.0.1:{port}",
+            "--rdzv-id", "test-job"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    nodes = [subprocess.Popen([*args, "--node-rank", str(r)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outputs = [n.communicate(timeout=240) for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], outputs
+    assert sorted(losses(run)) == list(range(1, 7))
+    assert ckpt.load_checkpoint(run / "ckpt.pt")["world_size"] == 2
+
+
+def test_gpus_without_gpus_is_refused(tmp_path):
+    proc = run_gpt2("train", "--strategy", "ddp", "--gpus", "2", "--out", str(tmp_path / "r"))
+    assert proc.returncode == 2 and "0 CUDA GPU" in proc.stderr and not (tmp_path / "r").exists()
