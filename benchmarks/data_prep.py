@@ -72,6 +72,7 @@ def main() -> None:
             best = max(best or 0.0, rate)
             shutil.rmtree(out)
         print(f"best: {best / 1e6:.2f} M tokens/s end to end (read JSONL, tokenize, write, fingerprint)")
+        print(json.dumps({"corpus_mb": round(size / 1e6, 1), "tokens": tokens, "best_tokens_per_s": best}))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -10,7 +10,6 @@ from typing import Annotated, Any
 
 import typer
 
-from gpt2cli.checkpoint import atomic_write_bytes
 from gpt2cli.cli.common import PRECEDENCE_HELP, ConfigOpt, SetOpt, err, out
 from gpt2cli.errors import EXIT_INTERRUPTED, UserError
 from gpt2cli.specs import (
@@ -245,6 +244,7 @@ def _stored_spec_for_resume(resume: str | None, out_dir: str | None) -> dict[str
 
 
 def run(spec: TrainSpec, dry_run: bool = False) -> None:
+    from gpt2cli.checkpoint import atomic_write_bytes  # imports torch: only once the flags check out
     from gpt2cli.parallel.launch import (
         LAUNCH_SPEC_NAME,
         check_gpus,
