@@ -1,17 +1,195 @@
-"""`gpt2 generate`: Sample text from a checkpoint, a run folder or a GPT-2 model (KV-cached)."""
+"""`gpt2 generate`: Sample text from a checkpoint, a run folder or a GPT-2 model (KV-cached).
+
+Text goes to stdout as it is sampled; timing (and with --verbose the model and cache) to stderr.
+"""
 
 from __future__ import annotations
 
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
 
+from gpt2cli.cli.common import PRECEDENCE_HELP, ConfigOpt, SetOpt, field_help
 from gpt2cli.errors import UserError
+from gpt2cli.specs import GenerateSpec, build_spec
+
+HELP = "Sample text from a checkpoint, a run folder or a GPT-2 model (KV-cached)."
+
+# flag -> GenerateSpec field, so that errors name the flag the user typed.
+FLAG_FOR_FIELD = {
+    "max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k",
+    "top_p": "--top-p", "seed": "--seed", "num_samples": "--num-samples", "stop": "--stop",
+    "ignore_eos": "--ignore-eos", "device": "--device", "dtype": "--dtype", "compile": "--compile",
+}
+
+
+class OutputFormat(str, Enum):
+    text = "text"
+    jsonl = "jsonl"
 
 
 def register(app: typer.Typer) -> None:
-    app.command("generate", help="Sample text from a checkpoint, a run folder or a GPT-2 model (KV-cached).", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
-        generate
+    app.command(
+        "generate",
+        help=HELP + " Text streams to stdout, timing goes to stderr. " + PRECEDENCE_HELP,
+        no_args_is_help=True,
+    )(generate)
+
+
+def _h(field: str) -> str:
+    return field_help(GenerateSpec, field)
+
+
+def generate(
+    ckpt: Annotated[
+        str,
+        typer.Argument(
+            metavar="CKPT",
+            help="Checkpoint file (ckpt.pt, best.pt), run folder (its best.pt), Hugging Face GPT-2 "
+            "folder or hub name, or a safetensors file from `gpt2 export`.",
+            show_default=False,
+        ),
+    ],
+    prompt: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="PROMPT",
+            help="The prompt; - reads it from stdin. Omitted or empty: start of a document (<|endoftext|>).",
+            show_default=False,
+        ),
+    ] = None,
+    prompt_file: Annotated[
+        str | None, typer.Option("--prompt-file", "-f", help="Read the prompt from this UTF-8 file.", show_default=False)
+    ] = None,
+    max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", "-n", help=_h("max_new_tokens"), show_default=False)] = None,
+    temperature: Annotated[float | None, typer.Option("--temperature", "-t", help=_h("temperature"), show_default=False)] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k", help=_h("top_k") + " 0 = no limit.", show_default=False)] = None,
+    top_p: Annotated[float | None, typer.Option("--top-p", help=_h("top_p"), show_default=False)] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help=_h("seed"), show_default=False)] = None,
+    num_samples: Annotated[int | None, typer.Option("--num-samples", help=_h("num_samples"), show_default=False)] = None,
+    stop: Annotated[list[str] | None, typer.Option("--stop", help=_h("stop"), show_default=False)] = None,
+    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help=_h("ignore_eos"))] = False,
+    device: Annotated[str | None, typer.Option("--device", help=_h("device"), show_default=False)] = None,
+    dtype: Annotated[str | None, typer.Option("--dtype", help=_h("dtype") + " auto = bf16 on CUDA, else fp32.", show_default=False)] = None,
+    compile_: Annotated[bool, typer.Option("--compile", help=_h("compile") + " Pays off for long outputs; costs seconds to start.")] = False,
+    output_format: Annotated[
+        OutputFormat, typer.Option("--format", help="text: the prompt and the completion, streamed; jsonl: one JSON object per sample.")
+    ] = OutputFormat.text,
+    echo: Annotated[bool, typer.Option("--echo/--no-echo", help="Print the prompt before the completion (text format).")] = True,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also report the model, the KV cache (bytes per token) and window slides on stderr.")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    flags: dict[str, Any] = {
+        "max_new_tokens": max_new_tokens, "temperature": temperature,
+        "top_k": top_k, "top_p": top_p, "seed": seed, "num_samples": num_samples, "stop": stop or None,
+        "ignore_eos": True if ignore_eos else None, "device": device, "dtype": dtype,
+        "compile": True if compile_ else None,
+    }
+    sets = list(set_ or [])
+    if top_k == 0:
+        flags["top_k"] = None
+        sets.append("top_k=null")  # explicit "no limit", above a config file's value
+    spec = build_spec(GenerateSpec, config_file=config, flags=flags, sets=sets, flag_names=FLAG_FOR_FIELD)
+    text = _read_prompt(prompt, prompt_file)
+    run(ckpt, text, spec, output_format=output_format.value, echo=echo, verbose=verbose)
+
+
+def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
+    if prompt is not None and prompt_file is not None:
+        raise UserError("give the prompt as an argument or with --prompt-file, not both", "see gpt2 generate --help")
+    if prompt_file is not None:
+        path = Path(prompt_file).expanduser()
+        if not path.is_file():
+            raise UserError(f"prompt file {prompt_file!r} does not exist", "check the --prompt-file path")
+        try:
+            return path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise UserError(f"prompt file {prompt_file!r} is not UTF-8 text ({exc.reason})", "save it as UTF-8") from exc
+    if prompt == "-":
+        return sys.stdin.read()
+    return prompt or ""
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def run(ckpt: str, prompt: str, spec: GenerateSpec, *, output_format: str = "text", echo: bool = True,
+        verbose: bool = False) -> None:
+    from gpt2cli.generate import Generator
+
+    generator, source = Generator.from_source(ckpt, device=spec.device, dtype=spec.dtype, compile=spec.compile)
+    generator.encode_prompt(prompt)  # refuse a prompt that cannot fit before printing anything
+    if verbose:
+        m = generator.spec
+        n_params = sum(p.numel() for p in generator.model.parameters())
+        sys.stderr.write(
+            f"model: {source}: {n_params:,} parameters, {m.n_layer} layers, attn={m.attn} "
+            f"({m.kv_heads} kv heads of {m.n_head}), pos={m.pos}, context {m.block_size:,}\n"
+        )
+
+    text_mode = output_format == "text"
+    several = spec.num_samples > 1
+    pending: dict[int, list[str]] = {}
+
+    def header(i: int) -> None:
+        if several:
+            _write(f"{'' if i == 0 else chr(10)}==> sample {i + 1}/{spec.num_samples} <==\n")
+        if echo:
+            _write(prompt)
+
+    def on_text(index: int, piece: str) -> None:
+        if index == 0:  # the first sample streams live; the others print when the batch is done
+            _write(piece)
+        else:
+            pending.setdefault(index, []).append(piece)
+
+    if text_mode:
+        header(0)
+    result = generator.generate(prompt, spec, on_text if text_mode else None)
+
+    if text_mode:
+        for sample in result.samples[1:]:
+            header(sample.index)
+            _write("".join(pending.get(sample.index, [])))
+        _write("\n")
+    else:
+        for sample in result.samples:
+            record = {
+                "index": sample.index,
+                "prompt": result.prompt,
+                "completion": sample.completion,
+                "prompt_tokens": len(result.prompt_tokens),
+                "tokens": sample.num_tokens,
+                "finish_reason": sample.finish_reason,
+                "tokens_per_s": round(sample.tokens_per_s, 2),
+            }
+            _write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    reasons = ", ".join(f"{n} {r}" for r, n in _count(s.finish_reason for s in result.samples).items())
+    sys.stderr.write(
+        f"{result.new_tokens:,} tokens in {result.total_s:.2f} s = {result.tokens_per_s:,.1f} tokens/s "
+        f"(prefill {len(result.prompt_tokens):,} tokens {result.prefill_s * 1e3:.0f} ms, decode "
+        f"{result.decode_tokens_per_s:,.1f} tokens/s; {result.device}, {result.dtype}"
+        f"{', compiled' if result.compiled else ''}; finished: {reasons})\n"
     )
+    if verbose:
+        m = generator.spec
+        sys.stderr.write(
+            f"KV cache: {result.cache_bytes_per_token:,} bytes per token per sample (2 x {m.n_layer} layers "
+            f"x {m.kv_heads} kv heads x {m.head_dim} dims x {result.cache_bytes_per_token // (2 * m.n_layer * m.kv_heads * m.head_dim)} "
+            f"bytes), {result.cache_bytes:,} bytes preallocated; window slides: {result.window_slides}\n"
+        )
 
 
-def generate(ctx: typer.Context) -> None:
-    raise UserError("`gpt2 generate` is not available yet", "it lands with issue #6")
+def _count(items) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[item] = counts.get(item, 0) + 1
+    return counts

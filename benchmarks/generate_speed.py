@@ -1,0 +1,175 @@
+"""Decoding speed of `gpt2 generate` vs Hugging Face `generate`, side by side (not a test).
+
+Both run the same random-init GPT-2 124M weights (ours initialised with seed 0, exported with
+``export_hf`` and loaded by ``transformers.GPT2LMHeadModel.from_pretrained``), batch 1, a
+16-token prompt, 256 new tokens, greedy, no early stop, in the same process. The runs alternate
+(ours, HF, ours, HF, ...) after one warm-up each, so that machine load hits both alike; medians
+are reported. Tokens/s = new tokens / wall time of the whole call (prefill included).
+
+    .venv/bin/python benchmarks/generate_speed.py                       # CPU, fp32, 5 runs each
+    .venv/bin/python benchmarks/generate_speed.py --device cuda --dtype bf16 --compile
+
+Writes a figure (--figure, default docs/figures/generate_speed_<device>.png) and prints a JSON
+summary. transformers is needed here only (the package itself never imports it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from gpt2cli.generate import Generator  # noqa: E402
+from gpt2cli.loading import load_model  # noqa: E402
+from gpt2cli.model import GPT  # noqa: E402
+from gpt2cli.model.hf import export_hf  # noqa: E402
+from gpt2cli.specs import GenerateSpec, ModelSpec  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    parser.add_argument("--prompt-tokens", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--repeat", type=int, default=5, help="timed runs of each (default 5)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--compile", action="store_true", help="also time ours with a compiled decode step")
+    parser.add_argument("--figure", default=None, help="PNG to write (default docs/figures/generate_speed_<device>.png)")
+    args = parser.parse_args()
+
+    import transformers
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory(prefix="gpt2-gen-bench-") as tmp:
+        export_hf(GPT(ModelSpec(preset="gpt2")), tmp)
+        hf = transformers.GPT2LMHeadModel.from_pretrained(tmp, dtype=dtype).to(device).eval()
+        ours_model = load_model(tmp).model
+    hf.generation_config.pad_token_id = 50256
+    gens = {"ours": Generator(ours_model, device=device, dtype=dtype)}
+    if args.compile:
+        compiled_model = GPT(ours_model.spec)
+        compiled_model.load_state_dict(ours_model.state_dict())
+        gens["ours+compile"] = Generator(compiled_model, device=device, dtype=dtype, compile=True)
+
+    prompt = torch.randint(0, 50257, (args.prompt_tokens,), generator=torch.Generator().manual_seed(1)).tolist()
+    spec = GenerateSpec(max_new_tokens=args.new_tokens, temperature=0.0, ignore_eos=True, top_k=None)
+    ids = torch.tensor([prompt], device=device)
+
+    def run_ours(name: str, n: int) -> tuple[float, list[int]]:
+        r = gens[name].generate(prompt, spec.model_copy(update={"max_new_tokens": n}))
+        return r.total_s, r.samples[0].tokens
+
+    @torch.inference_mode()
+    def run_hf(n: int) -> tuple[float, list[int]]:
+        sync(device)
+        t0 = time.perf_counter()
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                          do_sample=False, num_beams=1)
+        sync(device)
+        return time.perf_counter() - t0, out[0, len(prompt):].tolist()
+
+    # Warm-up (allocator, kernels; for --compile the compilation itself).
+    t_compile = {}
+    for name in gens:
+        t0 = time.perf_counter()
+        run_ours(name, 16 if name == "ours" else args.new_tokens)
+        t_compile[name] = time.perf_counter() - t0
+    run_hf(16)
+
+    times: dict[str, list[float]] = {name: [] for name in [*gens, "hf"]}
+    tokens: dict[str, list[int]] = {}
+    for i in range(args.repeat):
+        for name in gens:
+            s, toks = run_ours(name, args.new_tokens)
+            times[name].append(s)
+            tokens[name] = toks
+        s, toks = run_hf(args.new_tokens)
+        times["hf"].append(s)
+        tokens["hf"] = toks
+        print(f"run {i + 1}: " + ", ".join(f"{k} {args.new_tokens / v[-1]:.1f}" for k, v in times.items()) + " tokens/s",
+              flush=True)
+
+    rates = {k: [args.new_tokens / s for s in v] for k, v in times.items()}
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    same = sum(a == b for a, b in zip(tokens["ours"], tokens["hf"], strict=True))
+    first_diff = next((i for i, (a, b) in enumerate(zip(tokens["ours"], tokens["hf"], strict=True)) if a != b), None)
+    summary = {
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "dtype": args.dtype,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
+        "repeat": args.repeat,
+        "median_tokens_per_s": {k: round(v, 1) for k, v in med.items()},
+        "range_tokens_per_s": {k: [round(min(v), 1), round(max(v), 1)] for k, v in rates.items()},
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "speedup_vs_hf": {k: round(med[k] / med["hf"], 2) for k in gens},
+        "greedy_tokens_equal_to_hf": f"{same}/{args.new_tokens}",
+        "first_difference_at": first_diff,
+        "warmup_s": {k: round(v, 1) for k, v in t_compile.items()},
+    }
+    print(json.dumps(summary, indent=2))
+    write_figure(summary, rates, Path(args.figure) if args.figure else
+                 REPO / "docs" / "figures" / f"generate_speed_{device.type}.png")
+
+
+def write_figure(summary: dict, rates: dict[str, list[float]], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no figure", file=sys.stderr)
+        return
+    names = list(rates)
+    labels = {"ours": "gpt2 generate", "ours+compile": "gpt2 generate --compile", "hf": "HF generate"}
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    colors = {"ours": "#4c72b0", "ours+compile": "#55a868", "hf": "#c44e52"}
+    meds = [statistics.median(rates[n]) for n in names]
+    top = max(max(v) for v in rates.values())
+    ax.barh([labels.get(n, n) for n in names], meds, color=[colors.get(n, "gray") for n in names])
+    for i, n in enumerate(names):
+        ax.plot(rates[n], [i] * len(rates[n]), "k.", ms=4)
+        ax.text(max(rates[n]) + top * 0.02, i, f"median {meds[i]:.1f}", va="center", fontsize=8)
+    ax.set_xlabel("tokens/s (median; dots: single runs)")
+    ax.set_title(
+        f"GPT-2 124M, batch 1, {summary['prompt_tokens']}+{summary['new_tokens']} tokens, {summary['dtype']}, "
+        f"{summary['device']} ({summary['threads']} threads)",
+        fontsize=8,
+    )
+    ax.set_xlim(0, top * 1.35)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    print(f"figure: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,453 @@
+"""Sampling text from a model: KV-cached prefill + decode, temperature / top-k / top-p, stop rules.
+
+``Generator(model).generate(prompt, spec)`` is the whole of `gpt2 generate` minus the printing::
+
+    from gpt2cli.generate import Generator
+    from gpt2cli.loading import load_model
+    from gpt2cli.specs import GenerateSpec
+
+    loaded = load_model("runs/nano-mha-learned-20250101-120000")
+    gen = Generator(loaded.model, device="auto", dtype="auto")
+    result = gen.generate("To be, or not to be", GenerateSpec(max_new_tokens=50, seed=1))
+    print(result.samples[0].completion)
+
+How a call runs:
+
+- **Prefill**: the prompt is encoded (GPT-2 BPE) and run through the model once, filling a
+  preallocated per-layer key/value cache (:meth:`GPT.setup_kv_cache`; under GQA/MQA it holds only
+  the key/value heads). ``num_samples`` copies of the prompt form one batch.
+- **Decode**: one token per step for the whole batch; each step feeds only the new tokens and their
+  positions (learned or RoPE alike) and attends over the cache. With ``compile`` the decode step is
+  ``torch.compile``d (static shapes; CUDA graphs on GPU via ``mode="reduce-overhead"``).
+- **Sampling**: temperature 0 is greedy (argmax; top-k/top-p ignored). Otherwise logits / T, then
+  top-k, then top-p (the smallest set of tokens whose probability reaches p), then a draw from a
+  ``torch.Generator`` seeded with ``seed``: same seed, settings, model and device -> same text.
+  Models with a vocabulary larger than the tokenizer's (padded) never sample the padding ids.
+- **Ending a sample**: ``<|endoftext|>`` ends it (finish reason ``eos``) unless ``ignore_eos``; a
+  stop string ends it with the text cut *before* the stop string (``stop``); otherwise it runs to
+  ``max_new_tokens`` (``length``). The batch stops as soon as every sample has ended.
+- **Streaming**: ``on_text(index, text)`` receives each sample's new text as tokens arrive. Bytes
+  of a multi-byte UTF-8 character split across tokens are held back until the character is
+  complete, and text that could still turn out to be the start of a stop string is held back until
+  it cannot; the pieces joined equal the final completion exactly.
+- **Longer than the context** (prompt + new tokens > ``block_size``): a sliding window. When the
+  window is full, its oldest quarter is dropped and the rest is run through the model again at
+  positions 0.. (one prefill), after which cached decoding continues; every token is predicted from
+  at least the last 3/4 of a context's worth of tokens. A *prompt* longer than the context is
+  refused (UserError) rather than silently cut.
+
+Token counts: a sample's ``tokens`` are the ids it sampled, including the ``<|endoftext|>`` or the
+token that completed a stop string. Times are wall-clock from the start of the prefill.
+"""
+
+from __future__ import annotations
+
+import codecs
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from gpt2cli.errors import UserError
+from gpt2cli.model import GPT, kv_cache_bytes_per_token
+from gpt2cli.specs import GenerateSpec
+from gpt2cli.tokenizer import EOT_ID, VOCAB_SIZE, encode, get_tokenizer
+
+TextCallback = Callable[[int, str], None]
+
+
+# --------------------------------------------------------------------------------- results
+
+
+@dataclass
+class Sample:
+    """One completion of the prompt."""
+
+    index: int
+    completion: str
+    tokens: list[int]
+    finish_reason: str  # "length" | "eos" | "stop"
+    elapsed_s: float  # from the start of the prefill to this sample's last token
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.num_tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+@dataclass
+class Generation:
+    """The result of one :meth:`Generator.generate` call."""
+
+    prompt: str
+    prompt_tokens: list[int]
+    samples: list[Sample]
+    prefill_s: float
+    decode_s: float
+    decode_steps: int  # forward passes after the prefill (batched: one per step)
+    window_slides: int  # re-prefills because the context was full
+    cache_bytes_per_token: int  # per sequence, all layers, keys and values
+    cache_bytes: int  # the whole preallocated cache
+    device: str
+    dtype: str
+    compiled: bool
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.samples)
+
+    @property
+    def total_s(self) -> float:
+        return self.prefill_s + self.decode_s
+
+    @property
+    def tokens_per_s(self) -> float:
+        """New tokens of all samples per second, prefill included."""
+        return self.new_tokens / self.total_s if self.total_s > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens per second of the decode steps alone (batch x steps / decode time)."""
+        n = self.decode_steps * len(self.samples)
+        return n / self.decode_s if self.decode_s > 0 else 0.0
+
+
+# --------------------------------------------------------------------------------- sampling
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Next token ids (B,) from last-position logits (B, V)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    vocab = logits.size(-1)
+    if top_k is not None and top_k < vocab:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # mass of the more likely tokens
+        sorted_logits = sorted_logits.masked_fill(before >= top_p, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# --------------------------------------------------------------------------------- streaming
+
+
+class TextStream:
+    """Turns one sample's token ids into text as they arrive: incremental UTF-8 decoding, stop
+    strings, and ``on_text`` calls that never split a character or show part of a stop string.
+
+    ``add(token)`` per sampled id; ``end_of_length()`` when the budget is spent. ``text`` is the
+    completion so far, ``finish_reason`` None until the sample has ended."""
+
+    def __init__(self, index: int, stops: Sequence[str], ignore_eos: bool, on_text: TextCallback | None):
+        self.index = index
+        self.stops = [s for s in stops if s]
+        self.ignore_eos = ignore_eos
+        self.on_text = on_text
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text = ""
+        self.emitted = 0
+        self.tokens: list[int] = []
+        self.finish_reason: str | None = None
+        self.elapsed_s = 0.0
+        self._enc = get_tokenizer()
+        self._longest_stop = max((len(s) for s in self.stops), default=0)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def add(self, token: int) -> None:
+        self.tokens.append(token)
+        if token == EOT_ID and not self.ignore_eos:
+            self._finish("eos")
+            return
+        before = len(self.text)
+        self.text += self.decoder.decode(self._enc.decode_single_token_bytes(token))
+        if self.stops and len(self.text) > before:
+            lo = max(0, before - self._longest_stop + 1)
+            hits = [i for i in (self.text.find(s, lo) for s in self.stops) if i >= 0]
+            if hits:
+                self.text = self.text[: min(hits)]
+                self._finish("stop")
+                return
+        self._emit(self._safe_end())
+
+    def end_of_length(self) -> None:
+        if not self.done:
+            self._finish("length")
+
+    def _finish(self, reason: str) -> None:
+        if reason != "stop":
+            self.text += self.decoder.decode(b"", final=True)  # an unfinished character -> U+FFFD
+        self.finish_reason = reason
+        self._emit(len(self.text))
+
+    def _safe_end(self) -> int:
+        """Text that cannot become part of a stop string may be shown."""
+        hold = 0
+        for stop in self.stops:
+            for k in range(min(len(stop) - 1, len(self.text)), hold, -1):
+                if self.text.endswith(stop[:k]):
+                    hold = k
+                    break
+        return len(self.text) - hold
+
+    def _emit(self, end: int) -> None:
+        if end > self.emitted:
+            if self.on_text is not None:
+                self.on_text(self.index, self.text[self.emitted : end])
+            self.emitted = end
+
+
+# --------------------------------------------------------------------------------- generator
+
+
+_HUGE_PAGE = 2 << 20
+
+
+def _weights_in_huge_pages(model: GPT) -> object | None:
+    """Move the parameters of a CPU model into one anonymous mapping advised for transparent huge
+    pages (Linux). Decoding at batch 1 streams every weight once per token, and with 4 KiB pages
+    the TLB misses cost 10-20% on the machines measured (docs/benchmarks.md). Best effort: on any
+    other system, or if the kernel refuses, the weights stay where they are. Returns the mapping
+    (kept alive by the tensors that view it) or None."""
+    import mmap
+    import sys
+
+    if sys.platform != "linux" or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return None
+    params = [p for p in model.parameters() if p.device.type == "cpu"]
+    sizes = [-(-p.numel() * p.element_size() // 64) * 64 for p in params]  # 64-byte aligned slots
+    if sum(sizes) < _HUGE_PAGE:
+        return None
+    try:
+        buf = mmap.mmap(-1, sum(sizes) + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        buf.madvise(mmap.MADV_HUGEPAGE)
+        flat = torch.frombuffer(buf, dtype=torch.uint8)
+    except (OSError, ValueError):
+        return None
+    offset = -flat.data_ptr() % _HUGE_PAGE  # start on a huge-page boundary
+    with torch.no_grad():
+        for p, size in zip(params, sizes, strict=True):
+            n = p.numel() * p.element_size()
+            view = flat[offset : offset + n].view(p.dtype).view(p.shape)
+            view.copy_(p.data)
+            p.data = view
+            offset += size
+    return buf
+
+
+def _rope_fp32(model: GPT) -> None:
+    """Keep the rotary frequencies in fp32 after a cast (a bf16 angle is off by radians)."""
+    if model.rope is not None and model.rope.inv_freq.dtype != torch.float32:
+        model.rope.inv_freq.data = model.rope.inv_freq.data.float()
+        if not model.spec.rope_learnable:
+            model.rope.reset_parameters()
+
+
+class Generator:
+    """A model made ready for sampling: moved to ``device``, cast to ``dtype`` (weights and cache;
+    ``auto`` = bf16 on CUDA with bf16 support, else fp32), optionally with a compiled decode step.
+
+    The model is changed in place (device, dtype, eval mode)."""
+
+    def __init__(
+        self,
+        model: GPT,
+        *,
+        device: str | torch.device = "auto",
+        dtype: str | torch.dtype = "auto",
+        compile: bool = False,
+    ) -> None:
+        from gpt2cli.parallel.base import resolve_device
+        from gpt2cli.train import resolve_dtype
+
+        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        self.dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, self.device)
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        _rope_fp32(self.model)
+        self._weights_mapping = _weights_in_huge_pages(self.model) if self.device.type == "cpu" else None
+        self.spec = model.spec
+        self.compiled = compile
+        self._caches: list = []
+        self._cache_key: tuple[int, int] | None = None
+        self._decode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = self._decode_step
+        if compile:
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            self._decode = torch.compile(self._decode_step, mode=mode, fullgraph=True, dynamic=False)
+
+    @classmethod
+    def from_source(cls, source: str, *, device: str = "auto", dtype: str = "auto",
+                    compile: bool = False) -> tuple[Generator, str]:
+        """Load CKPT (see :func:`gpt2cli.loading.load_model`); returns the generator and the
+        description of the source."""
+        from gpt2cli.loading import load_model
+        from gpt2cli.parallel.base import resolve_device
+
+        loaded = load_model(source, device=resolve_device(device))
+        return cls(loaded.model, device=device, dtype=dtype, compile=compile), loaded.source
+
+    # ------------------------------------------------------------------------------ pieces
+
+    def _attach_cache(self, batch: int, length: int) -> None:
+        """Give every layer its preallocated cache; a call with the same batch and length reuses
+        the previous buffers (same addresses: no recompilation, no re-recorded CUDA graph).
+        Stale entries need no clearing: slots beyond the current position are masked, and the
+        prefill rewrites every slot before it."""
+        blocks = self.model.transformer.h
+        if self._cache_key != (batch, length):
+            self._caches = []
+            self.model.setup_kv_cache(batch, length, dtype=self.dtype, device=self.device)
+            self._caches = [block.attn.kv_cache for block in blocks]
+            self._cache_key = (batch, length)
+        else:
+            for block, cache in zip(blocks, self._caches, strict=True):
+                block.attn.kv_cache = cache
+
+    def _decode_step(self, idx: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        return self.model(idx, input_pos)[:, -1].float()
+
+    def _full(self, idx: torch.Tensor) -> torch.Tensor:
+        """Last-position logits of a window run from position 0 (prefill, or no-cache mode)."""
+        positions = torch.arange(idx.shape[1], device=self.device)
+        return self.model(idx, positions if self.model.has_kv_cache else None)[:, -1].float()
+
+    def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
+        """Token ids of a prompt (text, or ids as they are); the empty prompt is <|endoftext|>,
+        GPT-2's start of a document. Refuses what the model cannot take."""
+        ids = encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not ids:
+            ids = [EOT_ID]
+        block, vocab = self.spec.block_size, self.spec.vocab_size
+        if len(ids) > block:
+            raise UserError(
+                f"the prompt has {len(ids):,} tokens, more than the model's context of {block:,}: "
+                "no room left to generate",
+                f"shorten the prompt to at most {block:,} tokens",
+            )
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise UserError(
+                f"the prompt holds token id {bad[0]}, outside this model's vocabulary of {vocab:,}",
+                "the model was trained on a smaller vocabulary than GPT-2's tokenizer",
+            )
+        return ids
+
+    # ------------------------------------------------------------------------------ generate
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        spec: GenerateSpec | None = None,
+        on_text: TextCallback | None = None,
+        *,
+        use_cache: bool = True,
+    ) -> Generation:
+        """Sample ``spec.num_samples`` completions of ``prompt`` as one batch.
+
+        ``use_cache=False`` recomputes the whole window at every step (the reference the cached
+        path is tested against; same window rule, same results)."""
+        spec = spec or GenerateSpec()
+        ids = self.encode_prompt(prompt)
+        B, P, new = spec.num_samples, len(ids), spec.max_new_tokens
+        block = self.spec.block_size
+        shift = max(1, block // 4)
+        cache_len = min(block, P + new)
+        device = self.device
+
+        buf = torch.zeros(B, P + new, dtype=torch.long, device=device)
+        buf[:, :P] = torch.tensor(ids, dtype=torch.long, device=device)
+        rng = torch.Generator(device=device).manual_seed(spec.seed)
+        states = [TextStream(i, spec.stop, spec.ignore_eos, on_text) for i in range(B)]
+        dtype_bytes = torch.empty((), dtype=self.dtype).element_size()
+        per_token = kv_cache_bytes_per_token(self.spec, dtype_bytes)
+        pos_buf = torch.zeros(1, dtype=torch.long, device=device)
+
+        if use_cache:
+            self._attach_cache(B, cache_len)
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        slides = steps = 0
+        start = 0  # first position of the window in buf
+        try:
+            t0 = time.perf_counter()
+            logits = self._full(buf[:, :P])
+            sync()
+            t_prefill = time.perf_counter()
+            end = P  # tokens in buf
+            while True:
+                next_ids = sample_next(logits[:, :VOCAB_SIZE], spec.temperature, spec.top_k, spec.top_p, rng)
+                buf[:, end] = next_ids
+                end += 1
+                now = time.perf_counter()
+                for state, token in zip(states, next_ids.tolist(), strict=True):
+                    if not state.done:
+                        state.add(token)
+                        if state.done:
+                            state.elapsed_s = now - t0
+                if all(s.done for s in states) or end == P + new:
+                    break
+                steps += 1
+                slid = end - start > block  # the window is full: slide it
+                if slid:
+                    start += shift
+                    slides += 1
+                if not use_cache or slid:
+                    logits = self._full(buf[:, start:end])  # re-prefill the cache from position 0
+                else:
+                    pos_buf.fill_(end - 1 - start)
+                    logits = self._decode(next_ids[:, None], pos_buf)
+            sync()
+            t_end = time.perf_counter()
+        finally:
+            if use_cache:
+                self.model.clear_kv_cache()
+        for state in states:
+            if not state.done:
+                state.end_of_length()
+                state.elapsed_s = t_end - t0
+        samples = [Sample(s.index, s.text, s.tokens, s.finish_reason or "length", s.elapsed_s) for s in states]
+        return Generation(
+            prompt=prompt if isinstance(prompt, str) else get_tokenizer().decode(ids),
+            prompt_tokens=ids,
+            samples=samples,
+            prefill_s=t_prefill - t0,
+            decode_s=t_end - t_prefill,
+            decode_steps=steps,
+            window_slides=slides,
+            cache_bytes_per_token=per_token,
+            cache_bytes=per_token * B * cache_len if use_cache else 0,
+            device=str(device),
+            dtype=str(self.dtype).removeprefix("torch."),
+            compiled=self.compiled,
+        )
+
+
+def generate(
+    source: str,
+    prompt: str | Sequence[int],
+    spec: GenerateSpec | None = None,
+    on_text: TextCallback | None = None,
+) -> Generation:
+    """Load ``source`` (any CKPT form) and sample from it with ``spec`` (device, dtype and compile
+    come from the spec)."""
+    spec = spec or GenerateSpec()
+    gen, _ = Generator.from_source(source, device=spec.device, dtype=spec.dtype, compile=spec.compile)
+    return gen.generate(prompt, spec, on_text)
+

@@ -1,0 +1,137 @@
+"""`gpt2 eval`: one table / JSON for several checkpoints on the same windows, bits per byte, and a
+loss equal to the one transformers computes for an imported GPT-2 folder."""
+
+from __future__ import annotations
+
+import json
+import math
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gpt2cli.data import TokenFolder
+from gpt2cli.data.prepare import prepare_data
+from gpt2cli.specs import PrepareSpec
+from gpt2cli.tokenizer import token_byte_lengths
+from tests.test_generate import cli, one_error_line, one_thread, random_model, save_model, tiny_gpt2  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """A small token folder (about 12k tokens of Shakespeare, half of it validation)."""
+    root = tmp_path_factory.mktemp("eval-data")
+    text = (resources.files("gpt2cli") / "assets" / "tinyshakespeare.txt").read_text(encoding="utf-8")[:50_000]
+    (root / "corpus.txt").write_text(text, encoding="utf-8")
+    return prepare_data(PrepareSpec(sources=[str(root / "corpus.txt")], out=str(root / "tokens"), val_fraction=0.5))
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> Path:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=4)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.05)
+    path = tmp_path_factory.mktemp("hf") / "gpt2-tiny"
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> list[Path]:
+    root = tmp_path_factory.mktemp("ckpts")
+    (root / "run").mkdir()
+    return [
+        save_model(tiny_gpt2(seed=1), root / "run" / "best.pt").parent,  # a run folder
+        save_model(tiny_gpt2("gqa", "rope", seed=2), root / "gqa-rope.pt"),
+    ]
+
+
+def test_hf_folder_loss_equals_transformers(hf_dir, data_dir, capsys):
+    transformers = pytest.importorskip("transformers")
+    seq_len, n_tokens = 32, 1024
+    code, out, err = cli(capsys, "eval", hf_dir, "--data", data_dir, "--seq-len", seq_len, "--tokens", n_tokens,
+                         "--batch-size", 3, "--format", "json", "--device", "cpu")
+    assert code == 0, err
+    report = json.loads(out)
+    row = report["results"][0]
+    windows = n_tokens // seq_len
+    assert report["windows"] == windows and row["tokens"] == windows * seq_len == report["tokens"]
+
+    hf = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    tokens = TokenFolder(data_dir).tokens("val")
+    losses = []
+    with torch.no_grad():
+        for i in range(windows):
+            window = torch.from_numpy(np.asarray(tokens[i * seq_len : i * seq_len + seq_len + 1], dtype=np.int64))[None]
+            losses.append(hf(input_ids=window, labels=window).loss.item())  # HF shifts the labels itself
+    assert row["loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-5, abs=1e-5)
+    assert row["perplexity"] == pytest.approx(math.exp(row["loss"]))
+    n_bytes = int(token_byte_lengths()[np.asarray(tokens[1 : windows * seq_len + 1], dtype=np.int64)].sum())
+    assert report["bytes"] == n_bytes
+    assert row["bits_per_byte"] == pytest.approx(row["loss"] * row["tokens"] / math.log(2) / n_bytes)
+
+
+def test_several_checkpoints_give_one_table_and_one_json(checkpoints, hf_dir, data_dir, capsys):
+    args = ["eval", *checkpoints, hf_dir, "--data", data_dir, "--tokens", 640, "--batch-size", 4]
+    code, out, err = cli(capsys, *args, "--format", "json")
+    assert code == 0, err
+    report = json.loads(out)
+    rows = report["results"]
+    assert [r["checkpoint"] for r in rows] == [str(p) for p in [*checkpoints, hf_dir]]
+    assert report["seq_len"] == 64 and {r["tokens"] for r in rows} == {640}  # the same windows for all
+    assert len({round(r["loss"], 6) for r in rows}) == 3
+    assert all(r["loss"] > 0 and r["bits_per_byte"] > 0 and r["tokens_per_s"] > 0 for r in rows)
+    assert "run folder" in rows[0]["source"] and "Hugging Face" in rows[2]["source"]
+
+    code, table, err = cli(capsys, *args)  # the default format: one table
+    assert code == 0, err
+    assert table.count("\n") < 20 and "bits/byte" in table and "640 tokens" in table
+    for row in rows:
+        assert f"{row['loss']:.4f}" in table
+    # eval scores the same as the library function the training loop uses
+    from gpt2cli.evaluate import evaluate_loss
+    from gpt2cli.loading import load_model
+
+    model = load_model(checkpoints[1]).model
+    expected = evaluate_loss(model, TokenFolder(data_dir).tokens("val"), seq_len=64, batch_size=4, max_tokens=640)
+    assert rows[1]["loss"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_eval_bad_input(checkpoints, data_dir, tmp_path, capsys):
+    small_vocab = save_model(random_model(), tmp_path / "vocab512.pt")  # vocabulary of 512
+    cases = {
+        "does not exist": ["eval", tmp_path / "missing.pt", "--data", data_dir],
+        "outside the vocabulary": ["eval", small_vocab, "--data", data_dir, "--seq-len", 16],
+        "exceeds the context": ["eval", checkpoints[1], "--data", data_dir, "--seq-len", 128],
+        "no split": ["eval", checkpoints[1], "--data", data_dir, "--split", "test"],
+        "--batch-size": ["eval", checkpoints[1], "--data", data_dir, "--batch-size", 0],
+        "not a prepared data folder": ["eval", checkpoints[1], "--data", tmp_path],
+    }
+    for needle, args in cases.items():
+        code, out, err = cli(capsys, *args)
+        assert needle in one_error_line(code, err), (needle, err)
+
+
+def test_fresh_training_run_generates_and_evaluates(tmp_path, cache_dir, capsys):
+    from gpt2cli.specs import TrainSpec, build_spec
+    from gpt2cli.train import train
+
+    spec = build_spec(TrainSpec, flags={
+        "model": {"preset": "tiny", "attn": "gqa", "pos": "rope"},
+        "train": {"steps": 2, "batch_size": 2, "seq_len": 32, "device": "cpu", "log_every": 1},
+        "eval": {"every": 2, "tokens": 256}, "run": {"out": str(tmp_path / "run"), "quiet": True},
+    })
+    train(spec)
+    code, out, err = cli(capsys, "generate", tmp_path / "run", "ROMEO:", "-n", "5", "--seed", "1", "-v")
+    assert code == 0 and out.startswith("ROMEO:") and "best.pt, step 2" in err, err
+    code, out, err = cli(capsys, "eval", tmp_path / "run", tmp_path / "run" / "ckpt.pt", "--tokens", "256",
+                         "--format", "json")
+    assert code == 0, err
+    rows = json.loads(out)["results"]
+    assert rows[0]["loss"] == rows[1]["loss"]  # best.pt and ckpt.pt hold the same step-2 weights

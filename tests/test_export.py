@@ -1,0 +1,86 @@
+"""`gpt2 export`: a Hugging Face folder transformers loads with equal logits, a clear refusal for
+variants GPT-2 cannot express, and a safetensors file (any variant) that generate/eval read back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt2cli.loading import load_model
+from tests.test_generate import cli, one_error_line, one_thread, save_model, tiny_gpt2  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("export")
+    return {
+        "gpt2": save_model(tiny_gpt2(seed=4), root / "gpt2.pt"),
+        "rope-gqa": save_model(tiny_gpt2("gqa", "rope", seed=5), root / "rope-gqa.pt"),
+    }
+
+
+def test_hf_export_loads_in_transformers_with_equal_logits(ckpts, tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    code, out, err = cli(capsys, "export", ckpts["gpt2"], tmp_path / "hf")
+    assert code == 0, err
+    assert out.strip() == str(tmp_path / "hf") and {p.name for p in (tmp_path / "hf").iterdir()} == {
+        "config.json", "model.safetensors"}
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    capsys.readouterr()  # transformers' own progress bar
+    ours = load_model(ckpts["gpt2"]).model
+    idx = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, ours(idx), atol=1e-5, rtol=1e-5)
+    # An existing folder is not overwritten unless asked.
+    code, _, err = cli(capsys, "export", ckpts["gpt2"], tmp_path / "hf")
+    assert "not empty" in one_error_line(code, err)
+    code, _, err = cli(capsys, "export", ckpts["gpt2"], tmp_path / "hf", "--overwrite")
+    assert code == 0, err
+
+
+def test_hf_export_of_rope_gqa_is_refused_before_writing(ckpts, tmp_path, capsys):
+    code, out, err = cli(capsys, "export", ckpts["rope-gqa"], tmp_path / "hf")
+    line = one_error_line(code, err)
+    assert "pos=rope" in line and "attn=gqa" in line and "--format safetensors" in line
+    assert out == "" and not (tmp_path / "hf").exists()
+
+
+def test_safetensors_export_round_trips_through_generate_and_eval(ckpts, tmp_path, capsys, cache_dir):
+    target = tmp_path / "rope-gqa.safetensors"
+    code, out, err = cli(capsys, "export", ckpts["rope-gqa"], target, "--format", "safetensors")
+    assert code == 0 and out.strip() == str(target), err
+    original, exported = load_model(ckpts["rope-gqa"]), load_model(target)
+    assert exported.spec == original.spec and "safetensors export" in exported.source
+    assert all(torch.equal(a, b) for a, b in zip(original.model.state_dict().values(),
+                                                 exported.model.state_dict().values(), strict=True))
+
+    args = ["Once", "-n", "10", "--seed", "3", "--temperature", "1.0", "--format", "jsonl", "--num-samples", "2"]
+    runs = []
+    for source in (ckpts["rope-gqa"], target):
+        code, out, err = cli(capsys, "generate", source, *args)
+        assert code == 0, err
+        runs.append([json.loads(line)["completion"] for line in out.splitlines()])
+    assert runs[0] == runs[1]
+
+    from gpt2cli.cli.evaluate import evaluate_checkpoints
+    from gpt2cli.specs import EvaluateSpec
+
+    report = evaluate_checkpoints(EvaluateSpec(checkpoints=[str(ckpts["rope-gqa"]), str(target)], tokens=256,
+                                               device="cpu"))
+    losses = [r["loss"] for r in report["results"]]
+    assert losses[0] == losses[1]
+
+
+def test_foreign_or_damaged_safetensors_is_refused(ckpts, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"))
+    (tmp_path / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    for name, needle in (("foreign.safetensors", "not a gpt2 safetensors export"), ("broken.safetensors", "cannot read")):
+        code, _, err = cli(capsys, "generate", tmp_path / name, "Hi")
+        assert needle in one_error_line(code, err)
+    code, _, err = cli(capsys, "export", ckpts["gpt2"], tmp_path / "out.bin", "--format", "safetensors")
+    assert ".safetensors" in one_error_line(code, err)

@@ -1,0 +1,285 @@
+"""`gpt2 generate` and gpt2cli.generate: KV-cached decoding equals full recomputation, sampling
+settings, stop rules, streaming, output formats, Hugging Face folders and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt2cli.checkpoint import save_checkpoint
+from gpt2cli.errors import UserError
+from gpt2cli.generate import Generator, TextStream, sample_next
+from gpt2cli.model import GPT
+from gpt2cli.specs import GenerateSpec, ModelSpec, TrainSpec, spec_to_json
+from gpt2cli.tokenizer import EOT_ID, encode
+from tests.conftest import run_gpt2
+
+VARIANTS = [(attn, pos) for attn in ("mha", "gqa", "mqa") for pos in ("learned", "rope")]
+
+
+# ------------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models decode faster on one thread, and far faster on a busy machine, where a second
+    OpenMP thread waits for a core at every small op. Restored after the module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def random_model(attn: str = "mha", pos: str = "learned", *, seed: int = 0, std: float = 0.1, **fields) -> GPT:
+    """A small GPT with every tensor random (std 0.1: decisive logits, no near-ties)."""
+    base = {"vocab_size": 512, "block_size": 32, "n_layer": 2, "n_head": 4, "n_embd": 32}
+    spec = ModelSpec(**{**base, **fields, "attn": attn, "pos": pos, "n_kv_head": 2 if attn == "gqa" else None})
+    torch.manual_seed(seed)
+    model = GPT(spec)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, std)
+    return model.eval()
+
+
+def save_model(model: GPT, path: Path, **extra) -> Path:
+    """A checkpoint as `gpt2 train` writes best.pt: the TrainSpec as JSON and the full state dict."""
+    spec = TrainSpec(model=model.spec.model_dump())
+    save_checkpoint(path, {"spec": spec_to_json(spec), "model": model.state_dict(), "step": 2, **extra})
+    return path
+
+
+def tiny_gpt2(attn: str = "mha", pos: str = "learned", seed: int = 0) -> GPT:
+    """The tiny preset (GPT-2 vocabulary, context 64), random weights: text in, text out."""
+    return random_model(attn, pos, seed=seed, std=0.05, **{k: v for k, v in ModelSpec(preset="tiny").shape_fields().items()
+                                                          if k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")})
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return save_model(tiny_gpt2(), tmp_path_factory.mktemp("gen") / "best.pt")
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    """Run `gpt2 ...` in this process (same entry point as the console script)."""
+    from gpt2cli.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return exc.value.code, captured.out, captured.err
+
+
+def one_error_line(code: int, err: str) -> str:
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("Error:"), (code, err)
+    return lines[0]
+
+
+def greedy(**kw) -> GenerateSpec:
+    return GenerateSpec(temperature=0.0, **kw)
+
+
+# -------------------------------------------------------------------- cache == recomputation
+
+
+@pytest.mark.parametrize("attn,pos", VARIANTS)
+def test_greedy_cached_decoding_equals_full_recomputation(attn, pos):
+    gen = Generator(random_model(attn, pos), device="cpu", dtype="fp32")
+    prompt = torch.randint(0, 512, (7,), generator=torch.Generator().manual_seed(1)).tolist()
+    spec = greedy(max_new_tokens=20, num_samples=2, ignore_eos=True)
+    cached = gen.generate(prompt, spec)
+    full = gen.generate(prompt, spec, use_cache=False)
+    assert cached.window_slides == 0 and cached.cache_bytes > 0
+    assert [s.tokens for s in cached.samples] == [s.tokens for s in full.samples]
+    assert len(cached.samples[0].tokens) == 20 and cached.samples[0].tokens == cached.samples[1].tokens
+    # beyond the context (32): the sliding window re-encodes, with and without the cache alike
+    spec = greedy(max_new_tokens=50, ignore_eos=True)
+    cached, full = gen.generate(prompt, spec), gen.generate(prompt, spec, use_cache=False)
+    assert cached.window_slides == full.window_slides >= 2
+    assert cached.samples[0].tokens == full.samples[0].tokens and len(cached.samples[0].tokens) == 50
+
+
+def test_cache_holds_only_kv_heads():
+    mha = Generator(random_model("mha"), device="cpu", dtype="fp32").generate([1, 2], greedy(max_new_tokens=2))
+    gqa = Generator(random_model("gqa"), device="cpu", dtype="fp32").generate([1, 2], greedy(max_new_tokens=2))
+    assert mha.cache_bytes_per_token == 2 * 2 * 4 * 8 * 4 and gqa.cache_bytes_per_token == mha.cache_bytes_per_token // 2
+
+
+# ------------------------------------------------------------------------------- sampling
+
+
+def test_same_seed_same_text_and_another_seed_another():
+    gen = Generator(tiny_gpt2(), device="cpu", dtype="fp32")
+    spec = GenerateSpec(max_new_tokens=12, temperature=1.0, top_k=None, num_samples=2, seed=7)
+    a, b = gen.generate("Once upon a time", spec), gen.generate("Once upon a time", spec)
+    assert [s.completion for s in a.samples] == [s.completion for s in b.samples]
+    assert a.samples[0].tokens != a.samples[1].tokens  # the batch rows draw differently
+    c = gen.generate("Once upon a time", spec.model_copy(update={"seed": 8}))
+    assert [s.tokens for s in c.samples] != [s.tokens for s in a.samples]
+
+
+def test_top_k_and_top_p_restrict_the_draw():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
+    rng = torch.Generator().manual_seed(0)
+    assert set(sample_next(logits, 1.0, top_k=2, generator=rng).tolist()) == {0, 1}
+    assert set(sample_next(logits, 1.0, top_p=0.6, generator=rng).tolist()) == {0, 1}
+    assert set(sample_next(logits, 1.0, top_p=0.5, generator=rng).tolist()) == {0}
+    assert set(sample_next(logits, 1.0, top_p=1.0, generator=rng).tolist()) == {0, 1, 2, 3}
+    assert set(sample_next(logits, 0.0, generator=rng).tolist()) == {0}
+
+
+# ------------------------------------------------------------------------ ending and streaming
+
+
+def test_stop_string_ends_a_sample_and_is_never_streamed():
+    gen = Generator(tiny_gpt2(), device="cpu", dtype="fp32")
+    free = gen.generate("The", greedy(max_new_tokens=30)).samples[0]
+    assert free.finish_reason == "length" and len(free.completion) > 12
+    stop = free.completion[8:11]
+    expected = free.completion[: free.completion.find(stop)]
+    pieces: list[str] = []
+    result = gen.generate("The", greedy(max_new_tokens=30, stop=["never-there", stop]),
+                          on_text=lambda i, t: pieces.append(t)).samples[0]
+    assert result.finish_reason == "stop" and result.completion == expected
+    assert "".join(pieces) == expected and result.num_tokens < 30
+
+
+def rigged_eos_model() -> GPT:
+    """Greedy decoding picks <|endoftext|> at once: ln_f adds a bias along the EOT embedding."""
+    model = tiny_gpt2()
+    with torch.no_grad():
+        direction = torch.randn(model.spec.n_embd, generator=torch.Generator().manual_seed(3))
+        direction /= direction.norm()
+        model.transformer.wte.weight[EOT_ID] = 2.0 * direction
+        model.transformer.ln_f.bias.copy_(10.0 * direction)
+    return model
+
+
+def test_eos_ends_a_sample_unless_ignored():
+    gen = Generator(rigged_eos_model(), device="cpu", dtype="fp32")
+    ended = gen.generate("Hello", greedy(max_new_tokens=10)).samples[0]
+    assert (ended.finish_reason, ended.completion, ended.tokens) == ("eos", "", [EOT_ID])
+    kept = gen.generate("Hello", greedy(max_new_tokens=10, ignore_eos=True)).samples[0]
+    assert kept.finish_reason == "length" and kept.num_tokens == 10 and "<|endoftext|>" in kept.completion
+
+
+def test_streaming_never_splits_a_character_nor_shows_a_partial_stop():
+    ids = encode("a€🙂 b\n\nc")
+    assert len(ids) > len("a€🙂 b\n\nc") - 3  # the emoji and € span several byte-level tokens
+    pieces: list[str] = []
+    stream = TextStream(0, ["\n\n"], ignore_eos=False, on_text=lambda i, t: pieces.append(t))
+    for t in ids:
+        stream.add(t)
+        if stream.done:
+            break
+    assert stream.finish_reason == "stop" and stream.text == "a€🙂 b"
+    assert "".join(pieces) == "a€🙂 b" and all("\ufffd" not in p and "\n" not in p for p in pieces)
+    # Without a stop the partial character is held back, then flushed whole.
+    pieces.clear()
+    stream = TextStream(0, [], ignore_eos=False, on_text=lambda i, t: pieces.append(t))
+    emoji = encode("🙂")
+    for t in emoji[:-1]:
+        stream.add(t)
+    assert pieces == []
+    stream.add(emoji[-1])
+    stream.end_of_length()
+    assert pieces == ["🙂"] and stream.finish_reason == "length"
+
+
+def test_prompt_longer_than_the_context_is_refused_and_output_slides():
+    gen = Generator(tiny_gpt2(), device="cpu", dtype="fp32")
+    with pytest.raises(UserError, match="no room left"):
+        gen.generate(list(range(65)), greedy(max_new_tokens=1))
+    result = gen.generate(list(range(64)), greedy(max_new_tokens=40, ignore_eos=True))  # a full prompt
+    assert result.samples[0].num_tokens == 40 and result.window_slides >= 1
+
+
+# ------------------------------------------------------------------------------- the command
+
+
+def test_text_output_streams_prompt_and_completion(ckpt, capsys):
+    code, out, err = cli(capsys, "generate", ckpt, "Hello there", "-n", "8", "--seed", "1", "-v")
+    assert code == 0 and out.startswith("Hello there") and out.endswith("\n")
+    assert "tokens/s" in err and "bytes per token" in err and "best.pt" in err
+    code, out2, _ = cli(capsys, "generate", ckpt.parent, "Hello there", "-n", "8", "--seed", "1", "--no-echo")
+    assert code == 0 and out == "Hello there" + out2  # a run folder means its best.pt
+
+
+def test_jsonl_schema(ckpt, capsys):
+    code, out, err = cli(capsys, "generate", ckpt, "Hi", "-n", "6", "--num-samples", "3", "--format", "jsonl",
+                         "--temperature", "1.2", "--top-p", "0.9", "--stop", "zzz")
+    assert code == 0 and "tokens/s" in err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["index"] for r in rows] == [0, 1, 2]
+    for r in rows:
+        assert set(r) == {"index", "prompt", "completion", "prompt_tokens", "tokens", "finish_reason", "tokens_per_s"}
+        assert r["prompt"] == "Hi" and r["prompt_tokens"] == 1 and 1 <= r["tokens"] <= 6
+        assert r["finish_reason"] in ("length", "eos", "stop") and r["tokens_per_s"] > 0
+
+
+def test_prompt_from_stdin_and_file(ckpt, capsys, monkeypatch, tmp_path):
+    import io
+
+    (tmp_path / "p.txt").write_text("From a file", encoding="utf-8")
+    code, out, _ = cli(capsys, "generate", ckpt, "--prompt-file", tmp_path / "p.txt", "-n", "3", "-t", "0")
+    assert code == 0 and out.startswith("From a file")
+    monkeypatch.setattr("sys.stdin", io.StringIO("From stdin"))
+    code, out, _ = cli(capsys, "generate", ckpt, "-", "-n", "3", "-t", "0")
+    assert code == 0 and out.startswith("From stdin")
+
+
+def test_hf_folder_generates_like_transformers(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=4)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0.0, 0.1)
+    hf.save_pretrained(tmp_path / "hf")
+    prompt = "The quick brown fox"
+    ids = torch.tensor([encode(prompt)])
+    with torch.no_grad():
+        theirs = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12,
+                             do_sample=False, pad_token_id=EOT_ID)[0, ids.shape[1]:].tolist()
+    code, out, err = cli(capsys, "generate", tmp_path / "hf", prompt, "-n", "12", "-t", "0", "--ignore-eos",
+                         "--format", "jsonl", "-v")
+    assert code == 0, err
+    assert "Hugging Face GPT-2 folder" in err
+    from gpt2cli.tokenizer import decode
+
+    assert json.loads(out)["completion"] == decode(theirs)
+
+
+# --------------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_is_one_line_exit_2(ckpt, tmp_path, capsys):
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    cases = {
+        "does not exist": ["generate", tmp_path / "missing.pt", "Hi"],
+        "damaged": ["generate", damaged, "Hi"],
+        "not a gpt2 checkpoint": ["generate", tmp_path / "notes.txt", "Hi"],
+        "top_p": ["generate", ckpt, "Hi", "--top-p", "1.5"],
+        "--top-p": ["generate", ckpt, "Hi", "--top-p", "0"],
+        "--temperature": ["generate", ckpt, "Hi", "--temperature", "-0.5"],
+        "--max-new-tokens": ["generate", ckpt, "Hi", "--max-new-tokens", "0"],
+        "no room left": ["generate", ckpt, "word " * 70],
+        "not both": ["generate", ckpt, "Hi", "--prompt-file", tmp_path / "notes.txt"],
+    }
+    for needle, args in cases.items():
+        code, out, err = cli(capsys, *args)
+        assert needle in one_error_line(code, err), (needle, err)
+        assert out == ""
+
+
+def test_real_command_bad_input_has_no_traceback(tmp_path):
+    proc = run_gpt2("generate", str(tmp_path / "nope.pt"), "Hi")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("Error: checkpoint")
