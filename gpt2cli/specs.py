@@ -223,7 +223,7 @@ class OptimSpec(_Spec):
 # ---------------------------------------------------------------------------------------- train
 
 Device = str  # auto | cpu | mps | cuda | cuda:N (checked below)
-DEFAULT_STEPS = 250  # the default run: nano on tiny Shakespeare in a few minutes on a laptop CPU
+DEFAULT_STEPS = 200  # the default run: nano on tiny Shakespeare in a few minutes on a laptop CPU
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -270,7 +270,7 @@ class EvalSpec(_Spec):
     """Evaluation during training."""
 
     every: int = Field(100, gt=0, description="Steps between evaluations (and best.pt updates).")
-    tokens: int = Field(32768, gt=0, description="Validation tokens per evaluation (a fixed prefix of the split).")
+    tokens: int = Field(16384, gt=0, description="Validation tokens per evaluation (a fixed prefix of the split).")
     batch_size: int | None = Field(None, gt=0, description="Sequences per eval batch; default: the train batch size.")
 
 

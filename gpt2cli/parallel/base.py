@@ -74,6 +74,8 @@ class Strategy:
     def setup(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        else:
+            keep_freed_memory()
 
     def teardown(self) -> None:
         pass
@@ -122,6 +124,30 @@ class Strategy:
 
     def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
         set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def keep_freed_memory() -> None:
+    """Let glibc keep large freed blocks instead of returning them to the OS.
+
+    A CPU training step allocates and frees the same large tensors (logits over the 50257-token
+    vocabulary: hundreds of MB) every step. glibc serves such blocks with mmap and unmaps them on
+    free, so each step page-faults them in again: on the 2-core test machine that was about 1 s of
+    system time per step for nano at batch 16 x 128. Raising the mmap and trim thresholds makes the
+    heap reuse them (measured: 4x less system time, 1.5-2x faster steps). No-op elsewhere.
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        libc.mallopt(m_mmap_threshold, 1 << 30)
+        libc.mallopt(m_trim_threshold, (1 << 31) - 1)
+    except (OSError, AttributeError):  # not glibc (musl, ...): keep the defaults
+        pass
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
