@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpt2cli.errors import UserError
+from gpt2cli.specs import EvaluateSpec
 
 
 def count_windows(num_tokens: int, seq_len: int, max_tokens: int | None = None) -> int:
@@ -90,3 +95,101 @@ def evaluate_sums(model, tokens, *, seq_len, batch_size, max_tokens=None, strate
         totals = strategy.all_reduce_sum(totals)
     loss_total, token_total = totals.tolist()
     return loss_total, token_total
+
+
+# ------------------------------------------------------------------ gpt2 eval: many checkpoints
+
+
+@dataclass
+class EvalRow:
+    checkpoint: str  # as given
+    source: str  # what it turned out to be
+    params: int
+    loss: float  # mean nats per target token
+    perplexity: float
+    bits_per_byte: float
+    tokens: int
+    tokens_per_s: float
+    seconds: float
+
+
+def evaluate_checkpoints(spec: EvaluateSpec) -> dict[str, Any]:
+    """Score every checkpoint of ``spec`` on the same windows; returns the report (the JSON that
+    ``--format json`` prints): data, split, seq_len, windows, tokens, bytes and one row per
+    checkpoint."""
+    from gpt2cli.data import TokenFolder, default_data_dir
+    from gpt2cli.loading import load_model
+    from gpt2cli.parallel.base import resolve_device
+    from gpt2cli.tokenizer import token_byte_lengths
+    from gpt2cli.train import autocast_context, resolve_dtype
+
+    if not spec.checkpoints:
+        raise UserError("no checkpoint to evaluate", "pass one or more checkpoints, run folders or GPT-2 folders")
+    device = resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype, device)
+    folder = TokenFolder(Path(spec.data) if spec.data else default_data_dir())
+    tokens = folder.tokens(spec.split)
+
+    models = [load_model(c, device="cpu") for c in spec.checkpoints]
+    seq_len = spec.seq_len or min(m.spec.block_size for m in models)
+    for name, m in zip(spec.checkpoints, models, strict=True):
+        if seq_len > m.spec.block_size:
+            raise UserError(
+                f"--seq-len {seq_len} exceeds the context of {name!r} ({m.spec.block_size})",
+                "use a --seq-len every model can take",
+            )
+    windows = count_windows(len(tokens), seq_len, spec.tokens)
+    if windows == 0:
+        raise UserError(
+            f"split {spec.split!r} of {str(folder.path)!r} has {len(tokens):,} tokens, fewer than one window "
+            f"of {seq_len + 1:,}",
+            "use more data or a shorter --seq-len",
+        )
+    used = np.asarray(tokens[: windows * seq_len + 1])
+    targets = used[1:]
+    top = int(used.max())
+    n_bytes = int(token_byte_lengths()[targets.astype(np.int64)].sum())
+    for name, m in zip(spec.checkpoints, models, strict=True):
+        if top >= m.spec.vocab_size:
+            raise UserError(
+                f"the data holds token id {top}, outside the vocabulary of {name!r} ({m.spec.vocab_size:,})",
+                "evaluate on data made with the model's tokenizer",
+            )
+
+    rows: list[EvalRow] = []
+    for name, loaded in zip(spec.checkpoints, models, strict=True):
+        model = loaded.model.to(device)
+        t0 = time.perf_counter()
+        loss_sum, count = evaluate_sums(
+            model, tokens, seq_len=seq_len, batch_size=spec.batch_size, max_tokens=spec.tokens,
+            autocast=lambda: autocast_context(device, dtype),
+        )
+        seconds = time.perf_counter() - t0
+        loaded.model.to("cpu")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        loss = loss_sum / count
+        if not math.isfinite(loss):
+            raise UserError(f"the loss of {name!r} is not finite ({loss})", "the weights hold NaN or inf")
+        rows.append(EvalRow(
+            checkpoint=name,
+            source=loaded.source,
+            params=sum(p.numel() for p in loaded.model.parameters()),
+            loss=loss,
+            perplexity=math.exp(loss) if loss < 700 else math.inf,
+            bits_per_byte=loss_sum / math.log(2) / n_bytes if n_bytes else math.nan,
+            tokens=int(count),
+            tokens_per_s=count / seconds if seconds > 0 else 0.0,
+            seconds=seconds,
+        ))
+    return {
+        "data": str(folder.path),
+        "split": spec.split,
+        "seq_len": seq_len,
+        "windows": windows,
+        "tokens": windows * seq_len,
+        "bytes": n_bytes,
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "results": [asdict(r) for r in rows],
+    }

@@ -65,7 +65,7 @@ def test_safetensors_export_round_trips_through_generate_and_eval(ckpts, tmp_pat
         runs.append([json.loads(line)["completion"] for line in out.splitlines()])
     assert runs[0] == runs[1]
 
-    from gpt2cli.cli.evaluate import evaluate_checkpoints
+    from gpt2cli.evaluate import evaluate_checkpoints
     from gpt2cli.specs import EvaluateSpec
 
     report = evaluate_checkpoints(EvaluateSpec(checkpoints=[str(ckpts["rope-gqa"]), str(target)], tokens=256,
