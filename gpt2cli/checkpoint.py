@@ -35,8 +35,10 @@ CKPT_NAME = "ckpt.pt"  # latest full training state
 BEST_NAME = "best.pt"  # best model by validation loss (no optimizer state)
 STEP_PREFIX = "step-"  # step-000123.pt, kept with --keep K
 
-# Fault injection for the reliability tests (off unless the variable is set): crash after the
-# temporary file is fully written but before it replaces the target.
+# Fault injection for the reliability tests (off unless the variable is set): GPT2_FAULT=crash_in_save
+# (any checkpoint) or crash_in_save:STEP (the checkpoint of that step) exits 137 after the temporary
+# file is fully written but before it replaces the target. Other files (spec.json, status.json) are
+# not affected, so a run reaches its checkpoints.
 FAULT_ENV = "GPT2_FAULT"
 
 # The error weights_only raises for a refused global (the pickle module's own class; we only
@@ -44,8 +46,12 @@ FAULT_ENV = "GPT2_FAULT"
 _UNPICKLING_ERROR = torch.serialization.pickle.UnpicklingError
 
 
-def _fault(name: str) -> bool:
-    return name in os.environ.get(FAULT_ENV, "").split(",")
+def _crash_in_save(step: Any) -> bool:
+    for item in os.environ.get(FAULT_ENV, "").split(","):
+        kind, _, at = item.partition(":")
+        if kind == "crash_in_save" and (not at or at == str(step)):
+            return True
+    return False
 
 
 # ---------------------------------------------------------------------------------- digest
@@ -93,7 +99,7 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, writer: Any) -> None:
+def atomic_write_bytes(path: Path, writer: Any, *, crash_before_rename: bool = False) -> None:
     """Call ``writer(file)`` on a temp file beside ``path``, fsync, then rename over ``path``."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -102,7 +108,7 @@ def atomic_write_bytes(path: Path, writer: Any) -> None:
             writer(f)
             f.flush()
             os.fsync(f.fileno())
-        if _fault("crash_in_save"):
+        if crash_before_rename:
             os._exit(137)  # simulate a kill between the write and the rename
         os.replace(tmp, path)
     finally:
@@ -123,7 +129,8 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
         **payload,
     }
     record["digest"] = payload_digest(record)
-    atomic_write_bytes(Path(path), lambda f: torch.save(record, f))
+    atomic_write_bytes(Path(path), lambda f: torch.save(record, f),
+                       crash_before_rename=_crash_in_save(payload.get("step")))
 
 
 # ------------------------------------------------------------------------------------- read
@@ -213,6 +220,20 @@ def latest_checkpoint(run_dir: Path, warn: Any = None) -> Path | None:
         if warn:
             warn(f"skipping damaged checkpoint {cand}")
     return None
+
+
+def remove_stale_temp_files(run_dir: Path) -> list[Path]:
+    """Delete the temporary files of checkpoint writes that a crash cut off between the write and
+    the rename (``.ckpt.pt.tmp-PID``). They are never read as checkpoints; this only frees the
+    space. Call it only while no other process writes this run's checkpoints."""
+    removed = []
+    for path in Path(run_dir).glob(".*.pt.tmp-*"):
+        try:
+            path.unlink()
+            removed.append(path)
+        except OSError:
+            pass
+    return removed
 
 
 def model_checkpoint_in(path: str | Path) -> Path:

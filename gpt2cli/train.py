@@ -13,6 +13,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -228,16 +229,34 @@ def find_resume_checkpoint(spec: TrainSpec, run_dir: Path, warn: Any) -> Path | 
     if target is None:
         return None
     if target == "auto":
-        return ckpt.latest_checkpoint(run_dir, warn) if run_dir.exists() else None
+        return _latest_in(run_dir, warn, "--resume auto") if run_dir.exists() else None
     p = Path(target)
     if p.is_dir():
-        found = ckpt.latest_checkpoint(p, warn)
+        found = _latest_in(p, warn, f"--resume {target}")
         if found is None:
             raise UserError(f"run folder {str(p)!r} holds no complete checkpoint to resume", "check --resume")
         return found
     if not p.exists():
         raise UserError(f"--resume {target!r} does not exist", "pass auto, a run folder or a checkpoint file")
     return p
+
+
+def _latest_in(run_dir: Path, warn: Any, what: str) -> Path | None:
+    """The folder's latest complete checkpoint; None if it holds none at all. Damaged ones are
+    skipped with a warning when an older one is complete, and refused when none is: starting over
+    would overwrite them (and the evidence) with a run from step 0."""
+    skipped: list[str] = []
+    found = ckpt.latest_checkpoint(run_dir, skipped.append)
+    if found is None and skipped:
+        names = [p.name for p in (run_dir / ckpt.CKPT_NAME, *ckpt.step_checkpoints(run_dir)) if p.exists()]
+        raise UserError(
+            f"{what}: no checkpoint in {str(run_dir)!r} is complete ({', '.join(names)}: damaged or not a "
+            "gpt2 checkpoint); nothing was loaded",
+            "restore a good copy, pass --resume FILE, or start a new run with another --out",
+        )
+    for text in skipped:
+        warn(text)
+    return found
 
 
 def check_resume_compatible(spec: TrainSpec, saved: TrainSpec, saved_state: dict, plan: BatchPlan,
@@ -393,8 +412,12 @@ class _Trainer:
             run_dir.mkdir(parents=True, exist_ok=True)
             resolved = spec.model_copy(update={"run": spec.run.model_copy(update={"out": str(run_dir)})})
             ckpt.atomic_write_bytes(run_dir / "spec.json", lambda f: f.write(spec_to_json(resolved).encode()))
-            if saved_state is not None:
+            if spec.run.resume is not None:
+                # Rows written after the checkpoint (or, starting over, all rows of an attempt that
+                # died before its first checkpoint) are recomputed: each step stays once in the file.
                 truncate_metrics(run_dir / "metrics.jsonl", step)
+                for stale in ckpt.remove_stale_temp_files(run_dir):
+                    reporter.message(f"removed {stale.name}, left by a checkpoint write that did not finish")
             write_status(run_dir, "running", step, plan.total_steps)
         strategy.barrier()
         metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=strategy.is_main)
@@ -473,8 +496,12 @@ class _Trainer:
             return val
 
         trained.train()
+        # A worker whose launcher (the torchrun agent) was killed outright is re-parented: it stops.
+        parent = os.getppid() if strategy.world_size > 1 else None
         with _StopRequest() as stop:
             while step < plan.total_steps:
+                if parent is not None and os.getppid() != parent:
+                    _exit_orphaned(strategy.rank, parent)
                 if _fault_at("crash_at_step", step, strategy.rank):
                     os._exit(1)
                 if _fault_at("hang_at_step", step, strategy.rank):
@@ -593,6 +620,17 @@ def read_status(run_dir: Path) -> dict[str, Any] | None:
         return json.loads((Path(run_dir) / STATUS_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+
+
+def _exit_orphaned(rank: int, parent: int) -> None:
+    """The process that started this worker (torchrun's agent) is gone, e.g. killed with SIGKILL
+    together with `gpt2 train`. Stop at once and write nothing more, so that a resumed run never
+    shares its folder with a stray worker; the last complete checkpoint stays the resume point."""
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.write(f"Error: [rank {rank}] the launcher (pid {parent}) is gone; stopping without a checkpoint "
+                         "(continue with --resume auto)\n")
+        sys.stderr.flush()
+    os._exit(1)
 
 
 def _agree(strategy: Strategy, nonfinite: torch.Tensor, stop: bool, device: torch.device) -> tuple[bool, bool]:

@@ -14,7 +14,6 @@ from typing import Annotated, Any
 import typer
 
 from gpt2cli.cli.common import PRECEDENCE_HELP, ConfigOpt, SetOpt, field_help, out, print_json
-from gpt2cli.evaluate import evaluate_checkpoints
 from gpt2cli.specs import EvaluateSpec, build_spec
 
 HELP = "Score checkpoints: loss, perplexity and bits per byte on the same token windows."
@@ -62,6 +61,10 @@ def evaluate(
         "format": output_format.value if output_format else None,
     }
     spec = build_spec(EvaluateSpec, config_file=config, flags=flags, sets=set_ or (), flag_names=FLAG_FOR_FIELD)
+
+    # Imported here: it imports torch, which flag errors do without.
+    from gpt2cli.evaluate import evaluate_checkpoints
+
     report = evaluate_checkpoints(spec)
     if spec.format == "json":
         print_json(report)

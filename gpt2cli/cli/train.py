@@ -244,12 +244,15 @@ def _stored_spec_for_resume(resume: str | None, out_dir: str | None) -> dict[str
 
 
 def run(spec: TrainSpec, dry_run: bool = False) -> None:
-    from gpt2cli.checkpoint import atomic_write_bytes  # imports torch: only once the flags check out
+    # Imported here, not at the top: they import torch, which `--help` and flag errors do without.
+    from gpt2cli.checkpoint import atomic_write_bytes
     from gpt2cli.parallel.launch import (
         LAUNCH_SPEC_NAME,
         check_gpus,
+        check_rendezvous,
         launch,
         needs_launch,
+        take_worker_error,
         under_torchrun,
     )
     from gpt2cli.train import plan_batches, read_status, refuse_existing_run
@@ -258,6 +261,7 @@ def run(spec: TrainSpec, dry_run: bool = False) -> None:
     world = p.procs_per_node * p.nnodes
     if not under_torchrun():
         check_gpus(p)
+        check_rendezvous(p)
     plan = plan_batches(spec, int(os.environ.get("WORLD_SIZE", world)))
     if dry_run:
         _print_dry_run(spec, plan)
@@ -281,6 +285,10 @@ def run(spec: TrainSpec, dry_run: bool = False) -> None:
         if not spec.run.quiet:
             err.print(f"launching {world} processes under torchrun ({p.strategy}) -> {run_dir}")
         code = launch(p, spec_path, debug="--debug" in sys.argv)
+        error = take_worker_error(run_dir)
+        if error is not None:  # a worker's UserError (bad resume, non-finite loss, ...): once, with its code
+            sys.stderr.write(error["error"] + "\n")
+            raise typer.Exit(int(error.get("exit_code", 2)))
         status = (read_status(run_dir) or {}).get("status")
         # Workers exit 0 after an interrupt (a non-zero exit would make torchrun restart them);
         # the launcher turns the recorded status into the documented exit code.
@@ -301,6 +309,14 @@ def _train_here(spec: TrainSpec) -> None:
     except UserError as exc:
         if world > 1:
             exc.message = f"[rank {rank}] {exc.message}"
+            from gpt2cli.parallel.launch import report_to_launcher
+
+            if report_to_launcher(rank, exc.exit_code, exc.render()):
+                # The launcher prints it once and exits with its code; exiting 0 keeps torchrun from
+                # restarting the job or printing a traceback for an error that would only repeat.
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(0)
         raise
     except Exception as exc:
         if world > 1 and _is_collective_timeout(exc):

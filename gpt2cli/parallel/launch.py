@@ -4,13 +4,17 @@ The parent validates the spec, writes it to the run folder and runs
 ``python -m torch.distributed.run ... -m gpt2cli train --spec <run>/spec.json``; the workers get
 exactly the validated spec. The parent streams their output (they inherit its stdout/stderr),
 forwards SIGINT/SIGTERM to torchrun (which forwards them to the workers) and exits with
-torchrun's exit code.
+torchrun's exit code, or with a worker's UserError (printed once, its own exit code: 2 for bad
+input, 3 for a non-finite loss). torchrun dies with the parent (Linux), and workers whose torchrun
+is gone stop (gpt2cli.train), so killing `gpt2 train` never leaves training processes behind.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +23,10 @@ from gpt2cli.errors import UserError
 from gpt2cli.specs import ParallelSpec
 
 LAUNCH_SPEC_NAME = "launch-spec.json"  # spec.json is written by the workers themselves
+# Workers started by `launch` leave a UserError here for the launcher, which prints it once and
+# exits with its code (a worker exiting non-zero would make torchrun print a traceback and exit 1).
+LAUNCH_DIR_ENV = "GPT2CLI_LAUNCH_DIR"
+WORKER_ERROR_PREFIX = ".worker-error-rank"
 
 
 def under_torchrun() -> bool:
@@ -44,6 +52,24 @@ def check_gpus(p: ParallelSpec) -> None:
         )
 
 
+def check_rendezvous(p: ParallelSpec) -> None:
+    """A multi-node job needs --rdzv-endpoint HOST:PORT with a host that resolves, and a
+    --node-rank below --nnodes; torchrun would otherwise print a C++ stack or wait for ever."""
+    if p.nnodes == 1:
+        return
+    if p.node_rank is not None and p.node_rank >= p.nnodes:
+        raise UserError(f"--node-rank {p.node_rank} is not below --nnodes {p.nnodes}", "number the nodes 0 .. nnodes-1")
+    host, sep, port = (p.rdzv_endpoint or "").rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(f"--rdzv-endpoint {p.rdzv_endpoint!r} is not HOST:PORT",
+                        "the address of node 0 and a free port, e.g. --rdzv-endpoint 10.0.0.1:29500")
+    try:
+        socket.getaddrinfo(host.strip("[]"), int(port))
+    except OSError as exc:
+        raise UserError(f"--rdzv-endpoint {p.rdzv_endpoint!r}: cannot resolve the host {host!r}",
+                        "check the name or use the IP address of node 0") from exc
+
+
 def torchrun_command(p: ParallelSpec, spec_path: Path) -> list[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(p.procs_per_node)]
     if p.nnodes == 1:
@@ -67,7 +93,9 @@ def launch(p: ParallelSpec, spec_path: Path, debug: bool = False) -> int:
     # torchrun would set 1 thread per worker with a warning; say it ourselves, sized to the machine.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // p.procs_per_node)))
     env.setdefault("PYTHONUNBUFFERED", "1")
-    proc = subprocess.Popen(cmd, env=env)
+    env[LAUNCH_DIR_ENV] = str(spec_path.parent)
+    take_worker_error(spec_path.parent, remove=True)  # a previous launch's
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
 
     def forward(signum: int, frame: object) -> None:
         proc.send_signal(signum)
@@ -78,3 +106,49 @@ def launch(p: ParallelSpec, spec_path: Path, debug: bool = False) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _die_with_parent() -> None:
+    """In the torchrun child (Linux): SIGTERM when this launcher dies, even by SIGKILL, so that
+    torchrun stops its workers (they checkpoint and exit) instead of running on unattended."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def report_to_launcher(rank: int, exit_code: int, line: str) -> bool:
+    """In a worker started by :func:`launch`: leave its error line for the launcher. False when
+    not started by it (the worker then prints the error itself)."""
+    folder = os.environ.get(LAUNCH_DIR_ENV)
+    if not folder or not Path(folder).is_dir():
+        return False
+    path = Path(folder) / f"{WORKER_ERROR_PREFIX}{rank}.json"
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps({"rank": rank, "exit_code": exit_code, "error": line}), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        return False
+    return True
+
+
+def take_worker_error(run_dir: Path, remove: bool = False) -> dict | None:
+    """The error of the lowest rank that reported one (see :func:`report_to_launcher`). The reports
+    stay until the next launch removes them (``remove``): with several nodes sharing the folder,
+    every node's launcher reads them."""
+    found = []
+    for path in Path(run_dir).glob(f"{WORKER_ERROR_PREFIX}*.json"):
+        try:
+            found.append(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            pass
+        if remove:
+            try:
+                path.unlink()
+            except OSError:
+                pass
+    found = [r for r in found if isinstance(r, dict) and isinstance(r.get("error"), str)]
+    return min(found, key=lambda r: r.get("rank", 0)) if found else None
