@@ -11,8 +11,8 @@ import typer
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from gpt2cli.cli.common import ConfigOpt, SetOpt, err, field_help, make_spec, out
-from gpt2cli.specs import PrepareSpec
+from gpt2cli.cli.common import ConfigOpt, SetOpt, err, field_help, out
+from gpt2cli.specs import PrepareSpec, build_spec
 
 if TYPE_CHECKING:
     from gpt2cli.data.prepare import PrepareProgress
@@ -71,7 +71,9 @@ def data(
         "errors": errors.value if errors is not None else None,
         "overwrite": True if overwrite else None,  # absent: a config file's value stands
     }
-    spec = make_spec(PrepareSpec, config, flags, set_)
+    flag_names = {name: "--" + name.replace("_", "-") for name in flags if name != "sources"}
+    flag_names["out"] = "--out"
+    spec = build_spec(PrepareSpec, config_file=config, flags=flags, sets=set_ or (), flag_names=flag_names)
 
     from gpt2cli.data.prepare import prepare_data
 
