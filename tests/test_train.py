@@ -230,3 +230,11 @@ def test_cli_sigterm_checkpoints_and_resumes(tmp_path, cache_dir):
     steps = [r["step"] for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"]
     assert steps == sorted(set(steps))  # no duplicated rows after the resume
     json.loads((run / "spec.json").read_text())
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_one_process_ddp_and_fsdp_match_single_without_torchrun(tmp_path, cache_dir, strategy):
+    single = train(tiny_spec(tmp_path / "single", train={"steps": 3}))
+    wrapped = train(tiny_spec(tmp_path / strategy, train={"steps": 3}, parallel={"strategy": strategy}))
+    assert wrapped.status == single.status == "completed"
+    assert train_losses(tmp_path / strategy) == pytest.approx(train_losses(tmp_path / "single"), rel=1e-6)

@@ -65,6 +65,10 @@ def _attempt_store(timeout: datetime.timedelta) -> dict:
     """After an elastic restart, the workers of the new attempt must not read the addresses that
     the dead attempt's workers left in torchrun's store (gloo then connects to a closed port).
     Keying the process group by the attempt number keeps every attempt's rendezvous apart."""
+    if "RANK" not in os.environ:
+        # One process, not started by torchrun (e.g. --strategy ddp without --nproc): a private
+        # in-memory store makes a group of one.
+        return {"store": dist.HashStore(), "rank": 0, "world_size": 1}
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
     if attempt is None or "MASTER_ADDR" not in os.environ:
         return {}
