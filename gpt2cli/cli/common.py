@@ -44,3 +44,11 @@ def make_spec(spec_cls: type[BaseModel], config: str | None, flags: dict[str, An
 def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
     sys.stdout.flush()
+
+
+def si(value: float, digits: int = 1) -> str:
+    """1234567 -> '1.2M': rates and counts for progress lines."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.{digits}f}{unit}"
+    return f"{value:.0f}"

@@ -11,7 +11,7 @@ import typer
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from gpt2cli.cli.common import ConfigOpt, SetOpt, err, field_help, out
+from gpt2cli.cli.common import ConfigOpt, SetOpt, err, field_help, out, si
 from gpt2cli.specs import PrepareSpec, build_spec
 
 if TYPE_CHECKING:
@@ -83,13 +83,6 @@ def data(
     _print_summary(folder, time.perf_counter() - started)
 
 
-def _si(value: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(value) >= scale:
-            return f"{value / scale:.2f}{unit}"
-    return f"{value:.0f}"
-
-
 class _ProgressDisplay:
     """A rich progress line on stderr (terminals only): documents and tokens, and their rates."""
 
@@ -120,8 +113,8 @@ class _ProgressDisplay:
             return
         seconds = max(event.elapsed_s, 1e-9)
         stats = (
-            f"{event.documents:,} docs ({_si(event.documents / seconds)}/s) | "
-            f"{event.tokens:,} tokens ({_si(event.tokens / seconds)}/s) | {_si(event.text_bytes)}B text"
+            f"{event.documents:,} docs ({si(event.documents / seconds, 2)}/s) | "
+            f"{event.tokens:,} tokens ({si(event.tokens / seconds, 2)}/s) | {si(event.text_bytes, 2)}B text"
         )
         self.progress.update(self.task, completed=event.tokens, stats=stats)
 
@@ -147,6 +140,6 @@ def _print_summary(path: Path, seconds: float) -> None:
     table.add_row("total", f"{folder.meta['documents']:,}", f"{tokens:,}", f"{text_bytes:,}", "meta.json", style="bold")
     out.print(table)
     out.print(
-        f"{tokens:,} tokens in {seconds:.2f} s ({_si(tokens / max(seconds, 1e-9))} tokens/s), "
+        f"{tokens:,} tokens in {seconds:.2f} s ({si(tokens / max(seconds, 1e-9), 2)} tokens/s), "
         f"fingerprint {folder.fingerprint[:16]}"
     )

@@ -15,14 +15,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from gpt2cli.cli.common import err, out
-
-
-def _si(value: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(value) >= scale:
-            return f"{value / scale:.1f}{unit}"
-    return f"{value:.0f}"
+from gpt2cli.cli.common import err, out, si
 
 
 class TrainProgress:
@@ -59,7 +52,7 @@ class TrainProgress:
                                                stats="")
 
     def step(self, row: dict[str, Any]) -> None:
-        stats = f"loss {row['loss']:.4f} | lr {row['lr']:.2e} | {_si(row['tokens_per_s'])} tok/s"
+        stats = f"loss {row['loss']:.4f} | lr {row['lr']:.2e} | {si(row['tokens_per_s'])} tok/s"
         if "mfu" in row:
             stats += f" | mfu {row['mfu'] * 100:.1f}%"
         if self.progress is not None:
