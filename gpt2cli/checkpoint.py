@@ -27,6 +27,7 @@ import torch
 
 from gpt2cli import __version__
 from gpt2cli.errors import UserError
+from gpt2cli.fsutil import fsync_dir
 
 FORMAT = "gpt2cli-checkpoint"
 FORMAT_VERSION = 1
@@ -86,19 +87,6 @@ def payload_digest(payload: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------ write
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_write_bytes(path: Path, writer: Any, *, crash_before_rename: bool = False) -> None:
     """Call ``writer(file)`` on a temp file beside ``path``, fsync, then rename over ``path``."""
     path = Path(path)
@@ -114,7 +102,7 @@ def atomic_write_bytes(path: Path, writer: Any, *, crash_before_rename: bool = F
     finally:
         if tmp.exists():
             tmp.unlink()
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:

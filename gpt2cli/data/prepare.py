@@ -54,6 +54,7 @@ from gpt2cli.data.shards import (
     write_meta,
 )
 from gpt2cli.errors import UserError
+from gpt2cli.fsutil import fsync_dir
 from gpt2cli.specs import PrepareSpec
 from gpt2cli.tokenizer import (
     EOT_ID,
@@ -806,19 +807,6 @@ def _existing_output(out: Path, overwrite: bool) -> str:
     return "replace"
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems do not support it; the rename is still atomic
-    finally:
-        os.close(fd)
-
-
 def _publish(staging: Path, out: Path, mode: str) -> None:
     """Rename the finished staging folder to ``out``.
 
@@ -840,7 +828,7 @@ def _publish(staging: Path, out: Path, mode: str) -> None:
             raise UserError(
                 f"output folder {str(out)!r} appeared while preparing", "pass --overwrite to replace it"
             ) from None
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
 
 
 def _make_parents(folder: Path) -> list[Path]:
@@ -890,7 +878,7 @@ def _prepare(spec: PrepareSpec, out: Path, mode: str, progress: ProgressFn | Non
             raise _empty_corpus_error(spec)
         split_by = _finish_validation_split(writer, spec.val_fraction)
         write_meta(staging, _build_meta(resolved, sources, writer, split_by, staging))
-        _fsync_dir(staging)
+        fsync_dir(staging)
         _publish(staging, out, mode)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
