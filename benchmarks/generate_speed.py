@@ -1,10 +1,11 @@
 """Decoding speed of `gpt2 generate` vs Hugging Face `generate`, side by side (not a test).
 
 Both run the same random-init GPT-2 124M weights (ours initialised with seed 0, exported with
-``export_hf`` and loaded by ``transformers.GPT2LMHeadModel.from_pretrained``), batch 1, a
-16-token prompt, 256 new tokens, greedy, no early stop, in the same process. The runs alternate
+``export_hf`` and loaded by ``transformers.GPT2LMHeadModel.from_pretrained``), batch 1 (or
+--batch N: N sequences of the same prompt decoded together), a 16-token prompt, 256 new tokens,
+greedy, no early stop, in the same process. The runs alternate
 (ours, HF, ours, HF, ...) after one warm-up each, so that machine load hits both alike; medians
-are reported. Tokens/s = new tokens / wall time of the whole call (prefill included).
+are reported. Tokens/s = batch x new tokens / wall time of the whole call (prefill included).
 
     .venv/bin/python benchmarks/generate_speed.py                       # CPU, fp32, 5 runs each
     .venv/bin/python benchmarks/generate_speed.py --device cuda --dtype bf16 --compile
@@ -50,10 +51,12 @@ def main() -> None:
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
     parser.add_argument("--repeat", type=int, default=5, help="timed runs of each (default 5)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--compile", action="store_true", help="also time ours with a compiled decode step")
-    parser.add_argument("--figure", default=None, help="PNG to write (default docs/figures/generate_speed_<device>.png)")
+    parser.add_argument("--figure", default=None,
+                        help="PNG to write (default docs/figures/generate_speed_<device>[_b<batch>].png; 'none': no figure)")
     args = parser.parse_args()
 
     import transformers
@@ -75,8 +78,9 @@ def main() -> None:
         gens["ours+compile"] = Generator(compiled_model, device=device, dtype=dtype, compile=True)
 
     prompt = torch.randint(0, 50257, (args.prompt_tokens,), generator=torch.Generator().manual_seed(1)).tolist()
-    spec = GenerateSpec(max_new_tokens=args.new_tokens, temperature=0.0, ignore_eos=True, top_k=None)
-    ids = torch.tensor([prompt], device=device)
+    spec = GenerateSpec(max_new_tokens=args.new_tokens, temperature=0.0, ignore_eos=True, top_k=None,
+                        num_samples=args.batch)
+    ids = torch.tensor([prompt] * args.batch, device=device)
 
     def run_ours(name: str, n: int) -> tuple[float, list[int]]:
         r = gens[name].generate(prompt, spec.model_copy(update={"max_new_tokens": n}))
@@ -109,10 +113,10 @@ def main() -> None:
         s, toks = run_hf(args.new_tokens)
         times["hf"].append(s)
         tokens["hf"] = toks
-        print(f"run {i + 1}: " + ", ".join(f"{k} {args.new_tokens / v[-1]:.1f}" for k, v in times.items()) + " tokens/s",
-              flush=True)
+        print(f"run {i + 1}: " + ", ".join(f"{k} {args.batch * args.new_tokens / v[-1]:.1f}" for k, v in times.items())
+              + " tokens/s", flush=True)
 
-    rates = {k: [args.new_tokens / s for s in v] for k, v in times.items()}
+    rates = {k: [args.batch * args.new_tokens / s for s in v] for k, v in times.items()}
     med = {k: statistics.median(v) for k, v in rates.items()}
     same = sum(a == b for a, b in zip(tokens["ours"], tokens["hf"], strict=True))
     first_diff = next((i for i, (a, b) in enumerate(zip(tokens["ours"], tokens["hf"], strict=True)) if a != b), None)
@@ -123,6 +127,7 @@ def main() -> None:
         "dtype": args.dtype,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        "batch": args.batch,
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,
         "repeat": args.repeat,
@@ -135,8 +140,10 @@ def main() -> None:
         "warmup_s": {k: round(v, 1) for k, v in t_compile.items()},
     }
     print(json.dumps(summary, indent=2))
-    write_figure(summary, rates, Path(args.figure) if args.figure else
-                 REPO / "docs" / "figures" / f"generate_speed_{device.type}.png")
+    if args.figure != "none":
+        suffix = f"_b{args.batch}" if args.batch > 1 else ""
+        write_figure(summary, rates, Path(args.figure) if args.figure else
+                     REPO / "docs" / "figures" / f"generate_speed_{device.type}{suffix}.png")
 
 
 def write_figure(summary: dict, rates: dict[str, list[float]], path: Path) -> None:
@@ -160,7 +167,7 @@ def write_figure(summary: dict, rates: dict[str, list[float]], path: Path) -> No
         ax.text(max(rates[n]) + top * 0.02, i, f"median {meds[i]:.1f}", va="center", fontsize=8)
     ax.set_xlabel("tokens/s (median; dots: single runs)")
     ax.set_title(
-        f"GPT-2 124M, batch 1, {summary['prompt_tokens']}+{summary['new_tokens']} tokens, {summary['dtype']}, "
+        f"GPT-2 124M, batch {summary['batch']}, {summary['prompt_tokens']}+{summary['new_tokens']} tokens, {summary['dtype']}, "
         f"{summary['device']} ({summary['threads']} threads)",
         fontsize=8,
     )

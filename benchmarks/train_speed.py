@@ -2,15 +2,21 @@
 
 Random tokens, AdamW (fused on CUDA), global-norm clipping, autocast for bf16/fp16, optional
 torch.compile; warm-up steps excluded; the device is synchronised before and after the timed
-steps. Prints one JSON line (tokens/s, ms/step, MFU when --peak-tflops is given, peak memory).
+steps. Prints one JSON line per configuration (tokens/s, ms/step, MFU when --peak-tflops is
+given, peak memory). --batch and --vocab take comma lists: every combination is measured in turn
+in the same process (one model compile each), which saves the start-up of a process per shape.
+--vocab 50304 pads GPT-2's 50257 to a multiple of 64 (the extra rows are never a target).
 
     .venv/bin/python benchmarks/train_speed.py --preset nano --seq 128 --batch 16 --dtype fp32
-    python benchmarks/train_speed.py --preset gpt2 --seq 1024 --batch 16 --dtype bf16 --compile --peak-tflops 989
+    python benchmarks/train_speed.py --preset gpt2 --seq 1024 --batch 16,32 --vocab 50257,50304 \
+        --dtype bf16 --compile --peak-tflops 989
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import itertools
 import json
 import time
 
@@ -19,31 +25,34 @@ import torch
 from gpt2cli.model import GPT
 from gpt2cli.modelinfo import model_stats
 from gpt2cli.specs import ModelSpec, TrainSpec, build_spec
-from gpt2cli.train import autocast_context, build_optimizer, cross_entropy, resolve_dtype
+from gpt2cli.train import autocast_context, build_optimizer, resolve_dtype
+
+GPT2_VOCAB = 50257
 
 
-def measure(a: argparse.Namespace) -> dict:
+def measure(a: argparse.Namespace, batch: int, vocab: int) -> dict:
     device = torch.device(a.device)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
-    spec = ModelSpec(preset=a.preset, attn=a.attn, pos=a.pos, block_size=max(a.seq, 1))
+    spec = ModelSpec(preset=a.preset, attn=a.attn, pos=a.pos, block_size=max(a.seq, 1), vocab_size=vocab)
     torch.manual_seed(0)
     model = GPT(spec).to(device)
     train_spec = build_spec(TrainSpec, flags={"model": spec.model_dump()})
     optimizer = build_optimizer(model, train_spec, device)
     step_model = torch.compile(model) if a.compile else model
     dtype = resolve_dtype(a.dtype, device)
-    x = torch.randint(0, spec.vocab_size, (a.batch, a.seq), device=device)
+    x = torch.randint(0, min(vocab, GPT2_VOCAB), (batch, a.seq), device=device)
 
     def step() -> torch.Tensor:
         with autocast_context(device, dtype):
-            loss = cross_entropy(step_model(x), x)
+            loss = step_model(x, targets=x)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss
 
+    t_start = time.perf_counter()
     for _ in range(a.warmup):
         step()
     if device.type == "cuda":
@@ -56,17 +65,27 @@ def measure(a: argparse.Namespace) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
-    stats = model_stats(spec, seq_len=a.seq)
-    tps = a.batch * a.seq * a.steps / dt
+    # FLOPs of the unpadded model: padding rows do no useful work, so they earn no MFU.
+    stats = model_stats(spec.model_copy(update={"vocab_size": min(vocab, GPT2_VOCAB)}), seq_len=a.seq)
+    tps = batch * a.seq * a.steps / dt
     out = {"peer": "gpt2cli", "job": "train", "device": str(device), "dtype": a.dtype, "compile": a.compile,
            "preset": a.preset, "attn": a.attn, "pos": a.pos, "layers": spec.n_layer, "heads": spec.n_head,
-           "dim": spec.n_embd, "seq": a.seq, "batch": a.batch, "ms_per_step": 1000 * dt / a.steps,
-           "tokens_per_s": tps, "flops_per_token": stats["flops_per_token"]}
+           "dim": spec.n_embd, "vocab": vocab, "seq": a.seq, "batch": batch, "ms_per_step": 1000 * dt / a.steps,
+           "tokens_per_s": tps, "flops_per_token": stats["flops_per_token"],
+           "warmup_s": t0 - t_start, "final_loss": float(loss.detach())}
     if a.peak_tflops:
         out["mfu"] = tps * stats["flops_per_token"] / (a.peak_tflops * 1e12)
     if device.type == "cuda":
         out["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
     return out
+
+
+def release(device: torch.device) -> None:
+    """Free the last configuration (compiled graphs, memory) before the next one is built."""
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -75,14 +94,20 @@ def main() -> None:
     p.add_argument("--attn", default="mha")
     p.add_argument("--pos", default="learned")
     p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--batch", default="16", help="sequences per step; a comma list measures each")
+    p.add_argument("--vocab", default=str(GPT2_VOCAB), help="vocabulary rows; a comma list measures each")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--compile", action="store_true")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    print(json.dumps(measure(p.parse_args())), flush=True)
+    a = p.parse_args()
+    batches = [int(b) for b in a.batch.split(",")]
+    vocabs = [int(v) for v in a.vocab.split(",")]
+    for batch, vocab in itertools.product(batches, vocabs):
+        print(json.dumps(measure(a, batch, vocab)), flush=True)
+        release(torch.device(a.device))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from gpt2cli.errors import UserError
@@ -84,8 +83,7 @@ def evaluate_sums(model, tokens, *, seq_len, batch_size, max_tokens=None, strate
         chunk = chunk or [0]  # padding batch: same collectives, no contribution
         x, y = window_batch(tokens, [i * seq_len for i in chunk], seq_len, device)
         with autocast() if autocast else contextlib.nullcontext():
-            logits = model(x)
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
+            loss = model(x, targets=y, reduction="sum")
         loss_sum += loss.double() * weight
         count += y.numel() * weight
     if was_training:

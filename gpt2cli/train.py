@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from gpt2cli import checkpoint as ckpt
@@ -187,11 +186,6 @@ def build_optimizer(model: nn.Module, spec: TrainSpec, device: torch.device) -> 
         kwargs["fused"] = True
     cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
     return cls(groups, **kwargs)
-
-
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss in fp32 (logits may be bf16 under autocast)."""
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
 
 
 # ------------------------------------------------------------------------------ run folder
@@ -525,7 +519,7 @@ class _Trainer:
                     sync = contextlib.nullcontext() if last_micro else strategy.no_sync(trained)
                     with sync:
                         with autocast_context(self.device, self.dtype):
-                            loss = cross_entropy(trained(x), y) / plan.grad_accum
+                            loss = trained(x, targets=y) / plan.grad_accum
                         if _fault_at("nan_at_step", step, strategy.rank):
                             loss = loss * float("nan")
                         (scaler.scale(loss) if scaler else loss).backward()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gpt2cli.model.attention import CausalSelfAttention
@@ -165,9 +166,22 @@ class GPT(nn.Module):
 
     # ----------------------------------------------------------------------------- forward
 
-    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        input_pos: torch.Tensor | None = None,
+        *,
+        targets: torch.Tensor | None = None,
+        reduction: str = "mean",
+    ) -> torch.Tensor:
         """idx: (B, T) token ids; input_pos: (T,) their positions (default 0..T-1; required with
-        a KV cache). Returns logits (B, T, vocab_size) in the compute dtype."""
+        a KV cache). Returns logits (B, T, vocab_size) in the compute dtype or, given targets
+        (B, T), the fp32 cross-entropy over all of them (``reduction`` "mean" or "sum").
+
+        The loss lives here, inside forward, so that torch.compile of the model fuses it with the
+        output layer: computed outside, the logits leave the graph and are copied to fp32 and
+        through log-softmax in separate passes (about 9 ms of a 47 ms GPT-2 step on an H100,
+        docs/benchmarks.md)."""
         B, T = idx.shape
         if T > self.spec.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.spec.block_size}")
@@ -183,7 +197,10 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x, rope, input_pos)
         x = self.transformer.ln_f(x)
-        return self.lm_head(x)  # (B, T, vocab_size)
+        logits = self.lm_head(x)  # (B, T, vocab_size)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
 
 
 def kv_cache_bytes_per_token(spec: ModelSpec, dtype_bytes: int) -> int:

@@ -128,6 +128,18 @@ def test_dropout_acts_only_in_training_mode():
         assert not torch.equal(model(idx), model(idx))
 
 
+def test_forward_with_targets_returns_the_cross_entropy_of_its_logits():
+    model = tiny_model().eval()
+    idx, targets = torch.randint(0, 512, (3, 10)), torch.randint(0, 512, (3, 10))
+    with torch.no_grad():
+        logits = model(idx)
+        mean = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        total = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+        torch.testing.assert_close(model(idx, targets=targets), mean)
+        torch.testing.assert_close(model(idx, targets=targets, reduction="sum"), total)
+    assert model(idx, targets=targets).dtype == torch.float32 and model(idx, targets=targets).dim() == 0
+
+
 @pytest.mark.parametrize("attn,pos", [*VARIANTS, ("gqa", "rope_learnable")])
 def test_every_variant_learns(attn, pos):
     """A few AdamW steps on one batch lower the loss (gradients reach every parameter)."""
