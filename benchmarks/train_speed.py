@@ -18,6 +18,7 @@ import argparse
 import gc
 import itertools
 import json
+import resource
 import time
 
 import torch
@@ -70,13 +71,15 @@ def measure(a: argparse.Namespace, batch: int, vocab: int) -> dict:
     tps = batch * a.seq * a.steps / dt
     out = {"peer": "gpt2cli", "job": "train", "device": str(device), "dtype": a.dtype, "compile": a.compile,
            "preset": a.preset, "attn": a.attn, "pos": a.pos, "layers": spec.n_layer, "heads": spec.n_head,
-           "dim": spec.n_embd, "vocab": vocab, "seq": a.seq, "batch": batch, "ms_per_step": 1000 * dt / a.steps,
+           "dim": spec.n_embd, "params": model.num_params(), "vocab": vocab, "seq": a.seq, "batch": batch, "ms_per_step": 1000 * dt / a.steps,
            "tokens_per_s": tps, "flops_per_token": stats["flops_per_token"],
            "warmup_s": t0 - t_start, "final_loss": float(loss.detach())}
     if a.peak_tflops:
         out["mfu"] = tps * stats["flops_per_token"] / (a.peak_tflops * 1e12)
     if device.type == "cuda":
         out["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    else:  # the process's peak resident set (Linux: KiB); one configuration per process to read it alone
+        out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return out
 
 

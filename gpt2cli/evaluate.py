@@ -20,26 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from gpt2cli.data.loader import count_windows, windows_on_device
 from gpt2cli.errors import UserError
 from gpt2cli.specs import EvaluateSpec
-
-
-def count_windows(num_tokens: int, seq_len: int, max_tokens: int | None = None) -> int:
-    """Non-overlapping windows of seq_len inputs (+1 target token) that fit, capped by max_tokens."""
-    n = (num_tokens - 1) // seq_len
-    if max_tokens is not None:
-        n = min(n, max(1, max_tokens // seq_len))
-    return max(n, 0)
-
-
-def window_batch(tokens: np.ndarray, starts: list[int], seq_len: int, device: torch.device):
-    rows = np.stack([np.asarray(tokens[s : s + seq_len + 1], dtype=np.int64) for s in starts])
-    batch = torch.from_numpy(rows)
-    if device.type == "cuda":
-        batch = batch.pin_memory().to(device, non_blocking=True)
-    else:
-        batch = batch.to(device)
-    return batch[:, :-1], batch[:, 1:]
 
 
 @torch.no_grad()
@@ -81,7 +64,7 @@ def evaluate_sums(model, tokens, *, seq_len, batch_size, max_tokens=None, strate
         chunk = mine[b * batch_size : (b + 1) * batch_size]
         weight = 1.0 if chunk else 0.0
         chunk = chunk or [0]  # padding batch: same collectives, no contribution
-        x, y = window_batch(tokens, [i * seq_len for i in chunk], seq_len, device)
+        x, y = windows_on_device(tokens, np.asarray(chunk, dtype=np.int64), seq_len, device)
         with autocast() if autocast else contextlib.nullcontext():
             loss = model(x, targets=y, reduction="sum")
         loss_sum += loss.double() * weight

@@ -43,9 +43,11 @@ def _check_layout(batch_size: int, seq_len: int, rank: int, world_size: int) -> 
         raise UserError(f"rank {rank} is outside a world of {world_size} processes")
 
 
-def count_windows(num_tokens: int, seq_len: int) -> int:
-    """Windows of ``seq_len + 1`` tokens that start at multiples of ``seq_len``."""
-    return max(0, (num_tokens - 1) // seq_len)
+def count_windows(num_tokens: int, seq_len: int, max_tokens: int | None = None) -> int:
+    """Windows of ``seq_len + 1`` tokens that start at multiples of ``seq_len`` (the inputs do not
+    overlap), capped at ``max_tokens // seq_len`` windows (at least one) when given."""
+    n = max(0, (num_tokens - 1) // seq_len)
+    return n if max_tokens is None else min(n, max(1, max_tokens // seq_len))
 
 
 def _too_short_error(num_tokens: int, seq_len: int) -> UserError:
@@ -64,6 +66,12 @@ def _gather_windows(tokens: np.ndarray, window_indices: np.ndarray, seq_len: int
     if pin:
         x, y = x.pin_memory(), y.pin_memory()
     return x, y
+
+
+def windows_on_device(tokens: np.ndarray, window_indices: np.ndarray, seq_len: int, device: torch.device) -> Batch:
+    """Inputs and targets of the given windows on ``device`` (pinned and non-blocking for CUDA)."""
+    pin = device.type == "cuda" and torch.cuda.is_available()
+    return _to_device(_gather_windows(tokens, window_indices, seq_len, pin), device)
 
 
 def _to_device(batch: Batch, device: torch.device) -> Batch:
@@ -252,10 +260,9 @@ def eval_window_starts(
     share of each chunk (the last chunk is shared out equally).
     """
     _check_layout(batch_size, seq_len, rank, world_size)
-    available = count_windows(num_tokens, seq_len)
-    if available < 1:
+    if count_windows(num_tokens, seq_len) < 1:
         raise _too_short_error(num_tokens, seq_len)
-    wanted = available if max_tokens is None else min(available, max(1, max_tokens // seq_len))
+    wanted = count_windows(num_tokens, seq_len, max_tokens)
     used = wanted - wanted % world_size
     if used == 0:
         raise UserError(
@@ -283,8 +290,7 @@ def eval_batches(
 ) -> Iterator[Batch]:
     """Deterministic evaluation batches (x, y) for this rank: see :func:`eval_window_starts`."""
     device = torch.device(device)
-    pin = device.type == "cuda" and torch.cuda.is_available()
     for windows in eval_window_starts(
         len(tokens), batch_size=batch_size, seq_len=seq_len, max_tokens=max_tokens, rank=rank, world_size=world_size
     ):
-        yield _to_device(_gather_windows(tokens, windows, seq_len, pin), device)
+        yield windows_on_device(tokens, windows, seq_len, device)
