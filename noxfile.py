@@ -14,8 +14,8 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(venv_backend="none")
 def lint(session: nox.Session) -> None:
-    """ruff on the package, tests and benchmarks."""
-    session.run("ruff", "check", "gpt2cli", "tests", "benchmarks", "noxfile.py")
+    """ruff on the package, tests, benchmarks and scripts."""
+    session.run("ruff", "check", "gpt2cli", "tests", "benchmarks", "scripts", "noxfile.py")
 
 
 @nox.session(venv_backend="none")

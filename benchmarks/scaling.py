@@ -1,7 +1,7 @@
 """How the training step's time and memory grow with sequence length, batch size and model size.
 
 Each point is benchmarks/train_speed.py in a fresh process (so that the peak memory read is
-that configuration's alone): AdamW, clipping, 2 warm-up and --steps timed steps. Three sweeps
+that configuration's alone): AdamW, clipping, 3 warm-up and --steps (10) timed steps. Three sweeps
 around one centre (nano, T=128, B=8): sequence length, batch size, model size. Besides time and
 memory, each row gives the step's FLOPs (6N + 12LTd per token, x tokens) and the achieved
 GFLOP/s, which shows whether time grows as the arithmetic does. A markdown table on stdout, the
@@ -26,7 +26,7 @@ REPO = HERE.parent
 
 def measure(preset: str, seq: int, batch: int, a: argparse.Namespace) -> dict:
     cmd = [sys.executable, str(HERE / "train_speed.py"), "--preset", preset, "--seq", str(seq), "--batch", str(batch),
-           "--dtype", a.dtype, "--device", a.device, "--steps", str(a.steps), "--warmup", "2"]
+           "--dtype", a.dtype, "--device", a.device, "--steps", str(a.steps), "--warmup", "3"]
     if a.compile:
         cmd.append("--compile")
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
@@ -48,7 +48,7 @@ def main() -> None:
     ap.add_argument("--seqs", default="32,64,128,256,512")
     ap.add_argument("--batches", default="1,2,4,8,16,32")
     ap.add_argument("--presets", default="tiny,nano,mini,gpt2")
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--out", default="bench-out/scaling.json")
     ap.add_argument("--figure", default=None, help="PNG (default docs/figures/scaling_<device>.png)")
     a = ap.parse_args()
@@ -101,8 +101,8 @@ def plot(rows: dict[str, list[dict]], a: argparse.Namespace, path: Path) -> None
             if name == "model size":
                 ax.annotate(r["preset"], (x, r["ms_per_step"]), fontsize=7, textcoords="offset points", xytext=(3, -9))
         ax = axes[1][col]
-        ax.plot(xs, [r["peak_gb"] for r in rs], "s-", color="#c44e52")
-        ax.set_xscale("log", base=2)
+        ax.plot(xs, [r["peak_gb"] for r in rs], "s-", color="#c44e52")  # linear x: memory grows linearly
+        ax.set_ylim(bottom=0)
         ax.set_xlabel(xlabel[name])
         ax.set_ylabel("peak memory, GB")
     memory = "peak allocated (CUDA)" if a.device.startswith("cuda") else "peak RSS of the process"
