@@ -26,7 +26,7 @@ import torch
 from gpt2cli.model import GPT
 from gpt2cli.modelinfo import model_stats
 from gpt2cli.specs import ModelSpec, TrainSpec, build_spec
-from gpt2cli.train import autocast_context, build_optimizer, resolve_dtype
+from gpt2cli.train import autocast_context, build_optimizer, resolve_dtype, resolve_loss_chunk
 
 GPT2_VOCAB = 50257
 
@@ -43,10 +43,11 @@ def measure(a: argparse.Namespace, batch: int, vocab: int) -> dict:
     step_model = torch.compile(model) if a.compile else model
     dtype = resolve_dtype(a.dtype, device)
     x = torch.randint(0, min(vocab, GPT2_VOCAB), (batch, a.seq), device=device)
+    loss_chunk = resolve_loss_chunk(a.loss_chunk, a.compile)  # gpt2 train's rule
 
     def step() -> torch.Tensor:
         with autocast_context(device, dtype):
-            loss = step_model(x, targets=x)
+            loss = step_model(x, targets=x, loss_chunk=loss_chunk)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
         optimizer.step()
@@ -71,7 +72,7 @@ def measure(a: argparse.Namespace, batch: int, vocab: int) -> dict:
     tps = batch * a.seq * a.steps / dt
     out = {"peer": "gpt2cli", "job": "train", "device": str(device), "dtype": a.dtype, "compile": a.compile,
            "preset": a.preset, "attn": a.attn, "pos": a.pos, "layers": spec.n_layer, "heads": spec.n_head,
-           "dim": spec.n_embd, "params": model.num_params(), "vocab": vocab, "seq": a.seq, "batch": batch, "ms_per_step": 1000 * dt / a.steps,
+           "dim": spec.n_embd, "params": model.num_params(), "vocab": vocab, "loss_chunk": loss_chunk, "seq": a.seq, "batch": batch, "ms_per_step": 1000 * dt / a.steps,
            "tokens_per_s": tps, "flops_per_token": stats["flops_per_token"],
            "warmup_s": t0 - t_start, "final_loss": float(loss.detach())}
     if a.peak_tflops:
@@ -103,6 +104,8 @@ def main() -> None:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--loss-chunk", type=int, default=None,
+                   help="tokens per chunk of the output layer + loss (0 = off); default: gpt2 train's rule")
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args()

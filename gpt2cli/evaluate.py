@@ -22,7 +22,7 @@ from torch import nn
 
 from gpt2cli.data.loader import count_windows, windows_on_device
 from gpt2cli.errors import UserError
-from gpt2cli.specs import EvaluateSpec
+from gpt2cli.specs import DEFAULT_LOSS_CHUNK, EvaluateSpec
 
 
 @torch.no_grad()
@@ -35,16 +35,19 @@ def evaluate_loss(
     max_tokens: int | None = None,
     strategy=None,
     autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+    loss_chunk: int = DEFAULT_LOSS_CHUNK,
 ) -> float:
     """Mean cross-entropy (nats per token) of ``model`` on the evaluation windows of ``tokens``."""
     stats = evaluate_sums(model, tokens, seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens,
-                          strategy=strategy, autocast=autocast)
+                          strategy=strategy, autocast=autocast, loss_chunk=loss_chunk)
     return stats[0] / stats[1]
 
 
 @torch.no_grad()
-def evaluate_sums(model, tokens, *, seq_len, batch_size, max_tokens=None, strategy=None, autocast=None):
-    """(summed loss, token count) over the evaluation windows, reduced over ranks."""
+def evaluate_sums(model, tokens, *, seq_len, batch_size, max_tokens=None, strategy=None, autocast=None,
+                  loss_chunk=DEFAULT_LOSS_CHUNK):
+    """(summed loss, token count) over the evaluation windows, reduced over ranks. ``loss_chunk``:
+    see GPT.forward (0 for a compiled model, whose compiler fuses the loss)."""
     rank = strategy.rank if strategy is not None else 0
     world = strategy.world_size if strategy is not None else 1
     device = next(model.parameters()).device
@@ -66,7 +69,7 @@ def evaluate_sums(model, tokens, *, seq_len, batch_size, max_tokens=None, strate
         chunk = chunk or [0]  # padding batch: same collectives, no contribution
         x, y = windows_on_device(tokens, np.asarray(chunk, dtype=np.int64), seq_len, device)
         with autocast() if autocast else contextlib.nullcontext():
-            loss = model(x, targets=y, reduction="sum")
+            loss = model(x, targets=y, reduction="sum", loss_chunk=loss_chunk)
         loss_sum += loss.double() * weight
         count += y.numel() * weight
     if was_training:

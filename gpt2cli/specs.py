@@ -224,6 +224,10 @@ class OptimSpec(_Spec):
 
 Device = str  # auto | cpu | mps | cuda | cuda:N (checked below)
 DEFAULT_STEPS = 200  # the default run: nano on tiny Shakespeare in a few minutes on a laptop CPU
+# Tokens per chunk of the output layer + loss when it runs eagerly (gpt2cli.model.loss): 512 x
+# 50,257 fp32 logits = 103 MB per chunk, large enough for efficient matmuls.
+DEFAULT_LOSS_CHUNK = 512
+
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -245,6 +249,12 @@ class TrainingSpec(_Spec):
         "auto", description="Compute precision: auto = bf16 autocast on CUDA with bf16, else fp32."
     )
     compile: bool | None = Field(None, description="torch.compile the model; default: on for CUDA, off otherwise.")
+    loss_chunk: int | None = Field(
+        None, ge=0,
+        description="Output layer and loss in chunks of this many tokens, gradients in the same pass, so the "
+        "(tokens x vocab) logits are never held whole; 0 = off. Default: "
+        f"{DEFAULT_LOSS_CHUNK} without compile, 0 with it (the compiler fuses the loss).",
+    )
     device: Device = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
     seed: int = Field(1337, ge=0, description="Seed for initialisation, data order and dropout.")
     log_every: int = Field(10, gt=0, description="Steps between metric rows (the only host syncs).")

@@ -29,7 +29,7 @@ from gpt2cli.evaluate import evaluate_loss
 from gpt2cli.metrics import MetricsWriter, mfu, peak_flops, perplexity, truncate_metrics
 from gpt2cli.model import GPT
 from gpt2cli.parallel import Strategy, make_strategy
-from gpt2cli.specs import DEFAULT_STEPS, TrainSpec, spec_from_json, spec_to_json
+from gpt2cli.specs import DEFAULT_LOSS_CHUNK, DEFAULT_STEPS, TrainSpec, spec_from_json, spec_to_json
 
 # --------------------------------------------------------------------------------- reporting
 
@@ -163,6 +163,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
             return torch.bfloat16
         return torch.float32
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def resolve_loss_chunk(loss_chunk: int | None, compiled: bool) -> int:
+    """train.loss_chunk's default: chunked (eager) unless compiled, where the compiler fuses the loss."""
+    if loss_chunk is not None:
+        return loss_chunk
+    return 0 if compiled else DEFAULT_LOSS_CHUNK
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
@@ -336,6 +343,9 @@ class _Trainer:
         self.device = strategy.device
         self.dtype = resolve_dtype(spec.train.dtype, self.device)
         self.plan = plan_batches(spec, strategy.world_size)
+        compile_flag = spec.train.compile
+        self.compiled = self.device.type == "cuda" if compile_flag is None else compile_flag
+        self.loss_chunk = resolve_loss_chunk(spec.train.loss_chunk, self.compiled)
 
     # ------------------------------------------------------------------ build
     def _open_data(self):
@@ -364,10 +374,7 @@ class _Trainer:
         torch.manual_seed(self.spec.train.seed)  # identical initialisation on every rank
         model = GPT(self.spec.model).to(self.device)
         trained = self.strategy.wrap(model)
-        use_compile = self.spec.train.compile
-        if use_compile is None:
-            use_compile = self.device.type == "cuda"
-        if use_compile:
+        if self.compiled:
             trained = torch.compile(trained)
         return model, trained
 
@@ -469,7 +476,7 @@ class _Trainer:
             val = evaluate_loss(
                 trained, val_tokens, seq_len=plan.seq_len, batch_size=spec.eval_batch_size,
                 max_tokens=spec.eval.tokens, strategy=strategy,
-                autocast=lambda: autocast_context(self.device, self.dtype),
+                autocast=lambda: autocast_context(self.device, self.dtype), loss_chunk=self.loss_chunk,
             )
             row = {"kind": "eval", "step": step_now, "tokens": tokens_seen, "val_loss": val,
                    "val_ppl": perplexity(val), "eval_s": time.perf_counter() - t0,
@@ -519,7 +526,7 @@ class _Trainer:
                     sync = contextlib.nullcontext() if last_micro else strategy.no_sync(trained)
                     with sync:
                         with autocast_context(self.device, self.dtype):
-                            loss = trained(x, targets=y) / plan.grad_accum
+                            loss = trained(x, targets=y, loss_chunk=self.loss_chunk) / plan.grad_accum
                         if _fault_at("nan_at_step", step, strategy.rank):
                             loss = loss * float("nan")
                         (scaler.scale(loss) if scaler else loss).backward()

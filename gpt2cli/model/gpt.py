@@ -20,6 +20,7 @@ from torch import nn
 
 from gpt2cli.model.attention import CausalSelfAttention
 from gpt2cli.model.kv_cache import KVCache
+from gpt2cli.model.loss import chunked_linear_cross_entropy
 from gpt2cli.model.rope import RotaryEmbedding
 from gpt2cli.specs import ModelSpec
 
@@ -173,6 +174,7 @@ class GPT(nn.Module):
         *,
         targets: torch.Tensor | None = None,
         reduction: str = "mean",
+        loss_chunk: int = 0,
     ) -> torch.Tensor:
         """idx: (B, T) token ids; input_pos: (T,) their positions (default 0..T-1; required with
         a KV cache). Returns logits (B, T, vocab_size) in the compute dtype or, given targets
@@ -181,7 +183,9 @@ class GPT(nn.Module):
         The loss lives here, inside forward, so that torch.compile of the model fuses it with the
         output layer: computed outside, the logits leave the graph and are copied to fp32 and
         through log-softmax in separate passes (about 9 ms of a 47 ms GPT-2 step on an H100,
-        docs/benchmarks.md)."""
+        docs/benchmarks.md). ``loss_chunk`` > 0 takes the output layer and the loss that many
+        tokens at a time (gpt2cli.model.loss): the same value, without ever holding the whole
+        (tokens x vocab) logits; for eager execution, where nothing fuses them."""
         B, T = idx.shape
         if T > self.spec.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.spec.block_size}")
@@ -197,6 +201,9 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x, rope, input_pos)
         x = self.transformer.ln_f(x)
+        if targets is not None and loss_chunk > 0:
+            return chunked_linear_cross_entropy(x, self.lm_head.weight, targets, chunk_tokens=loss_chunk,
+                                                reduction=reduction)
         logits = self.lm_head(x)  # (B, T, vocab_size)
         if targets is None:
             return logits
