@@ -264,6 +264,14 @@ def test_killed_run_never_looks_complete(tmp_path):
     leftovers = [p for p in tmp_path.iterdir() if p.name != "c.jsonl"]
     assert leftovers and all(p.name.startswith(".out.tmp-") for p in leftovers)
     assert not any(is_token_folder(p) or (p / "meta.json").exists() for p in leftovers)
+    # The next run to the same folder removes what the dead process left, and only that.
+    live = tmp_path / f".out.tmp-{prep._HOST}-{os.getpid()}-abcd"
+    other_host = tmp_path / ".out.tmp-elsewhere-1-abcd"
+    live.mkdir(), other_host.mkdir()
+    prepare_data(PrepareSpec(sources=[str(path)], out=str(tmp_path / "out")))
+    assert is_token_folder(tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".out.tmp-elsewhere-1-abcd", live.name, "c.jsonl",
+                                                                 "out"])
 
 
 # -------------------------------------------------------------------------- bad input
