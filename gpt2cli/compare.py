@@ -628,6 +628,57 @@ def compare_paths(paths: Sequence[str | Path], **kwargs: Any) -> Comparison:
     return compare_runs(load_runs(paths), **kwargs)
 
 
+@dataclass
+class SweepLines:
+    """The ranking metric of every column against one numeric spec field (``gpt2 compare
+    --plot-vs``): one line per value of the other fields that differ between columns."""
+
+    field: str
+    metric: str  # the per-run value plotted, e.g. best_val_loss
+    lines: dict[str, list[tuple[float, Stat]]]  # label -> (x, the column's stat), sorted by x
+
+
+def sweep_lines(result: Comparison, name: str, aliases: Mapping[str, str] | None = None) -> SweepLines:
+    """Group ``result``'s columns into lines over the spec field ``name`` (a dotted path, flag
+    alias or unique field name). Fields that follow from it (min_lr from lr, say) do not split
+    lines. A column whose value of the field is not one number is a UserError."""
+    known = sorted({key for run in result.runs for key in run.fields})
+    path = resolve_field(name, known, aliases)
+    xs: list[float] = []
+    for col in result.columns:
+        values = col.field_values(path)
+        if len(values) != 1 or isinstance(values[0], bool) or not isinstance(values[0], int | float):
+            shown = ", ".join(format_field(v) for v in values)
+            raise UserError(
+                f"--plot-vs {name}: column {col.label!r} has {path} = {shown}, not one number",
+                f"plot against a numeric field, and group the runs by it (--group-by {name})",
+            )
+        xs.append(float(values[0]))
+    others = [row.key for row in result.rows if row.spec and row.key not in (path, SEED_FIELD)]
+
+    def follows_from_x(key: str) -> bool:
+        seen: dict[float, str] = {}
+        for x, col in zip(xs, result.columns, strict=True):
+            value = repr(col.field_values(key))
+            if seen.setdefault(x, value) != value:
+                return False
+        return True
+
+    splitting = [key for key in others if not follows_from_x(key)]
+    metric = METRICS[result.metric]
+    lines: dict[str, list[tuple[float, Stat]]] = {}
+    for x, col in zip(xs, result.columns, strict=True):
+        stat = col.stats.get(metric)
+        if stat is None or not stat.values:
+            continue  # no eval rows yet: nothing to plot
+        label = ", ".join(f"{key.split('.')[-1]}={', '.join(format_field(v) for v in col.field_values(key))}"
+                          for key in splitting)
+        lines.setdefault(label, []).append((x, stat))
+    for points in lines.values():
+        points.sort(key=lambda point: point[0])
+    return SweepLines(field=path, metric=metric, lines=lines)
+
+
 def _memory_label(runs: Sequence[Run]) -> str:
     kinds = {k for r in runs for row in r.train_rows for k in ("peak_mem_bytes", "peak_rss_bytes") if k in row}
     if kinds == {"peak_mem_bytes"}:

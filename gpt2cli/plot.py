@@ -60,9 +60,10 @@ def plot_format(path: str | Path) -> str:
 
 
 def write_plot(columns: Sequence[Any], path: str | Path, *, metric: str = "val_loss",
-               target: float | None = None, title: str | None = None) -> Path:
+               target: float | None = None, title: str | None = None, sweep: Any = None) -> Path:
     """Write val loss (left) and train loss (right) against tokens for every run to ``path``
-    (.png or .svg). Returns the path."""
+    (.png or .svg); with ``sweep`` (gpt2cli.compare.SweepLines) a third panel: the metric against
+    the swept field. Returns the path."""
     p = Path(path)
     fmt = plot_format(p)
     try:
@@ -72,9 +73,12 @@ def write_plot(columns: Sequence[Any], path: str | Path, *, metric: str = "val_l
     except ImportError as exc:  # pragma: no cover - matplotlib is a dependency
         raise UserError("--plot needs matplotlib", "pip install matplotlib") from exc
 
-    fig = Figure(figsize=(11, 4.4), layout="constrained")
+    fig = Figure(figsize=(16.5 if sweep else 11, 4.4), layout="constrained")
     FigureCanvasAgg(fig)  # the Agg canvas: no display, no pyplot state
-    ax_val, ax_train = fig.subplots(1, 2)
+    axes = fig.subplots(1, 3 if sweep else 2)
+    ax_val, ax_train = axes[0], axes[1]
+    if sweep:
+        _sweep_panel(axes[2], sweep)
     panels = ((ax_val, "val", "validation loss"), (ax_train, "train", "train loss"))
     for ax, which, heading in panels:
         drawn: list[Series] = []
@@ -115,6 +119,34 @@ def write_plot(columns: Sequence[Any], path: str | Path, *, metric: str = "val_l
     p.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(p, format=fmt, dpi=150)
     return p
+
+
+def _sweep_panel(ax: Any, sweep: Any) -> None:
+    """Mean ± std of the metric against the swept field, one line per group; single runs as dots."""
+    xs_all: set[float] = set()
+    for i, (label, points) in enumerate(sweep.lines.items()):
+        color = f"C{i % 10}"
+        xs = [x for x, _ in points]
+        xs_all.update(xs)
+        means = [stat.mean for _, stat in points]
+        stds = [stat.std or 0.0 for _, stat in points]
+        ax.errorbar(xs, means, yerr=stds, color=color, marker="o", ms=4, capsize=3,
+                    label=label or sweep.metric.replace("_", " "))
+        for x, stat in points:
+            if len(stat.values) > 1:
+                ax.plot([x] * len(stat.values), stat.values, ".", color=color, alpha=0.4, ms=4)
+    if not xs_all:
+        ax.text(0.5, 0.5, "no eval rows yet", ha="center", va="center", transform=ax.transAxes, color="0.4")
+    elif min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 4:  # a geometric grid, as lr sweeps are
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(xs_all), [f"{x:g}" for x in sorted(xs_all)])
+        ax.minorticks_off()
+    ax.set_title(f"{sweep.metric.replace('_', ' ')} vs {sweep.field} (mean ± std)")
+    ax.set_xlabel(sweep.field)
+    ax.set_ylabel(sweep.metric.replace("_", " "))
+    ax.grid(alpha=0.3)
+    if xs_all:
+        ax.legend(fontsize="small")
 
 
 def _target_line(which: str, metric: str, target: float | None) -> float | None:

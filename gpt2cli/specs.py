@@ -434,6 +434,12 @@ class CompareSpec(_Spec):
     plot: str | None = Field(
         None, description="Write val and train loss against tokens to this PNG or SVG file."
     )
+    plot_vs: str | None = Field(
+        None,
+        description="With --plot, add a panel: the ranking metric (best val loss by default) of every column "
+        "against this numeric spec field (e.g. lr), mean ± std, one line per value of the other fields "
+        "that differ.",
+    )
     format: Literal["table", "markdown", "json", "csv"] = Field("table", description="Output format.")
     group_by: str | None = Field(
         None,

@@ -13,7 +13,14 @@ from pathlib import Path
 import pytest
 
 from gpt2cli.cli import main
-from gpt2cli.compare import compare_paths, compare_runs, format_stat, load_run, load_runs
+from gpt2cli.compare import (
+    compare_paths,
+    compare_runs,
+    format_stat,
+    load_run,
+    load_runs,
+    sweep_lines,
+)
 from gpt2cli.errors import UserError
 from gpt2cli.modelinfo import model_stats
 from gpt2cli.plot import terminal_chart, write_plot
@@ -261,6 +268,36 @@ def test_plot_writes_a_valid_png_and_svg(tmp_path):
     assert "<svg" in svg.read_text(encoding="utf-8")
     with pytest.raises(UserError, match=r"\.png or \.svg"):
         write_plot(result.columns, tmp_path / "curves.gif")
+
+
+def test_plot_vs_a_swept_field_groups_lines_by_the_other_fields(tmp_path, capsys):
+    runs = []
+    for pos, base in (("learned", 4.0), ("rope", 3.5)):
+        for lr in (1e-3, 2e-3, 4e-3):
+            for seed in (1, 2):
+                val = base + abs(lr - 2e-3) * 100 + seed / 100
+                runs.append(make_run(tmp_path / f"{pos}-{lr}-{seed}", val=[val + 1, val], train=[5, 4, 3, 2],
+                                     seed=seed, pos=pos, lr=lr))
+    result = compare_paths(runs, group_by="pos,lr")
+    sweep = sweep_lines(result, "lr")
+    # min_lr follows from lr (lr / 10) and does not split lines; pos does.
+    assert sweep.field == "optim.lr" and sweep.metric == "best_val_loss"
+    assert sorted(sweep.lines) == ["pos=learned", "pos=rope"]
+    rope = sweep.lines["pos=rope"]
+    assert [x for x, _ in rope] == [1e-3, 2e-3, 4e-3]
+    assert rope[1][1].mean == pytest.approx(3.515) and rope[1][1].n == 2
+    assert rope[0][1].mean == pytest.approx(3.5 + 0.1 + 0.015)
+
+    code, _, err = cli(capsys, "compare", *map(str, runs), "--group-by", "pos,lr", "--plot", str(tmp_path / "s.png"),
+                       "--plot-vs", "lr", "--format", "json")
+    assert code == 0 and (tmp_path / "s.png").read_bytes()[:8] == PNG_SIGNATURE
+    code, _, err = cli(capsys, "compare", *map(str, runs), "--plot", str(tmp_path / "t.png"), "--plot-vs", "pos")
+    assert code == 2 and "not one number" in err and "--group-by pos" in err
+    code, _, err = cli(capsys, "compare", *map(str, runs), "--group-by", "pos", "--plot", str(tmp_path / "u.png"),
+                       "--plot-vs", "lr")
+    assert code == 2 and "not one number" in err  # several lrs in one column
+    code, _, err = cli(capsys, "compare", *map(str, runs), "--plot-vs", "lr")
+    assert code == 2 and "--plot FILE" in err
 
 
 def test_terminal_chart(tmp_path):

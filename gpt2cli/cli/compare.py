@@ -30,7 +30,8 @@ if TYPE_CHECKING:
 HELP = "Compare runs side by side: a table of metrics and a plot of loss curves."
 
 FLAG_FOR_FIELD = {
-    "runs": "RUN", "metric": "--metric", "target": "--target", "plot": "--plot", "format": "--format",
+    "runs": "RUN", "metric": "--metric", "target": "--target", "plot": "--plot", "plot_vs": "--plot-vs",
+    "format": "--format",
     "group_by": "--group-by", "group_seeds": "--group-seeds", "chart": "--chart",
 }
 
@@ -63,6 +64,7 @@ def compare(
                                                   show_default=False)] = None,
     target: Annotated[float | None, typer.Option(help=_h("target"), show_default=False)] = None,
     plot: Annotated[str | None, typer.Option(help=_h("plot"), metavar="FILE", show_default=False)] = None,
+    plot_vs: Annotated[str | None, typer.Option(help=_h("plot_vs"), metavar="FIELD", show_default=False)] = None,
     output_format: Annotated[OutputFormat | None, typer.Option(
         "--format", help=_h("format") + " [default: table]", show_default=False)] = None,
     group_by: Annotated[str | None, typer.Option(help=_h("group_by"), metavar="FIELD[,FIELD]",
@@ -82,12 +84,14 @@ def compare(
     """
     flags = {
         "runs": runs or None, "metric": metric.value if metric else None, "target": target, "plot": plot,
-        "format": output_format.value if output_format else None, "group_by": group_by,
+        "plot_vs": plot_vs, "format": output_format.value if output_format else None, "group_by": group_by,
         "group_seeds": group_seeds, "chart": chart,
     }
     spec = build_spec(CompareSpec, config_file=config, flags=flags, sets=set_ or (), flag_names=FLAG_FOR_FIELD)
     if not spec.runs:
         raise UserError("no runs to compare", "gpt2 compare RUN [RUN ...], or a sweep's folder")
+    if spec.plot_vs and not spec.plot:
+        raise UserError("--plot-vs adds a panel to the --plot figure", "pass --plot FILE too")
     if spec.plot:
         from gpt2cli.plot import plot_format
 
@@ -123,7 +127,12 @@ def show_comparison(result: Comparison, spec: CompareSpec) -> None:
     if spec.plot:
         from gpt2cli.plot import write_plot
 
-        path = write_plot(result.columns, spec.plot, metric=spec.metric, target=spec.target)
+        sweep = None
+        if spec.plot_vs:
+            from gpt2cli.compare import sweep_lines
+
+            sweep = sweep_lines(result, spec.plot_vs, aliases=flag_aliases())
+        path = write_plot(result.columns, spec.plot, metric=spec.metric, target=spec.target, sweep=sweep)
         err.print(f"plot written to {path}")
     elif spec.format == "table" and spec.chart:
         from gpt2cli.plot import terminal_chart
