@@ -70,6 +70,11 @@ def stages(out: Path, dry: bool) -> list[Stage]:
         Stage("generate_b8", [PY, str(HERE / "generate_speed.py"), *gen, "--batch", "8",
                               "--figure", str(out / "generate_b8.png")], 80, 200),
         Stage("train_ours_b32", [PY, str(bench), *train, "--batch", b32, "--vocab", "50304"], 80, 180),
+        # Eager (no compile) GPT-2 step: the plain loss against the chunked one (gpt2 train's eager default).
+        Stage("train_eager_loss", [PY, str(bench), *[t for t in train if t != "--compile"], "--batch", b16,
+                                   "--loss-chunk", "0"], 40, 90),
+        Stage("train_eager_chunked", [PY, str(bench), *[t for t in train if t != "--compile"], "--batch", b16,
+                                      "--loss-chunk", "512"], 40, 90),
         Stage("study", [PY, "-m", "gpt2cli", "train", *study, "--sweep", "pos=learned,rope", "--sweep", "attn=mha,gqa",
                         "--out", str(study_dir), "--quiet"], 150, 300),
         Stage("study_compare", [PY, "-m", "gpt2cli", "compare", str(study_dir), "--format", "markdown",
@@ -131,7 +136,8 @@ def summary_table(done: list[dict]) -> str:
             if r.get("job") == "train":
                 mfu = f" MFU {100 * r['mfu']:.1f}%" if "mfu" in r else ""
                 mem = f" mem {r['peak_mem_gb']:.1f} GB" if "peak_mem_gb" in r else ""
-                rows.append(f"{r['peer']} B={r['batch']} V={r.get('vocab', 50257)}: {r['tokens_per_s']:,.0f} tok/s "
+                chunk = f" chunk={r['loss_chunk']}" if r.get("loss_chunk") else ""
+                rows.append(f"{r['peer']} B={r['batch']} V={r.get('vocab', 50257)}{chunk}: {r['tokens_per_s']:,.0f} tok/s "
                             f"({r['ms_per_step']:.1f} ms/step){mfu}{mem}")
             elif "median_tokens_per_s" in r:
                 rates = ", ".join(f"{k} {v:,.0f}" for k, v in r["median_tokens_per_s"].items())
