@@ -495,9 +495,12 @@ def _csv_number(value: float | None) -> str:
 # ------------------------------------------------------------------------------ comparing
 
 
-def resolve_field(name: str, known: Sequence[str], aliases: Mapping[str, str] | None = None) -> str:
+def resolve_field(name: str, known: Sequence[str], aliases: Mapping[str, str] | None = None, *,
+                  what: str = "", unknown: str = "is not a spec field",
+                  hint: str = "use a dotted path such as model.pos (see docs/specs.md)") -> str:
     """A spec field from a dotted path (model.pos), a flag alias (pos, kv-heads) or a field name
-    that is unique across sections (n_kv_head)."""
+    that is unique across sections (n_kv_head). ``what`` prefixes the name in errors (e.g.
+    "--sweep key "); ``unknown`` and ``hint`` word the error for a name that matches nothing."""
     key = name.strip().lstrip("-")
     if aliases and key in aliases:
         return aliases[key]
@@ -508,8 +511,8 @@ def resolve_field(name: str, known: Sequence[str], aliases: Mapping[str, str] | 
     if len(matches) == 1:
         return matches[0]
     if len(matches) > 1:
-        raise UserError(f"{name!r} is ambiguous: {', '.join(sorted(matches))}", "use the dotted path")
-    raise UserError(f"{name!r} is not a spec field", "use a dotted path such as model.pos (see docs/specs.md)")
+        raise UserError(f"{what}{name!r} is ambiguous: {', '.join(sorted(matches))}", "use the dotted path")
+    raise UserError(f"{what}{name!r} {unknown}", hint)
 
 
 def _group_key(run: Run, paths: Sequence[str] | None) -> str:

@@ -30,7 +30,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from gpt2cli.compare import SPEC_NAME, SWEEP_MANIFEST, Comparison, compare_paths
+from gpt2cli.compare import SPEC_NAME, SWEEP_MANIFEST, Comparison, compare_paths, resolve_field
 from gpt2cli.errors import NonFiniteLossError, UserError
 from gpt2cli.specs import TrainSpec
 
@@ -151,20 +151,8 @@ def _split_values(text: str) -> list[str]:
 def resolve_key(key: str, aliases: Mapping[str, str] | None = None) -> str:
     """A flag name (pos, kv-heads, lr), a dotted path (model.pos) or a field name that is
     unique across sections (n_kv_head) -> the dotted spec path."""
-    name = key.strip().lstrip("-")
-    known = spec_paths()
-    if aliases and name in aliases:
-        return aliases[name]
-    if name in known:
-        return name
-    leaf = name.replace("-", "_")
-    matches = [p for p in known if p.split(".")[-1] == leaf]
-    if len(matches) == 1:
-        return matches[0]
-    if len(matches) > 1:
-        raise UserError(f"--sweep key {key!r} is ambiguous: {', '.join(matches)}", "use the dotted path")
-    raise UserError(f"--sweep key {key!r} is not a setting",
-                    "use a flag name such as pos, attn, lr, kv-heads or a dotted path such as model.pos")
+    return resolve_field(key, spec_paths(), aliases, what="--sweep key ", unknown="is not a setting",
+                         hint="use a flag name such as pos, attn, lr, kv-heads or a dotted path such as model.pos")
 
 
 VARIANT_FILE_SUFFIXES = (".toml", ".yaml", ".yml", ".json")

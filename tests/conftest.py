@@ -39,6 +39,21 @@ def run_gpt2(*args: str, cwd: Path | None = None, env: dict | None = None, timeo
     return proc
 
 
+def random_hf_gpt2(std: float, *, seed: int = 0, n_positions: int = 64):
+    """A small transformers GPT2LMHeadModel (GPT-2 vocabulary, 2 layers, d=32) with every tensor
+    drawn from N(0, std): decisive logits for parity checks."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(vocab_size=50257, n_positions=n_positions, n_embd=32, n_layer=2, n_head=4)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, std)
+    return model
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     """One gpt2 cache (prepared embedded corpus) shared by the whole session."""

@@ -16,6 +16,7 @@ from gpt2cli.data import TokenFolder
 from gpt2cli.data.prepare import prepare_data
 from gpt2cli.specs import PrepareSpec
 from gpt2cli.tokenizer import token_byte_lengths
+from tests.conftest import random_hf_gpt2
 from tests.test_generate import cli, one_error_line, one_thread, random_model, save_model, tiny_gpt2  # noqa: F401
 
 
@@ -30,13 +31,8 @@ def data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory) -> Path:
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=4)
-    model = transformers.GPT2LMHeadModel(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.05)
+    pytest.importorskip("transformers")
+    model = random_hf_gpt2(0.05)
     path = tmp_path_factory.mktemp("hf") / "gpt2-tiny"
     model.save_pretrained(path)
     return path

@@ -15,7 +15,7 @@ from gpt2cli.generate import Generator, TextStream, sample_next
 from gpt2cli.model import GPT
 from gpt2cli.specs import GenerateSpec, ModelSpec, TrainSpec, spec_to_json
 from gpt2cli.tokenizer import EOT_ID, encode
-from tests.conftest import run_gpt2
+from tests.conftest import random_hf_gpt2, run_gpt2
 
 VARIANTS = [(attn, pos) for attn in ("mha", "gqa", "mqa") for pos in ("learned", "rope")]
 
@@ -233,13 +233,8 @@ def test_prompt_from_stdin_and_file(ckpt, capsys, monkeypatch, tmp_path):
 
 
 def test_hf_folder_generates_like_transformers(tmp_path, capsys):
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=4)
-    hf = transformers.GPT2LMHeadModel(config).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.normal_(0.0, 0.1)
+    pytest.importorskip("transformers")
+    hf = random_hf_gpt2(0.1)
     hf.save_pretrained(tmp_path / "hf")
     prompt = "The quick brown fox"
     ids = torch.tensor([encode(prompt)])

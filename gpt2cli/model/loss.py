@@ -27,10 +27,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if want_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grad else None
+        w = weight.to(hidden.dtype)  # once, not per chunk (a no-op when the dtypes agree)
         for start in range(0, n, chunk):
             h = hidden[start : start + chunk]
             t = targets[start : start + chunk]
-            logits = (h @ weight.to(h.dtype).t()).float()  # (c, V)
+            logits = (h @ w.t()).float()  # (c, V)
             lse = torch.logsumexp(logits, dim=-1)
             loss += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
             if want_grad:
@@ -38,7 +39,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 probs = logits.sub_(lse[:, None]).exp_()
                 probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
                 g = probs.to(h.dtype)
-                grad_hidden[start : start + chunk] = g @ weight.to(h.dtype)
+                grad_hidden[start : start + chunk] = g @ w
                 grad_weight += (g.t() @ h).float()
         scale = 1.0 / n if reduction == "mean" else 1.0
         if want_grad:
