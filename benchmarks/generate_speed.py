@@ -55,6 +55,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5, help="timed runs of each (default 5)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--compile", action="store_true", help="also time ours with a compiled decode step")
+    parser.add_argument("--sync-every", default="",
+                        help="comma list: also time the compiled generator reading tokens back every N steps "
+                             "(GenerateSpec.sync_every; the default run uses the device's default)")
     parser.add_argument("--figure", default=None,
                         help="PNG to write (default docs/figures/generate_speed_<device>[_b<batch>].png; 'none': no figure)")
     args = parser.parse_args()
@@ -71,11 +74,15 @@ def main() -> None:
         hf = transformers.GPT2LMHeadModel.from_pretrained(tmp, dtype=dtype).to(device).eval()
         ours_model = load_model(tmp).model
     hf.generation_config.pad_token_id = 50256
-    gens = {"ours": Generator(ours_model, device=device, dtype=dtype)}
+    # name -> (generator, sync_every); the sync variants share the compiled generator (same graph).
+    gens: dict[str, tuple[Generator, int | None]] = {"ours": (Generator(ours_model, device=device, dtype=dtype), None)}
     if args.compile:
         compiled_model = GPT(ours_model.spec)
         compiled_model.load_state_dict(ours_model.state_dict())
-        gens["ours+compile"] = Generator(compiled_model, device=device, dtype=dtype, compile=True)
+        compiled = Generator(compiled_model, device=device, dtype=dtype, compile=True)
+        gens["ours+compile"] = (compiled, None)
+        for every in (int(v) for v in args.sync_every.split(",") if v.strip()):
+            gens[f"ours+compile sync{every}"] = (compiled, every)
 
     prompt = torch.randint(0, 50257, (args.prompt_tokens,), generator=torch.Generator().manual_seed(1)).tolist()
     spec = GenerateSpec(max_new_tokens=args.new_tokens, temperature=0.0, ignore_eos=True, top_k=None,
@@ -83,7 +90,8 @@ def main() -> None:
     ids = torch.tensor([prompt] * args.batch, device=device)
 
     def run_ours(name: str, n: int) -> tuple[float, list[int]]:
-        r = gens[name].generate(prompt, spec.model_copy(update={"max_new_tokens": n}))
+        gen, every = gens[name]
+        r = gen.generate(prompt, spec.model_copy(update={"max_new_tokens": n, "sync_every": every}))
         return r.total_s, r.samples[0].tokens
 
     @torch.inference_mode()

@@ -63,8 +63,9 @@ def stages(out: Path, dry: bool) -> list[Stage]:
     return [
         Stage("train_ours_b16", [PY, str(bench), *train, "--batch", b16, "--vocab", "50257,50304"], 150, 240),
         Stage("train_hf_b16", [PY, str(HERE / "peers" / "hf_peer.py"), "train", *peer], 90, 180),
-        Stage("generate_b1", [PY, str(HERE / "generate_speed.py"), *gen, "--figure", str(out / "generate_b1.png")],
-              90, 200),
+        # sync1: the compiled generator reading every token back (before sync_every), same graph.
+        Stage("generate_b1", [PY, str(HERE / "generate_speed.py"), *gen, "--sync-every", "1",
+                              "--figure", str(out / "generate_b1.png")], 90, 200),
         Stage("tests", [PY, "-m", "pytest", "-q", "-m", "gpu", "tests/test_gpu.py", "-p", "no:cacheprovider",
                         *(["-n", "4"] if not dry else [])], 90, 240, tests_env),
         Stage("generate_b8", [PY, str(HERE / "generate_speed.py"), *gen, "--batch", "8",

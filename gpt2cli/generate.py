@@ -17,12 +17,16 @@ How a call runs:
   preallocated per-layer key/value cache (:meth:`GPT.setup_kv_cache`; under GQA/MQA it holds only
   the key/value heads). ``num_samples`` copies of the prompt form one batch.
 - **Decode**: one token per step for the whole batch; each step feeds only the new tokens and their
-  positions (learned or RoPE alike) and attends over the cache. With ``compile`` the decode step is
-  ``torch.compile``d (static shapes; CUDA graphs on GPU via ``mode="reduce-overhead"``).
+  positions (learned or RoPE alike) and attends over the cache, and the next token is drawn in
+  the same function. With ``compile`` that function is ``torch.compile``d (static shapes; CUDA
+  graphs on GPU via ``mode="reduce-overhead"``): one graph per token, model and sampling. On an
+  accelerator the host queues ``sync_every`` steps (16) before it reads their tokens back: the
+  device never waits for Python, and streamed text arrives in groups of tokens.
 - **Sampling**: temperature 0 is greedy (argmax; top-k/top-p ignored). Otherwise logits / T, then
-  top-k, then top-p (the smallest set of tokens whose probability reaches p), then a draw from a
-  ``torch.Generator`` seeded with ``seed``: same seed, settings, model and device -> same text.
-  Models with a vocabulary larger than the tokenizer's (padded) never sample the padding ids.
+  top-k, then top-p (the smallest set of tokens whose probability reaches p), then a draw by the
+  Gumbel-max trick from uniform noise of a ``torch.Generator`` seeded with ``seed`` (one draw per
+  token): same seed, settings, model and device -> same text. Models with a vocabulary larger
+  than the tokenizer's (padded) never sample the padding ids.
 - **Ending a sample**: ``<|endoftext|>`` ends it (finish reason ``eos``) unless ``ignore_eos``; a
   stop string ends it with the text cut *before* the stop string (``stop``); otherwise it runs to
   ``max_new_tokens`` (``length``). The batch stops as soon as every sample has ended.
@@ -124,11 +128,20 @@ def sample_next(
     temperature: float,
     top_k: int | None = None,
     top_p: float | None = None,
-    generator: torch.Generator | None = None,
+    uniform: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Next token ids (B,) from last-position logits (B, V)."""
+    """Next token ids (B,) from last-position logits (B, V), given uniform noise ``uniform`` (B, V)
+    in [0, 1) (ignored, and may be None, when ``temperature`` is 0: greedy argmax).
+
+    The draw is the Gumbel-max trick: argmax(logits / T + g) with g = -log(-log(u)) is distributed
+    as softmax(logits / T) over the tokens that top-k and top-p keep. Taking the noise as an
+    argument instead of a ``torch.Generator`` keeps the function free of random state: it compiles
+    into the decode step's graph (CUDA graphs included), and the same noise gives the same token
+    in the eager, compiled and uncached paths."""
     if temperature == 0:
         return logits.argmax(dim=-1)
+    if uniform is None:
+        raise ValueError("sampling with temperature > 0 needs uniform noise")
     logits = logits.float() / temperature
     vocab = logits.size(-1)
     if top_k is not None and top_k < vocab:
@@ -140,8 +153,8 @@ def sample_next(
         before = probs.cumsum(dim=-1) - probs  # mass of the more likely tokens
         sorted_logits = sorted_logits.masked_fill(before >= top_p, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    gumbel = -torch.log(-torch.log(uniform.clamp_min(torch.finfo(torch.float32).tiny)))
+    return (logits + gumbel).argmax(dim=-1)
 
 
 # --------------------------------------------------------------------------------- streaming
@@ -287,7 +300,7 @@ class Generator:
         self.compiled = compile
         self._caches: list = []
         self._cache_key: tuple[int, int] | None = None
-        self._decode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = self._decode_step
+        self._decode: Callable[..., torch.Tensor] = self._decode_step
         if compile:
             mode = "reduce-overhead" if self.device.type == "cuda" else None
             self._decode = torch.compile(self._decode_step, mode=mode, fullgraph=True, dynamic=False)
@@ -320,13 +333,39 @@ class Generator:
             for block, cache in zip(blocks, self._caches, strict=True):
                 block.attn.kv_cache = cache
 
-    def _decode_step(self, idx: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        return self.model(idx, input_pos)[:, -1].float()
+    def _decode_step(
+        self,
+        idx: torch.Tensor,
+        input_pos: torch.Tensor,
+        uniform: torch.Tensor | None,
+        temperature: float,
+        top_k: int | None,
+        top_p: float | None,
+    ) -> torch.Tensor:
+        """The compiled unit: one token per sequence through the cache, and the next token drawn,
+        so that a step is one graph (one CUDA graph replay) with no host work between the two."""
+        logits = self.model(idx, input_pos)[:, -1, :VOCAB_SIZE].float()
+        return sample_next(logits, temperature, top_k, top_p, uniform)
 
     def _full(self, idx: torch.Tensor) -> torch.Tensor:
         """Last-position logits of a window run from position 0 (prefill, or no-cache mode)."""
         positions = torch.arange(idx.shape[1], device=self.device)
-        return self.model(idx, positions if self.model.has_kv_cache else None)[:, -1].float()
+        return self.model(idx, positions if self.model.has_kv_cache else None)[:, -1, :VOCAB_SIZE].float()
+
+    @staticmethod
+    def _hand_over(tokens: torch.Tensor, states: list[TextStream], t0: float) -> bool:
+        """Give the streams the tokens (B, n) sampled since the last hand-over (one host sync);
+        True once every sample has ended. Tokens after a sample's end are dropped."""
+        rows = tokens.tolist()
+        now = time.perf_counter()
+        for state, row in zip(states, rows, strict=True):
+            for token in row:
+                if state.done:
+                    break
+                state.add(token)
+                if state.done:
+                    state.elapsed_s = now - t0
+        return all(s.done for s in states)
 
     def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
         """Token ids of a prompt (text, or ids as they are); the empty prompt is <|endoftext|>,
@@ -366,6 +405,10 @@ class Generator:
         path is tested against; same window rule, same results)."""
         spec = spec or GenerateSpec()
         ids = self.encode_prompt(prompt)
+        # Reading a token back waits for the device, which then idles while Python prepares the
+        # next step: on an accelerator, queue several steps per read. On the CPU every op runs in
+        # the host thread anyway, so read each token at once.
+        sync_every = spec.sync_every or (1 if self.device.type == "cpu" else 16)
         B, P, new = spec.num_samples, len(ids), spec.max_new_tokens
         block = self.spec.block_size
         shift = max(1, block // 4)
@@ -375,6 +418,16 @@ class Generator:
         buf = torch.zeros(B, P + new, dtype=torch.long, device=device)
         buf[:, :P] = torch.tensor(ids, dtype=torch.long, device=device)
         rng = torch.Generator(device=device).manual_seed(spec.seed)
+        sampling = (spec.temperature, spec.top_k, spec.top_p)
+        noise_shape = (B, min(self.spec.vocab_size, VOCAB_SIZE))
+
+        def noise() -> torch.Tensor | None:
+            """Uniform noise for one token of every sample: one draw per token, whichever path
+            (cached, compiled, uncached, window slide) samples it, so all paths agree."""
+            if spec.temperature == 0:
+                return None
+            return torch.rand(noise_shape, generator=rng, device=device)
+
         states = [TextStream(i, spec.stop, spec.ignore_eos, on_text) for i in range(B)]
         dtype_bytes = torch.empty((), dtype=self.dtype).element_size()
         per_token = kv_cache_bytes_per_token(self.spec, dtype_bytes)
@@ -390,19 +443,16 @@ class Generator:
             logits = self._full(buf[:, :P])
             sync()
             t_prefill = time.perf_counter()
-            end = P  # tokens in buf
+            next_ids = sample_next(logits, *sampling, noise())
+            buf[:, P] = next_ids
+            end = P + 1  # tokens in buf
+            seen = P  # tokens in buf already handed to the streams
             while True:
-                next_ids = sample_next(logits[:, :VOCAB_SIZE], spec.temperature, spec.top_k, spec.top_p, rng)
-                buf[:, end] = next_ids
-                end += 1
-                now = time.perf_counter()
-                for state, token in zip(states, next_ids.tolist(), strict=True):
-                    if not state.done:
-                        state.add(token)
-                        if state.done:
-                            state.elapsed_s = now - t0
-                if all(s.done for s in states) or end == P + new:
-                    break
+                if end == P + new or end - seen >= sync_every:
+                    finished = self._hand_over(buf[:, seen:end], states, t0)
+                    seen = end
+                    if finished or end == P + new:
+                        break
                 steps += 1
                 slid = end - start > block  # the window is full: slide it
                 if slid:
@@ -410,9 +460,13 @@ class Generator:
                     slides += 1
                 if not use_cache or slid:
                     logits = self._full(buf[:, start:end])  # re-prefill the cache from position 0
+                    next_ids = sample_next(logits, *sampling, noise())
                 else:
                     pos_buf.fill_(end - 1 - start)
-                    logits = self._decode(next_ids[:, None], pos_buf)
+                    # clone: a CUDA graph's output is overwritten by its next replay
+                    next_ids = self._decode(next_ids[:, None], pos_buf, noise(), *sampling).clone()
+                buf[:, end] = next_ids
+                end += 1
             sync()
             t_end = time.perf_counter()
         finally:

@@ -417,6 +417,13 @@ class GenerateSpec(_Spec):
     device: Device = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="Compute precision.")
     compile: bool = Field(False, description="torch.compile the decoding step.")
+    sync_every: int | None = Field(
+        None,
+        gt=0,
+        description="Decode steps queued on the device before their tokens are read back (text "
+        "streams in groups this long; a few steps past the end are computed, never shown). "
+        "Default: 16 on a GPU, 1 on the CPU.",
+    )
 
 
 class CompareSpec(_Spec):

@@ -24,6 +24,7 @@ FLAG_FOR_FIELD = {
     "max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k",
     "top_p": "--top-p", "seed": "--seed", "num_samples": "--num-samples", "stop": "--stop",
     "ignore_eos": "--ignore-eos", "device": "--device", "dtype": "--dtype", "compile": "--compile",
+    "sync_every": "--sync-every",
 }
 
 
@@ -76,6 +77,7 @@ def generate(
     device: Annotated[str | None, typer.Option("--device", help=_h("device"), show_default=False)] = None,
     dtype: Annotated[str | None, typer.Option("--dtype", help=_h("dtype") + " auto = bf16 on CUDA, else fp32.", show_default=False)] = None,
     compile_: Annotated[bool, typer.Option("--compile", help=_h("compile") + " Pays off for long outputs; costs seconds to start.")] = False,
+    sync_every: Annotated[int | None, typer.Option("--sync-every", help=_h("sync_every") + " 1 streams every token as it comes.", show_default=False)] = None,
     output_format: Annotated[
         OutputFormat, typer.Option("--format", help="text: the prompt and the completion, streamed; jsonl: one JSON object per sample.")
     ] = OutputFormat.text,
@@ -88,7 +90,7 @@ def generate(
         "max_new_tokens": max_new_tokens, "temperature": temperature,
         "top_k": top_k, "top_p": top_p, "seed": seed, "num_samples": num_samples, "stop": stop or None,
         "ignore_eos": True if ignore_eos else None, "device": device, "dtype": dtype,
-        "compile": True if compile_ else None,
+        "compile": True if compile_ else None, "sync_every": sync_every,
     }
     sets = list(set_ or [])
     if top_k == 0:
