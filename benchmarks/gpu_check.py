@@ -61,16 +61,19 @@ def stages(out: Path, dry: bool) -> list[Stage]:
     bench = HERE / "train_speed.py"
     study_dir = Path(os.environ.get("TMPDIR", "/tmp")) / "gpt2-gpu-study"
     return [
-        Stage("train_ours_b16", [PY, str(bench), *train, "--batch", b16, "--vocab", "50257,50304"], 150, 240),
-        Stage("train_hf_b16", [PY, str(HERE / "peers" / "hf_peer.py"), "train", *peer], 90, 180),
         # sync1: the compiled generator reading every token back (before sync_every), same graph.
         Stage("generate_b1", [PY, str(HERE / "generate_speed.py"), *gen, "--sync-every", "1",
                               "--figure", str(out / "generate_b1.png")], 90, 200),
         Stage("tests", [PY, "-m", "pytest", "-q", "-m", "gpu", "tests/test_gpu.py", "-p", "no:cacheprovider",
                         *(["-n", "4"] if not dry else [])], 90, 240, tests_env),
+        Stage("train_ours_b16", [PY, str(bench), *train, "--batch", b16, "--vocab", "50257,50304"], 150, 240),
+        # cuDNN's fused attention (Hopper) against the default flash kernel, same shape as train_ours_b16.
+        Stage("train_ours_b16_cudnn", [PY, str(bench), *train, "--batch", b16, "--vocab", "50304",
+                                       *(["--sdpa", "cudnn"] if not dry else ["--sdpa", "math"])], 80, 180),
+        Stage("train_hf_b16", [PY, str(HERE / "peers" / "hf_peer.py"), "train", *peer], 90, 180),
+        Stage("train_ours_b32", [PY, str(bench), *train, "--batch", b32, "--vocab", "50304"], 80, 180),
         Stage("generate_b8", [PY, str(HERE / "generate_speed.py"), *gen, "--batch", "8",
                               "--figure", str(out / "generate_b8.png")], 80, 200),
-        Stage("train_ours_b32", [PY, str(bench), *train, "--batch", b32, "--vocab", "50304"], 80, 180),
         # Eager (no compile) GPT-2 step: the plain loss against the chunked one (gpt2 train's eager default).
         Stage("train_eager_loss", [PY, str(bench), *[t for t in train if t != "--compile"], "--batch", b16,
                                    "--loss-chunk", "0"], 40, 90),
@@ -138,6 +141,7 @@ def summary_table(done: list[dict]) -> str:
                 mfu = f" MFU {100 * r['mfu']:.1f}%" if "mfu" in r else ""
                 mem = f" mem {r['peak_mem_gb']:.1f} GB" if "peak_mem_gb" in r else ""
                 chunk = f" chunk={r['loss_chunk']}" if r.get("loss_chunk") else ""
+                chunk += f" sdpa={r['sdpa']}" if r.get("sdpa", "auto") != "auto" else ""
                 rows.append(f"{r['peer']} B={r['batch']} V={r.get('vocab', 50257)}{chunk}: {r['tokens_per_s']:,.0f} tok/s "
                             f"({r['ms_per_step']:.1f} ms/step){mfu}{mem}")
             elif "median_tokens_per_s" in r:

@@ -6,6 +6,8 @@ steps. Prints one JSON line per configuration (tokens/s, ms/step, MFU when --pea
 given, peak memory). --batch and --vocab take comma lists: every combination is measured in turn
 in the same process (one model compile each), which saves the start-up of a process per shape.
 --vocab 50304 pads GPT-2's 50257 to a multiple of 64 (the extra rows are never a target).
+--sdpa picks the attention kernel (torch.nn.attention.sdpa_kernel); auto is PyTorch's choice,
+flash attention on CUDA for these shapes; cudnn is cuDNN's fused attention (Hopper and newer).
 
     .venv/bin/python benchmarks/train_speed.py --preset nano --seq 128 --batch 16 --dtype fp32
     python benchmarks/train_speed.py --preset gpt2 --seq 1024 --batch 16,32 --vocab 50257,50304 \
@@ -15,6 +17,7 @@ in the same process (one model compile each), which saves the start-up of a proc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import itertools
 import json
@@ -46,7 +49,7 @@ def measure(a: argparse.Namespace, batch: int, vocab: int) -> dict:
     loss_chunk = resolve_loss_chunk(a.loss_chunk, a.compile)  # gpt2 train's rule
 
     def step() -> torch.Tensor:
-        with autocast_context(device, dtype):
+        with attention_kernel(a.sdpa), autocast_context(device, dtype):
             loss = step_model(x, targets=x, loss_chunk=loss_chunk)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
@@ -72,7 +75,7 @@ def measure(a: argparse.Namespace, batch: int, vocab: int) -> dict:
     tps = batch * a.seq * a.steps / dt
     out = {"peer": "gpt2cli", "job": "train", "device": str(device), "dtype": a.dtype, "compile": a.compile,
            "preset": a.preset, "attn": a.attn, "pos": a.pos, "layers": spec.n_layer, "heads": spec.n_head,
-           "dim": spec.n_embd, "params": model.num_params(), "vocab": vocab, "loss_chunk": loss_chunk, "seq": a.seq, "batch": batch, "ms_per_step": 1000 * dt / a.steps,
+           "dim": spec.n_embd, "params": model.num_params(), "vocab": vocab, "loss_chunk": loss_chunk, "sdpa": a.sdpa, "seq": a.seq, "batch": batch, "ms_per_step": 1000 * dt / a.steps,
            "tokens_per_s": tps, "flops_per_token": stats["flops_per_token"],
            "warmup_s": t0 - t_start, "final_loss": float(loss.detach())}
     if a.peak_tflops:
@@ -82,6 +85,17 @@ def measure(a: argparse.Namespace, batch: int, vocab: int) -> dict:
     else:  # the process's peak resident set (Linux: KiB); one configuration per process to read it alone
         out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return out
+
+
+def attention_kernel(name: str) -> contextlib.AbstractContextManager:
+    """The SDPA backend for the step (traced into the compiled graph on the first call)."""
+    if name == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+               "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[name]
+    return sdpa_kernel([backend])
 
 
 def release(device: torch.device) -> None:
@@ -106,6 +120,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--loss-chunk", type=int, default=None,
                    help="tokens per chunk of the output layer + loss (0 = off); default: gpt2 train's rule")
+    p.add_argument("--sdpa", default="auto", choices=["auto", "flash", "efficient", "cudnn", "math"],
+                   help="attention kernel (default auto: PyTorch's choice)")
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args()
