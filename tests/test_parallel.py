@@ -31,6 +31,10 @@ def losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"}
 
 
+def grad_norms(run: Path) -> dict[int, float]:
+    return {r["step"]: r["grad_norm"] for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"}
+
+
 def train(run: Path, *extra: str, env: dict | None = None, check: bool = True):
     return run_gpt2("train", *COMMON, "--out", str(run), *extra, env=env, check=check, timeout=300)
 
@@ -51,6 +55,11 @@ def test_two_processes_match_one(runs, strategy):
     for step in single:
         assert other[step] == pytest.approx(single[step], rel=1e-5), step
     assert single[STEPS] < single[1] - 0.5  # and it learned something
+    # The global gradient norm (clipping) does not depend on how the gradient is split: whole on
+    # one process, averaged over two (DDP), or in shards (FSDP).
+    single_norms, other_norms = grad_norms(runs / "single"), grad_norms(runs / strategy)
+    for step in single_norms:
+        assert other_norms[step] == pytest.approx(single_norms[step], rel=1e-5), step
 
 
 def test_only_rank_zero_writes(runs):

@@ -92,10 +92,33 @@ class Strategy:
         return contextlib.nullcontext()
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
-        """Clip to ``max_norm`` (0 = only measure) and return the global pre-clip norm (a tensor;
-        no host sync)."""
+        """Clip to ``max_norm`` (0 = only measure) and return the global pre-clip norm, the same
+        value on every rank (a 0-d fp32 tensor).
+
+        On an accelerator: torch's foreach norm, no host sync. On the CPU the squares are summed in
+        fp64: torch's fp32 CPU reduction drops the many tiny entries of a large gradient (most of
+        the output layer's 50,257 rows carry only softmax mass), which put nano's norm 0.06% low
+        and made it depend on how the gradient is split (one process, DDP, FSDP shards)."""
         params = [p for p in model.parameters() if p.grad is not None]
-        return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf, foreach=True)
+        if self.device.type != "cpu":
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf, foreach=True)
+            # The norm of sharded (FSDP) gradients is a DTensor; every rank needs the value.
+            return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params]
+        squares = torch.zeros((), dtype=torch.float64)
+        for g in grads:
+            squares += torch.linalg.vector_norm(g, dtype=torch.float64).square()
+        total = self.sum_over_shards(squares).sqrt()
+        if max_norm > 0:
+            coef = max_norm / (float(total) + 1e-6)  # torch's clip_grad_norm_ rule
+            if coef < 1.0:
+                torch._foreach_mul_(grads, coef)
+        return total.float()
+
+    def sum_over_shards(self, value: torch.Tensor) -> torch.Tensor:
+        """Sum a per-rank partial result over the shards of the parameters (FSDP); parameters that
+        every rank holds whole (one process, DDP) need nothing."""
+        return value
 
     # ------------------------------------------------------------------ reductions
     def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import math
 import os
 
 import torch
@@ -134,11 +133,8 @@ class FSDPStrategy(_ProcessGroupStrategy):
     def no_sync(self, model: nn.Module) -> contextlib.AbstractContextManager:
         return _fsdp_no_sync(model)
 
-    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
-        params = [p for p in model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf, foreach=True)
-        # The norm of sharded (DTensor) gradients is itself a DTensor; every rank needs the value.
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    def sum_over_shards(self, value: torch.Tensor) -> torch.Tensor:
+        return self.all_reduce_sum(value)
 
 
 @contextlib.contextmanager
