@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gpt2cli.data.loader import count_windows, windows_on_device
+from gpt2cli.data.loader import count_windows, eval_batches
 from gpt2cli.errors import UserError
 from gpt2cli.specs import DEFAULT_LOSS_CHUNK, EvaluateSpec
 
@@ -51,26 +51,15 @@ def evaluate_sums(model, tokens, *, seq_len, batch_size, max_tokens=None, strate
     rank = strategy.rank if strategy is not None else 0
     world = strategy.world_size if strategy is not None else 1
     device = next(model.parameters()).device
-    n = count_windows(len(tokens), seq_len, max_tokens)
-    if n == 0:
-        raise UserError(
-            f"the evaluation split has {len(tokens)} tokens, fewer than one window of {seq_len + 1}",
-            "use more data or a shorter --seq-len",
-        )
-    mine = list(range(rank, n, world))
-    batches = math.ceil(math.ceil(n / world) / batch_size)
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
-    for b in range(batches):
-        chunk = mine[b * batch_size : (b + 1) * batch_size]
-        weight = 1.0 if chunk else 0.0
-        chunk = chunk or [0]  # padding batch: same collectives, no contribution
-        x, y = windows_on_device(tokens, np.asarray(chunk, dtype=np.int64), seq_len, device)
+    for x, y, weight in eval_batches(tokens, batch_size=batch_size, seq_len=seq_len, max_tokens=max_tokens,
+                                     rank=rank, world_size=world, device=device):
         with autocast() if autocast else contextlib.nullcontext():
             loss = model(x, targets=y, reduction="sum", loss_chunk=loss_chunk)
-        loss_sum += loss.double() * weight
+        loss_sum += loss.double() * weight  # padding batches (weight 0): same collectives, no count
         count += y.numel() * weight
     if was_training:
         model.train()

@@ -16,12 +16,13 @@ Training (:class:`TrainLoader`)
 
 Evaluation (:func:`eval_batches`)
     Non-overlapping windows in file order, from the start of the split: the same tokens for every
-    checkpoint and every run, so validation numbers are comparable.
+    checkpoint, every run and every number of processes, so validation numbers are comparable.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -249,35 +250,6 @@ class TrainLoader:
 
 # ===================================================================================== eval
 
-def eval_window_starts(
-    num_tokens: int, *, batch_size: int, seq_len: int, max_tokens: int | None = None, rank: int = 0, world_size: int = 1
-) -> list[np.ndarray]:
-    """This rank's eval batches, as arrays of window indices.
-
-    The first ``min(max_tokens // seq_len, all)`` windows of the split are used, trimmed to a
-    multiple of ``world_size`` so that every rank runs the same number of forward passes (FSDP
-    needs that). They are consumed in chunks of ``batch_size * world_size``; rank r takes the r-th
-    share of each chunk (the last chunk is shared out equally).
-    """
-    _check_layout(batch_size, seq_len, rank, world_size)
-    if count_windows(num_tokens, seq_len) < 1:
-        raise _too_short_error(num_tokens, seq_len)
-    wanted = count_windows(num_tokens, seq_len, max_tokens)
-    used = wanted - wanted % world_size
-    if used == 0:
-        raise UserError(
-            f"the split has {wanted} eval window(s) of {seq_len + 1:,} tokens, fewer than the {world_size} processes",
-            "evaluate with more tokens or fewer processes",
-        )
-    batches = []
-    chunk = batch_size * world_size
-    for start in range(0, used, chunk):
-        share = min(chunk, used - start) // world_size
-        first = start + rank * share
-        batches.append(np.arange(first, first + share, dtype=np.int64))
-    return batches
-
-
 def eval_batches(
     tokens: np.ndarray,
     *,
@@ -287,10 +259,24 @@ def eval_batches(
     rank: int = 0,
     world_size: int = 1,
     device: str | torch.device = "cpu",
-) -> Iterator[Batch]:
-    """Deterministic evaluation batches (x, y) for this rank: see :func:`eval_window_starts`."""
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, float]]:
+    """This rank's evaluation batches ``(x, y, weight)``.
+
+    The windows are the split's first :func:`count_windows` windows in file order. Rank r takes
+    windows r, r + world_size, r + 2 * world_size, ...; every rank yields the same number of
+    batches, because FSDP gathers weights collectively. A rank that runs out of windows first
+    yields padding batches (window 0) with weight 0, which must not be counted. Every window is
+    therefore counted exactly once, whatever the world size and batch size.
+    """
+    _check_layout(batch_size, seq_len, rank, world_size)
+    n = count_windows(len(tokens), seq_len, max_tokens)
+    if n == 0:
+        raise _too_short_error(len(tokens), seq_len)
     device = torch.device(device)
-    for windows in eval_window_starts(
-        len(tokens), batch_size=batch_size, seq_len=seq_len, max_tokens=max_tokens, rank=rank, world_size=world_size
-    ):
-        yield windows_on_device(tokens, windows, seq_len, device)
+    mine = np.arange(rank, n, world_size, dtype=np.int64)
+    batches = math.ceil(math.ceil(n / world_size) / batch_size)
+    padding = np.zeros(1, dtype=np.int64)
+    for b in range(batches):
+        chunk = mine[b * batch_size : (b + 1) * batch_size]
+        x, y = windows_on_device(tokens, chunk if len(chunk) else padding, seq_len, device)
+        yield x, y, 1.0 if len(chunk) else 0.0

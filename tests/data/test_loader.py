@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from gpt2cli.data.loader import TrainLoader, eval_batches, eval_window_starts
+from gpt2cli.data.loader import TrainLoader, eval_batches
 from gpt2cli.errors import UserError
 
 SEQ = 8
@@ -143,27 +143,40 @@ def test_iterator_protocol_and_memmap(tmp_path):
 
 def test_eval_batches_are_deterministic_and_in_order():
     batches = list(eval_batches(TOKENS, batch_size=3, seq_len=SEQ))
-    assert [window_ids(x) for x, _ in batches] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11], [12, 13, 14],
-                                                  [15, 16, 17], [18, 19]]
+    assert [window_ids(x) for x, _, _ in batches] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11], [12, 13, 14],
+                                                     [15, 16, 17], [18, 19]]
+    assert all(w == 1.0 for _, _, w in batches)
     again = list(eval_batches(TOKENS, batch_size=3, seq_len=SEQ))
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(batches, again, strict=True))
-    assert all(torch.equal(y, x + 1) for x, y in batches)
+    assert all(torch.equal(y, x + 1) for x, y, _ in batches)
 
 
-def test_eval_batches_max_tokens_and_ranks():
-    limited = [window_ids(x) for x, _ in eval_batches(TOKENS, batch_size=4, seq_len=SEQ, max_tokens=5 * SEQ)]
+@pytest.mark.parametrize("world_size,batch_size", [(2, 3), (3, 3), (3, 4), (4, 1), (7, 2)])
+def test_eval_ranks_count_every_window_once(world_size, batch_size):
+    """Rank r scores windows r, r + world, ...; every rank runs the same number of batches (FSDP),
+    ending with padding batches of weight 0 where it has fewer windows. Counted windows: all 20,
+    once each, whatever the world size."""
+    shares = [list(eval_batches(TOKENS, batch_size=batch_size, seq_len=SEQ, rank=r, world_size=world_size))
+              for r in range(world_size)]
+    assert len({len(share) for share in shares}) == 1
+    counted = sorted(w for share in shares for x, _, weight in share if weight for w in window_ids(x))
+    assert counted == list(range(NUM_WINDOWS))
+    assert all(window_ids(x) == [0] for share in shares for x, _, weight in share if not weight)
+    assert [window_ids(x) for x, _, _ in shares[1]][0] == list(range(1, NUM_WINDOWS, world_size))[:batch_size]
+
+
+def test_eval_max_tokens():
+    limited = [window_ids(x) for x, _, _ in eval_batches(TOKENS, batch_size=4, seq_len=SEQ, max_tokens=5 * SEQ)]
     assert limited == [[0, 1, 2, 3], [4]]
-    shares = [[window_ids(x) for x, _ in eval_batches(TOKENS, batch_size=3, seq_len=SEQ, rank=r, world_size=3)]
-              for r in range(3)]
-    # 20 windows -> 18 used (a multiple of 3 ranks); every rank runs the same number of batches
-    assert [len(s) for s in shares] == [2, 2, 2]  # chunks of 3 x 3 windows
-    flat = sorted(w for share in shares for batch in share for w in batch)
-    assert flat == list(range(18))
-    assert shares[0][0] == [0, 1, 2] and shares[1][0] == [3, 4, 5]
+    # fewer windows than processes: the extra ranks only pad
+    shares = [list(eval_batches(TOKENS, batch_size=2, seq_len=SEQ, max_tokens=3 * SEQ, rank=r, world_size=4))
+              for r in range(4)]
+    assert [[(window_ids(x), w) for x, _, w in share] for share in shares] == [
+        [([0], 1.0)], [([1], 1.0)], [([2], 1.0)], [([0], 0.0)]]
 
 
 def test_eval_too_short():
     with pytest.raises(UserError, match="fewer than one window"):
         list(eval_batches(TOKENS[:4], batch_size=2, seq_len=SEQ))
-    with pytest.raises(UserError, match="fewer than the 4 processes"):
-        eval_window_starts(len(TOKENS), batch_size=1, seq_len=SEQ, max_tokens=3 * SEQ, world_size=4)
+    with pytest.raises(UserError, match="outside a world"):
+        list(eval_batches(TOKENS, batch_size=2, seq_len=SEQ, rank=2, world_size=2))
