@@ -71,6 +71,9 @@ def stages(out: Path, dry: bool) -> list[Stage]:
         Stage("train_ours_b16_cudnn", [PY, str(bench), *train, "--batch", b16, "--vocab", "50304",
                                        *(["--sdpa", "cudnn"] if not dry else ["--sdpa", "math"])], 80, 180),
         Stage("train_hf_b16", [PY, str(HERE / "peers" / "hf_peer.py"), "train", *peer], 90, 180),
+        # Where the compiled step's time goes: the top kernels of 3 profiled steps.
+        Stage("train_profile_b16", [PY, str(bench), *train, "--batch", b16, "--vocab", "50304", "--steps", "5",
+                                    "--profile", "3"], 80, 150),
         Stage("train_ours_b32", [PY, str(bench), *train, "--batch", b32, "--vocab", "50304"], 80, 180),
         Stage("generate_b8", [PY, str(HERE / "generate_speed.py"), *gen, "--batch", "8",
                               "--figure", str(out / "generate_b8.png")], 80, 200),

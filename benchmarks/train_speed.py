@@ -8,6 +8,8 @@ in the same process (one model compile each), which saves the start-up of a proc
 --vocab 50304 pads GPT-2's 50257 to a multiple of 64 (the extra rows are never a target).
 --sdpa picks the attention kernel (torch.nn.attention.sdpa_kernel); auto is PyTorch's choice,
 flash attention on CUDA for these shapes; cudnn is cuDNN's fused attention (Hopper and newer).
+--profile N runs N more steps under torch.profiler after the timed ones and prints the ops and
+kernels that take the most device time (CPU time on a CPU): where a step's time goes.
 
     .venv/bin/python benchmarks/train_speed.py --preset nano --seq 128 --batch 16 --dtype fp32
     python benchmarks/train_speed.py --preset gpt2 --seq 1024 --batch 16,32 --vocab 50257,50304 \
@@ -70,6 +72,8 @@ def measure(a: argparse.Namespace, batch: int, vocab: int) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
+    if a.profile:
+        print_profile(step, a.profile, device, f"{a.preset} B={batch} V={vocab} T={a.seq}")
     # FLOPs of the unpadded model: padding rows do no useful work, so they earn no MFU.
     stats = model_stats(spec.model_copy(update={"vocab_size": min(vocab, GPT2_VOCAB)}), seq_len=a.seq)
     tps = batch * a.seq * a.steps / dt
@@ -85,6 +89,21 @@ def measure(a: argparse.Namespace, batch: int, vocab: int) -> dict:
     else:  # the process's peak resident set (Linux: KiB); one configuration per process to read it alone
         out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return out
+
+
+def print_profile(step, steps: int, device: torch.device, label: str, rows: int = 25) -> None:
+    """The top ops by self device time over ``steps`` profiled steps (not part of the timing)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"profile of {steps} steps, {label}, sorted by {sort}:")
+    print(prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=70), flush=True)
 
 
 def attention_kernel(name: str) -> contextlib.AbstractContextManager:
@@ -122,6 +141,8 @@ def main() -> None:
                    help="tokens per chunk of the output layer + loss (0 = off); default: gpt2 train's rule")
     p.add_argument("--sdpa", default="auto", choices=["auto", "flash", "efficient", "cudnn", "math"],
                    help="attention kernel (default auto: PyTorch's choice)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after timing, profile N more steps and print the top ops (default 0: off)")
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args()

@@ -32,11 +32,16 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             h = hidden[start : start + chunk]
             t = targets[start : start + chunk]
             logits = (h @ w.t()).float()  # (c, V)
-            lse = torch.logsumexp(logits, dim=-1)
-            loss += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            target_logit = logits.gather(1, t[:, None]).squeeze(1)
+            # log-sum-exp by hand, in place: one exp pass serves both the loss and the softmax
+            # (torch.logsumexp allocates a shifted copy and its exp is then done a second time).
+            top = logits.amax(dim=-1)
+            shifted_exp = logits.sub_(top[:, None]).exp_()  # exp(logit - max), in (0, 1]
+            total = shifted_exp.sum(dim=-1)
+            loss += (top + total.log() - target_logit).sum()
             if want_grad:
                 # d loss_i / d logits_i = softmax_i - onehot(t_i); computed in place over the logits.
-                probs = logits.sub_(lse[:, None]).exp_()
+                probs = shifted_exp.div_(total[:, None])
                 probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
                 g = probs.to(h.dtype)
                 grad_hidden[start : start + chunk] = g @ w
