@@ -91,8 +91,9 @@ def main() -> None:
             print(f"train {r['shape']:<22} ours {r['ours_tokens_per_s']:>10.0f} tok/s   "
                   f"HF {r['peer_tokens_per_s']:>10.0f} tok/s   ratio {r['ratio']:.2f}x", flush=True)
     if "generate" not in skip:
+        # The figure goes next to the JSON: the harness never rewrites the figures in docs/.
         cmd = [sys.executable, str(HERE / "generate_speed.py"), "--device", a.device, "--repeat", str(a.repeat),
-               "--dtype", a.dtype]
+               "--dtype", a.dtype, "--figure", str(Path(a.out).parent / "generate_speed.png")]
         if a.compile:
             cmd.append("--compile")
         r = {"job": "generate", **last_json(cmd)}
