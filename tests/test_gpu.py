@@ -85,16 +85,21 @@ def test_greedy_generation_on_cuda_equals_cpu_and_recomputation(attn, pos):
     assert [s.tokens for s in cached.samples] == tokens == [s.tokens for s in full.samples]
 
 
-def test_compiled_decode_with_cuda_graphs_equals_eager():
-    """torch.compile(mode="reduce-overhead") records the decode step as a CUDA graph; a second call
-    with the same shapes replays it. Tokens equal the eager generator's, call after call."""
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "top-k-top-p"])
+def test_compiled_decode_with_cuda_graphs_equals_eager(sampled):
+    """torch.compile(mode="reduce-overhead") records the decode step, model and draw, as a CUDA
+    graph; a second call with the same shapes replays it. Tokens equal the eager generator's, call
+    after call, with the default 16 steps queued per read and with a read per step."""
     prompt = torch.randint(0, 512, (5,), generator=torch.Generator().manual_seed(2)).tolist()
-    spec = GenerateSpec(temperature=0.0, max_new_tokens=40, num_samples=2, ignore_eos=True)
+    spec = GenerateSpec(temperature=0.9 if sampled else 0.0, top_k=40, top_p=0.9, max_new_tokens=40, num_samples=2,
+                        seed=4, ignore_eos=True)
     eager = Generator(random_model("gqa", "rope"), device=DEVICE, dtype="fp32").generate(prompt, spec)
     compiled = Generator(random_model("gqa", "rope"), device=DEVICE, dtype="fp32", compile=True)
     first, second = compiled.generate(prompt, spec), compiled.generate(prompt, spec)
+    per_token = compiled.generate(prompt, spec.model_copy(update={"sync_every": 1}))
     expected = [s.tokens for s in eager.samples]
     assert [s.tokens for s in first.samples] == expected == [s.tokens for s in second.samples]
+    assert [s.tokens for s in per_token.samples] == expected
     assert first.compiled
 
 
