@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,8 @@ def stages(out: Path, dry: bool) -> list[Stage]:
         study = ["--preset", "tiny", "--steps", "20", "--batch-size", "4", "--seq-len", "32", "--device", "cpu",
                  "--eval-every", "10", "--eval-tokens", "1024"]
         b16, b32 = "4", "8"
+        scaling = ["--device", "cpu", "--centre", "tiny:32:2", "--seqs", "16,32", "--batches", "1,2",
+                   "--presets", "tiny", "--steps", "2"]
     else:
         train = ["--preset", "gpt2", "--seq", "1024", "--dtype", "bf16", "--compile", "--peak-tflops", "989",
                  "--steps", "20", "--warmup", "5"]
@@ -58,8 +61,12 @@ def stages(out: Path, dry: bool) -> list[Stage]:
         study = ["--preset", "mini", "--steps", "600", "--batch-size", "64", "--seq-len", "256", "--device", "cuda",
                  "--eval-every", "100", "--eval-tokens", "32768", "--dropout", "0.2", "--lr", "1e-3", "--no-compile"]
         b16, b32 = "16", "32"
+        scaling = ["--device", "cuda", "--dtype", "bf16", "--centre", "gpt2:1024:8", "--seqs", "256,512,1024,2048",
+                   "--batches", "2,4,8,16", "--presets", "mini,gpt2,gpt2-medium", "--steps", "10"]
     bench = HERE / "train_speed.py"
-    study_dir = Path(os.environ.get("TMPDIR", "/tmp")) / "gpt2-gpu-study"
+    # A fresh folder per call (a sweep refuses a folder that holds one); outside $OUT, so that
+    # its checkpoints do not travel back with the results.
+    study_dir = Path(tempfile.mkdtemp(prefix="gpt2-gpu-study-")) / "study"
     return [
         # sync1: the compiled generator reading every token back (before sync_every), same graph.
         Stage("generate_b1", [PY, str(HERE / "generate_speed.py"), *gen, "--sync-every", "1",
@@ -86,6 +93,9 @@ def stages(out: Path, dry: bool) -> list[Stage]:
                         "--out", str(study_dir), "--quiet"], 150, 300),
         Stage("study_compare", [PY, "-m", "gpt2cli", "compare", str(study_dir), "--format", "markdown",
                                 "--plot", str(out / "study.png")], 20, 60),
+        # Step time and memory against T, B and model size on the GPU (eager bf16: no compile per point).
+        Stage("scaling", [PY, str(HERE / "scaling.py"), *scaling, "--out", str(out / "scaling.json"),
+                          "--figure", str(out / "scaling.png")], 150, 300),
     ]
 
 
