@@ -258,6 +258,11 @@ class TrainingSpec(_Spec):
     device: Device = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
     seed: int = Field(1337, ge=0, description="Seed for initialisation, data order and dropout.")
     log_every: int = Field(10, gt=0, description="Steps between metric rows (the only host syncs).")
+    profile: int = Field(
+        0, ge=0,
+        description="Record this many steps (after the first two) with torch.profiler: RUN/profile/trace.json "
+        "(a Chrome trace for ui.perfetto.dev) and RUN/profile/top-ops.txt (ops by device time); 0 = off.",
+    )
     on_nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="A NaN/inf loss or gradient: stop before the optimizer step, or skip the step."
     )

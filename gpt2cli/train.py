@@ -29,6 +29,7 @@ from gpt2cli.evaluate import evaluate_loss
 from gpt2cli.metrics import MetricsWriter, mfu, peak_flops, perplexity, truncate_metrics
 from gpt2cli.model import GPT
 from gpt2cli.parallel import Strategy, make_strategy
+from gpt2cli.profiling import StepProfiler
 from gpt2cli.specs import DEFAULT_LOSS_CHUNK, DEFAULT_STEPS, TrainSpec, spec_from_json, spec_to_json
 
 # --------------------------------------------------------------------------------- reporting
@@ -496,6 +497,14 @@ class _Trainer:
             reporter.evaluation(row)
             return val
 
+        profiler = StepProfiler(run_dir, spec.train.profile, first_step=step, total_steps=plan.total_steps,
+                                device=self.device, enabled=strategy.is_main and spec.train.profile > 0)
+
+        def report_profile(paths: list[Path]) -> None:
+            if paths:
+                reporter.message(f"profile of {profiler.steps} step(s): {paths[0]} (open in ui.perfetto.dev), "
+                                 f"top ops in {paths[1]}")
+
         trained.train()
         # A worker whose launcher (the torchrun agent) was killed outright is re-parented: it stops.
         parent = os.getppid() if strategy.world_size > 1 else None
@@ -513,6 +522,7 @@ class _Trainer:
                     os._exit(1)
                 if _fault_at("stop_at_step", step + 1, strategy.rank):
                     stop.signal = signal.SIGTERM  # as if SIGTERM arrived during this step
+                profiler.before_step(step)
                 # Dropout randomness is a pure function of (seed, rank, step): resume is exact on every rank.
                 torch.manual_seed(spec.train.seed * 1_000_003 + strategy.rank * 7_919 + step)
                 lr = lr_at(step, spec, plan.total_steps)
@@ -559,6 +569,7 @@ class _Trainer:
                         optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 step += 1
+                report_profile(profiler.after_step(step))
                 tokens_seen += plan.tokens_per_step
                 window_tokens += plan.tokens_per_step
 
@@ -592,6 +603,7 @@ class _Trainer:
                         f"checkpoint written, continue with --resume auto"
                     )
                     break
+        report_profile(profiler.close())  # a run stopped before the profiled steps ended
         metrics.close()
         if strategy.is_main:
             write_status(run_dir, status, step, plan.total_steps)

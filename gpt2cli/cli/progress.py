@@ -14,6 +14,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from gpt2cli.cli.common import err, out, si
 
@@ -69,7 +70,8 @@ class TrainProgress:
         (self.progress.console if self.progress else err).print(line)
 
     def message(self, text: str) -> None:
-        (self.progress.console if self.progress else err).print(f"[yellow]{text}[/]")
+        # Plain text (a path may hold "[") and never folded: paths in messages stay copy-pastable.
+        (self.progress.console if self.progress else err).print(Text(text, style="yellow"), soft_wrap=True)
 
     def end(self, result: Any) -> None:
         if self.progress is not None:
