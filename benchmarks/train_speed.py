@@ -30,6 +30,7 @@ import torch
 
 from gpt2cli.model import GPT
 from gpt2cli.modelinfo import model_stats
+from gpt2cli.profiling import profiler_activities, top_ops_table
 from gpt2cli.specs import ModelSpec, TrainSpec, build_spec
 from gpt2cli.train import autocast_context, build_optimizer, resolve_dtype, resolve_loss_chunk
 
@@ -91,19 +92,16 @@ def measure(a: argparse.Namespace, batch: int, vocab: int) -> dict:
     return out
 
 
-def print_profile(step, steps: int, device: torch.device, label: str, rows: int = 25) -> None:
+def print_profile(step, steps: int, device: torch.device, label: str) -> None:
     """The top ops by self device time over ``steps`` profiled steps (not part of the timing)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with torch.profiler.profile(activities=profiler_activities(device)) as prof:
         for _ in range(steps):
             step()
         if device.type == "cuda":
             torch.cuda.synchronize()
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table, sort = top_ops_table(prof, device, rows=25)
     print(f"profile of {steps} steps, {label}, sorted by {sort}:")
-    print(prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=70), flush=True)
+    print(table, flush=True)
 
 
 def attention_kernel(name: str) -> contextlib.AbstractContextManager:

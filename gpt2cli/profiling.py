@@ -22,6 +22,21 @@ PROFILE_DIR = "profile"
 WARMUP_STEPS = 2  # a run's first steps compile, allocate and pick kernels: not what we want to see
 
 
+def profiler_activities(device: torch.device) -> list[torch.profiler.ProfilerActivity]:
+    """CPU ops always; GPU kernels too on CUDA."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    return activities
+
+
+def top_ops_table(profile: torch.profiler.profile, device: torch.device, rows: int = 40) -> tuple[str, str]:
+    """The ops that took the most time (self CUDA time on CUDA, self CPU time otherwise), as a
+    table, and the name of the sort key."""
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return profile.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=80), sort
+
+
 class StepProfiler:
     def __init__(self, run_dir: Path, steps: int, *, first_step: int, total_steps: int,
                  device: torch.device, enabled: bool) -> None:
@@ -38,10 +53,7 @@ class StepProfiler:
 
     def before_step(self, step: int) -> None:
         if self.steps and step == self.start:
-            activities = [torch.profiler.ProfilerActivity.CPU]
-            if self.device.type == "cuda":
-                activities.append(torch.profiler.ProfilerActivity.CUDA)
-            self._profile = torch.profiler.profile(activities=activities)
+            self._profile = torch.profiler.profile(activities=profiler_activities(self.device))
             self._profile.__enter__()
 
     def after_step(self, step: int) -> list[Path]:
@@ -61,9 +73,8 @@ class StepProfiler:
         self.out.mkdir(parents=True, exist_ok=True)
         trace, table = self.out / "trace.json", self.out / "top-ops.txt"
         profile.export_chrome_trace(str(trace))
-        sort = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+        ops, sort = top_ops_table(profile, self.device)
         header = f"top ops over {self.steps} profiled step(s) from step {self.start + 1}, sorted by {sort}\n"
-        table.write_text(header + profile.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=80)
-                         + "\n", encoding="utf-8")
+        table.write_text(header + ops + "\n", encoding="utf-8")
         self.written = [trace, table]
         return self.written
