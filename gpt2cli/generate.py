@@ -234,35 +234,45 @@ class TextStream:
 _HUGE_PAGE = 2 << 20
 
 
-def _weights_in_huge_pages(model: GPT) -> object | None:
-    """Move the parameters of a CPU model into one anonymous mapping advised for transparent huge
-    pages (Linux). Decoding at batch 1 streams every weight once per token, and with 4 KiB pages
-    the TLB misses cost 10-20% on the machines measured (docs/benchmarks.md). Best effort: on any
-    other system, or if the kernel refuses, the weights stay where they are. Returns the mapping
-    (kept alive by the tensors that view it) or None."""
+def _weights_for_cpu_decoding(model: GPT) -> object | None:
+    """Lay a CPU model's parameters out for decoding, which streams every weight once per step.
+
+    - Matrices are stored transposed (column-major; same shape and values). ``F.linear`` computes
+      x @ W.T, and with W.T contiguous the CPU BLAS takes its plain row-major kernel, which at the
+      few rows of a decode step (batch 1-8) is 1.5-2x faster for the output layer than the
+      transposed-operand kernel (docs/benchmarks.md). Embedding lookups read a row with a
+      stride instead, once per token: negligible.
+    - Everything lives in one anonymous mapping advised for transparent huge pages (Linux):
+      with 4 KiB pages the TLB misses cost 10-20% on the machines measured. Best effort: on any
+      other system, or if the kernel refuses, the weights are only re-laid.
+
+    Returns the mapping (kept alive by the tensors that view it) or None."""
     import mmap
     import sys
 
-    if sys.platform != "linux" or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return None
     params = [p for p in model.parameters() if p.device.type == "cpu"]
     sizes = [-(-p.numel() * p.element_size() // 64) * 64 for p in params]  # 64-byte aligned slots
-    if sum(sizes) < _HUGE_PAGE:
-        return None
-    try:
-        buf = mmap.mmap(-1, sum(sizes) + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        buf.madvise(mmap.MADV_HUGEPAGE)
-        flat = torch.frombuffer(buf, dtype=torch.uint8)
-    except (OSError, ValueError):
-        return None
-    offset = -flat.data_ptr() % _HUGE_PAGE  # start on a huge-page boundary
+    flat = buf = None
+    if sys.platform == "linux" and hasattr(mmap, "MADV_HUGEPAGE") and sum(sizes) >= _HUGE_PAGE:
+        try:
+            buf = mmap.mmap(-1, sum(sizes) + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            buf.madvise(mmap.MADV_HUGEPAGE)
+            flat = torch.frombuffer(buf, dtype=torch.uint8)
+        except (OSError, ValueError):
+            flat = buf = None
+    offset = -flat.data_ptr() % _HUGE_PAGE if flat is not None else 0  # start on a huge-page boundary
     with torch.no_grad():
         for p, size in zip(params, sizes, strict=True):
-            n = p.numel() * p.element_size()
-            view = flat[offset : offset + n].view(p.dtype).view(p.shape)
+            if flat is not None:
+                n = p.numel() * p.element_size()
+                storage = flat[offset : offset + n].view(p.dtype)
+                offset += size
+            else:
+                storage = torch.empty(p.numel(), dtype=p.dtype)
+            # A matrix (rows, cols) is stored as its transpose, (cols, rows) row-major.
+            view = storage.view(p.shape[1], p.shape[0]).t() if p.dim() == 2 else storage.view(p.shape)
             view.copy_(p.data)
             p.data = view
-            offset += size
     return buf
 
 
@@ -295,7 +305,7 @@ class Generator:
         self.dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, self.device)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         _rope_fp32(self.model)
-        self._weights_mapping = _weights_in_huge_pages(self.model) if self.device.type == "cpu" else None
+        self._weights_mapping = _weights_for_cpu_decoding(self.model) if self.device.type == "cpu" else None
         self.spec = model.spec
         self.compiled = compile
         self._caches: list = []
