@@ -31,6 +31,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench_figures import pyplot, save_figure  # noqa: E402
+
 from gpt2cli.generate import Generator  # noqa: E402
 from gpt2cli.loading import load_model  # noqa: E402
 from gpt2cli.model import GPT  # noqa: E402
@@ -155,14 +157,7 @@ def main() -> None:
 
 
 def write_figure(summary: dict, rates: dict[str, list[float]], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no figure", file=sys.stderr)
-        return
+    plt = pyplot()
     names = list(rates)
     labels = {"ours": "gpt2 generate", "ours+compile": "gpt2 generate --compile", "hf": "HF generate"}
     fig, ax = plt.subplots(figsize=(6, 3.2))
@@ -180,10 +175,7 @@ def write_figure(summary: dict, rates: dict[str, list[float]], path: Path) -> No
         fontsize=8,
     )
     ax.set_xlim(0, top * 1.35)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    print(f"figure: {path}")
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench_figures import pyplot, save_figure
+
 
 def gpt2_cmd() -> list[str]:
     exe = Path(sys.executable).with_name("gpt2")
@@ -90,11 +92,7 @@ def main() -> None:
 
 
 def write_figure(record: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (speed, memory) = plt.subplots(1, 2, figsize=(9, 3.4))
     single = next(r for r in record["results"] if r["strategy"] == "single")
     for strategy, style in (("ddp", "o-"), ("fsdp", "s-")):
@@ -113,10 +111,7 @@ def write_figure(record: dict, path: Path) -> None:
     speed.legend(fontsize=8)
     fig.suptitle(f"{record['preset']}, global batch {record['global_batch']} x {record['seq_len']} tokens, "
                  f"{record['device']} ({record['cpu_count']} cores)", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    print(f"figure: {path}")
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

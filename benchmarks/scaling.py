@@ -20,6 +20,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench_figures import pyplot, save_figure
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
@@ -75,11 +77,7 @@ def main() -> None:
 
 
 def plot(rows: dict[str, list[dict]], a: argparse.Namespace, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     x_of = {"sequence length": lambda r: r["seq"], "batch size": lambda r: r["batch"],
             "model size": lambda r: r["params"] / 1e6}
     xlabel = {"sequence length": "tokens per sequence (T)", "batch size": "sequences per step (B)",
@@ -108,10 +106,7 @@ def plot(rows: dict[str, list[dict]], a: argparse.Namespace, path: Path) -> None
     memory = "peak allocated (CUDA)" if a.device.startswith("cuda") else "peak RSS of the process"
     fig.suptitle(f"training step (AdamW), {a.device}, {a.dtype}{', compiled' if a.compile else ''}; "
                  f"centre {a.centre}; memory = {memory}", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    print(f"figure: {path}")
+    save_figure(fig, path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 The windows are the split's first ``max_tokens // seq_len`` windows in order, so two checkpoints
 (or two runs) are scored on exactly the same tokens. Under several processes each rank scores
 every world_size-th window; ranks with fewer windows run padding batches of weight 0 so that
-every rank makes the same number of forward passes (FSDP gathers weights collectively).
+every rank makes the same number of forward passes (FSDP gathers weights collectively): see
+gpt2cli.data.loader.eval_batches, which yields the batches and their weights.
 """
 
 from __future__ import annotations

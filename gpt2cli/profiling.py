@@ -49,7 +49,6 @@ class StepProfiler:
         self.out = Path(run_dir) / PROFILE_DIR
         self.device = device
         self._profile: torch.profiler.profile | None = None
-        self.written: list[Path] = []
 
     def before_step(self, step: int) -> None:
         if self.steps and step == self.start:
@@ -76,5 +75,4 @@ class StepProfiler:
         ops, sort = top_ops_table(profile, self.device)
         header = f"top ops over {self.steps} profiled step(s) from step {self.start + 1}, sorted by {sort}\n"
         table.write_text(header + ops + "\n", encoding="utf-8")
-        self.written = [trace, table]
-        return self.written
+        return [trace, table]

@@ -498,7 +498,7 @@ class _Trainer:
             return val
 
         profiler = StepProfiler(run_dir, spec.train.profile, first_step=step, total_steps=plan.total_steps,
-                                device=self.device, enabled=strategy.is_main and spec.train.profile > 0)
+                                device=self.device, enabled=strategy.is_main)
 
         def report_profile(paths: list[Path]) -> None:
             if paths:

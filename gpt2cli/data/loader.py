@@ -69,12 +69,6 @@ def _gather_windows(tokens: np.ndarray, window_indices: np.ndarray, seq_len: int
     return x, y
 
 
-def windows_on_device(tokens: np.ndarray, window_indices: np.ndarray, seq_len: int, device: torch.device) -> Batch:
-    """Inputs and targets of the given windows on ``device`` (pinned and non-blocking for CUDA)."""
-    pin = device.type == "cuda" and torch.cuda.is_available()
-    return _to_device(_gather_windows(tokens, window_indices, seq_len, pin), device)
-
-
 def _to_device(batch: Batch, device: torch.device) -> Batch:
     if device.type == "cpu":
         return batch
@@ -273,10 +267,11 @@ def eval_batches(
     if n == 0:
         raise _too_short_error(len(tokens), seq_len)
     device = torch.device(device)
+    pin = device.type == "cuda" and torch.cuda.is_available()  # pinned host memory: non-blocking copies
     mine = np.arange(rank, n, world_size, dtype=np.int64)
     batches = math.ceil(math.ceil(n / world_size) / batch_size)
     padding = np.zeros(1, dtype=np.int64)
     for b in range(batches):
         chunk = mine[b * batch_size : (b + 1) * batch_size]
-        x, y = windows_on_device(tokens, chunk if len(chunk) else padding, seq_len, device)
+        x, y = _to_device(_gather_windows(tokens, chunk if len(chunk) else padding, seq_len, pin), device)
         yield x, y, 1.0 if len(chunk) else 0.0
