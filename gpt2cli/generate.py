@@ -53,6 +53,12 @@ from dataclasses import dataclass
 
 import torch
 
+from gpt2cli.cpu_decoding import (
+    lay_out_weights_for_decoding,
+    mkl_packing_available,
+    pack_linears,
+    packing_fits,
+)
 from gpt2cli.errors import UserError
 from gpt2cli.model import GPT, kv_cache_bytes_per_token
 from gpt2cli.specs import GenerateSpec
@@ -231,49 +237,19 @@ class TextStream:
 # --------------------------------------------------------------------------------- generator
 
 
-_HUGE_PAGE = 2 << 20
+def _frozen(compiled: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Call a compiled CPU decode step with inductor's freezing on: the weights become constants
+    of the graph, which lets inductor pre-pack them for the BLAS (as pack_linears does for eager
+    steps): 1.5x at batch 8, +5-10% at batch 1 (docs/benchmarks.md). Dynamo reads the setting
+    while it traces, at the first call, so it is scoped to every call rather than passed as a
+    compile option."""
+    from torch._inductor import config as inductor_config
 
+    def step(*args: object) -> torch.Tensor:
+        with inductor_config.patch(freezing=True):
+            return compiled(*args)
 
-def _weights_for_cpu_decoding(model: GPT) -> object | None:
-    """Lay a CPU model's parameters out for decoding, which streams every weight once per step.
-
-    - Matrices are stored transposed (column-major; same shape and values). ``F.linear`` computes
-      x @ W.T, and with W.T contiguous the CPU BLAS takes its plain row-major kernel, which at the
-      few rows of a decode step (batch 1-8) is 1.5-2x faster for the output layer than the
-      transposed-operand kernel (docs/benchmarks.md). Embedding lookups read a row with a
-      stride instead, once per token: negligible.
-    - Everything lives in one anonymous mapping advised for transparent huge pages (Linux):
-      with 4 KiB pages the TLB misses cost 10-20% on the machines measured. Best effort: on any
-      other system, or if the kernel refuses, the weights are only re-laid.
-
-    Returns the mapping (kept alive by the tensors that view it) or None."""
-    import mmap
-    import sys
-
-    params = [p for p in model.parameters() if p.device.type == "cpu"]
-    sizes = [-(-p.numel() * p.element_size() // 64) * 64 for p in params]  # 64-byte aligned slots
-    flat = buf = None
-    if sys.platform == "linux" and hasattr(mmap, "MADV_HUGEPAGE") and sum(sizes) >= _HUGE_PAGE:
-        try:
-            buf = mmap.mmap(-1, sum(sizes) + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-            buf.madvise(mmap.MADV_HUGEPAGE)
-            flat = torch.frombuffer(buf, dtype=torch.uint8)
-        except (OSError, ValueError):
-            flat = buf = None
-    offset = -flat.data_ptr() % _HUGE_PAGE if flat is not None else 0  # start on a huge-page boundary
-    with torch.no_grad():
-        for p, size in zip(params, sizes, strict=True):
-            if flat is not None:
-                n = p.numel() * p.element_size()
-                storage = flat[offset : offset + n].view(p.dtype)
-                offset += size
-            else:
-                storage = torch.empty(p.numel(), dtype=p.dtype)
-            # A matrix (rows, cols) is stored as its transpose, (cols, rows) row-major.
-            view = storage.view(p.shape[1], p.shape[0]).t() if p.dim() == 2 else storage.view(p.shape)
-            view.copy_(p.data)
-            p.data = view
-    return buf
+    return step
 
 
 def _rope_fp32(model: GPT) -> None:
@@ -305,15 +281,22 @@ class Generator:
         self.dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, self.device)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         _rope_fp32(self.model)
-        self._weights_mapping = _weights_for_cpu_decoding(self.model) if self.device.type == "cpu" else None
+        on_cpu = self.device.type == "cpu"
+        self._weights_mapping = lay_out_weights_for_decoding(self.model) if on_cpu else None
+        # MKL-packed weights for batches of 2+ rows (eager fp32 only: inductor cannot lower the
+        # packed op, and packs weights its own way).
+        packable = on_cpu and self.dtype == torch.float32 and not compile and mkl_packing_available()
+        self._packed_linears = pack_linears(self.model) if packable else []
         self.spec = model.spec
         self.compiled = compile
         self._caches: list = []
         self._cache_key: tuple[int, int] | None = None
         self._decode: Callable[..., torch.Tensor] = self._decode_step
         if compile:
-            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs
             self._decode = torch.compile(self._decode_step, mode=mode, fullgraph=True, dynamic=False)
+            if on_cpu:
+                self._decode = _frozen(self._decode)
 
     @classmethod
     def from_source(cls, source: str, *, device: str = "auto", dtype: str = "auto",
@@ -339,6 +322,12 @@ class Generator:
             self.model.setup_kv_cache(batch, length, dtype=self.dtype, device=self.device)
             self._caches = [block.attn.kv_cache for block in blocks]
             self._cache_key = (batch, length)
+            # A decode step feeds `batch` rows; one row decodes faster unpacked (cpu_decoding).
+            rows = batch if batch >= 2 else None
+            if rows is not None and not any(m.packed is not None for m in self._packed_linears):
+                rows = rows if packing_fits(self._packed_linears) else None
+            for linear in self._packed_linears:
+                linear.pack(rows)
         else:
             for block, cache in zip(blocks, self._caches, strict=True):
                 block.attn.kv_cache = cache
@@ -351,16 +340,22 @@ class Generator:
         temperature: float,
         top_k: int | None,
         top_p: float | None,
+        kv_len: int | None = None,
     ) -> torch.Tensor:
         """The compiled unit: one token per sequence through the cache, and the next token drawn,
-        so that a step is one graph (one CUDA graph replay) with no host work between the two."""
-        logits = self.model(idx, input_pos)[:, -1, :VOCAB_SIZE].float()
+        so that a step is one graph (one CUDA graph replay) with no host work between the two.
+        Eager steps pass ``kv_len`` (attend over the filled slots only); compiled ones keep the
+        static shape of the whole cache."""
+        logits = self.model(idx, input_pos, kv_len=kv_len)[:, -1, :VOCAB_SIZE].float()
         return sample_next(logits, temperature, top_k, top_p, uniform)
 
     def _full(self, idx: torch.Tensor) -> torch.Tensor:
         """Last-position logits of a window run from position 0 (prefill, or no-cache mode)."""
-        positions = torch.arange(idx.shape[1], device=self.device)
-        return self.model(idx, positions if self.model.has_kv_cache else None)[:, -1, :VOCAB_SIZE].float()
+        T = idx.shape[1]
+        if not self.model.has_kv_cache:
+            return self.model(idx)[:, -1, :VOCAB_SIZE].float()
+        positions = torch.arange(T, device=self.device)
+        return self.model(idx, positions, kv_len=T)[:, -1, :VOCAB_SIZE].float()
 
     @staticmethod
     def _hand_over(tokens: torch.Tensor, states: list[TextStream], t0: float) -> bool:
@@ -474,7 +469,8 @@ class Generator:
                 else:
                     pos_buf.fill_(end - 1 - start)
                     # clone: a CUDA graph's output is overwritten by its next replay
-                    next_ids = self._decode(next_ids[:, None], pos_buf, noise(), *sampling).clone()
+                    kv_len = None if self.compiled else end - start
+                    next_ids = self._decode(next_ids[:, None], pos_buf, noise(), *sampling, kv_len).clone()
                 buf[:, end] = next_ids
                 end += 1
             sync()

@@ -109,20 +109,6 @@ def test_cache_holds_only_kv_heads():
     assert mha.cache_bytes_per_token == 2 * 2 * 4 * 8 * 4 and gqa.cache_bytes_per_token == mha.cache_bytes_per_token // 2
 
 
-@pytest.mark.parametrize("make", [random_model, tiny_gpt2], ids=["small", "huge-page-mapping"])
-def test_cpu_generator_stores_matrices_transposed_with_the_same_values(make):
-    """On the CPU the generator re-lays every matrix column-major (BLAS's plain kernel for x @ W.T)
-    without changing a value or untying the output layer from the token embedding."""
-    model = make()
-    before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    gen = Generator(model, device="cpu", dtype="fp32")
-    for name, p in gen.model.named_parameters():
-        assert torch.equal(p, before[name]), name
-        if p.dim() == 2:
-            assert p.stride() == (1, p.shape[0]), name
-    assert gen.model.lm_head.weight is gen.model.transformer.wte.weight
-
-
 # ------------------------------------------------------------------------------- sampling
 
 

@@ -74,6 +74,7 @@ class CausalSelfAttention(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         input_pos: torch.Tensor | None = None,
+        kv_len: int | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape  # batch, sequence length, n_embd
         q, k, v = self.c_attn(x).split(
@@ -98,6 +99,8 @@ class CausalSelfAttention(nn.Module):
             if input_pos is None:
                 raise ValueError("attention with a KV cache needs input_pos")
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, nkv, S, hs), S = cache length
+            if kv_len is not None:  # only the slots written so far (eager decoding; a view)
+                k, v = k[:, :, :kv_len], v[:, :, :kv_len]
             # Query at position p sees every cached key at a position <= p (prefill and decode alike);
             # slots not written yet lie beyond p and stay hidden.
             key_pos = torch.arange(k.shape[2], device=x.device)

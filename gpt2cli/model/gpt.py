@@ -56,8 +56,9 @@ class Block(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         input_pos: torch.Tensor | None = None,
+        kv_len: int | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), rope, input_pos)
+        x = x + self.attn(self.ln_1(x), rope, input_pos, kv_len)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -175,6 +176,7 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         reduction: str = "mean",
         loss_chunk: int = 0,
+        kv_len: int | None = None,
     ) -> torch.Tensor:
         """idx: (B, T) token ids; input_pos: (T,) their positions (default 0..T-1; required with
         a KV cache). Returns logits (B, T, vocab_size) in the compute dtype or, given targets
@@ -185,7 +187,11 @@ class GPT(nn.Module):
         through log-softmax in separate passes (about 9 ms of a 47 ms GPT-2 step on an H100,
         docs/benchmarks.md). ``loss_chunk`` > 0 takes the output layer and the loss that many
         tokens at a time (gpt2cli.model.loss): the same value, without ever holding the whole
-        (tokens x vocab) logits; for eager execution, where nothing fuses them."""
+        (tokens x vocab) logits; for eager execution, where nothing fuses them.
+
+        ``kv_len`` (with a KV cache): the cache slots in use once idx is written, i.e. the last
+        position + 1; attention then reads only those instead of the whole preallocated buffer.
+        For eager decoding: each value is a new shape, so compiled decoding leaves it None."""
         B, T = idx.shape
         if T > self.spec.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.spec.block_size}")
@@ -199,7 +205,7 @@ class GPT(nn.Module):
         x = self.transformer.drop(x)
         rope = self.rope(input_pos) if self.rope is not None else None  # (T, hs/2) cos and sin
         for block in self.transformer.h:
-            x = block(x, rope, input_pos)
+            x = block(x, rope, input_pos, kv_len)
         x = self.transformer.ln_f(x)
         if targets is not None and loss_chunk > 0:
             return chunked_linear_cross_entropy(x, self.lm_head.weight, targets, chunk_tokens=loss_chunk,

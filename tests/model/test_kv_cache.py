@@ -72,6 +72,25 @@ def test_cached_logits_equal_full_forward(attn, pos):
     torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("attn,pos", [("mha", "learned"), ("gqa", "rope")])
+def test_attending_over_the_filled_slots_only_equals_the_whole_masked_cache(attn, pos):
+    """kv_len (eager decoding reads only the slots written so far) gives the logits of the
+    static-shape path, which reads the whole buffer under a mask; stale slots beyond are ignored."""
+    model = tiny_model(attn, pos)
+    idx = torch.randint(0, 512, (2, 20))
+    with torch.no_grad():
+        model.setup_kv_cache(batch_size=2)
+        for block in model.transformer.h:  # garbage in every slot: must never be read
+            block.attn.kv_cache.k_cache.normal_(0, 100)
+            block.attn.kv_cache.v_cache.normal_(0, 100)
+        whole = [model(idx[:, :8], torch.arange(8))] + [model(idx[:, t : t + 1], torch.tensor([t])) for t in range(8, 20)]
+        filled = [model(idx[:, :8], torch.arange(8), kv_len=8)]
+        filled += [model(idx[:, t : t + 1], torch.tensor([t]), kv_len=t + 1) for t in range(8, 20)]
+        model.clear_kv_cache()
+    torch.testing.assert_close(torch.cat(filled, dim=1), torch.cat(whole, dim=1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat(filled, dim=1), model(idx), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("attn,kv_heads", [("mha", 4), ("gqa", 2), ("mqa", 1)])
 def test_cache_holds_only_the_kv_heads(attn, kv_heads):
     model = tiny_model(attn)
