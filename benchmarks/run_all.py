@@ -2,7 +2,7 @@
 
 For each training shape it alternates ours and the peer (benchmarks/peers/hf_peer.py, a copy of
 the shared peer script) --repeat times in fresh processes, so that machine load hits both alike,
-and reports medians; then generation (benchmarks/generate_speed.py) and data preparation
+and reports medians; then generation at batch 1 and 8 (benchmarks/generate_speed.py) and data preparation
 (benchmarks/data_prep.py). A table on stdout and one JSON file (--out).
 
     .venv/bin/python benchmarks/run_all.py                       # CPU: tiny and nano shapes, fp32
@@ -78,6 +78,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--peak-tflops", type=float, default=None)
+    ap.add_argument("--gen-batches", default="1,8", help="generation batch sizes, comma list (default 1,8)")
     ap.add_argument("--skip", default="", help="comma list of jobs to skip: train,generate,data")
     ap.add_argument("--out", default="bench-out/results.json")
     a = ap.parse_args()
@@ -91,14 +92,16 @@ def main() -> None:
             print(f"train {r['shape']:<22} ours {r['ours_tokens_per_s']:>10.0f} tok/s   "
                   f"HF {r['peer_tokens_per_s']:>10.0f} tok/s   ratio {r['ratio']:.2f}x", flush=True)
     if "generate" not in skip:
-        # The figure goes next to the JSON: the harness never rewrites the figures in docs/.
-        cmd = [sys.executable, str(HERE / "generate_speed.py"), "--device", a.device, "--repeat", str(a.repeat),
-               "--dtype", a.dtype, "--figure", str(Path(a.out).parent / "generate_speed.png")]
-        if a.compile:
-            cmd.append("--compile")
-        r = {"job": "generate", **last_json(cmd)}
-        results.append(r)
-        print("generate " + json.dumps(r), flush=True)
+        for batch in (int(b) for b in a.gen_batches.split(",")):
+            # The figure goes next to the JSON: the harness never rewrites the figures in docs/.
+            cmd = [sys.executable, str(HERE / "generate_speed.py"), "--device", a.device, "--repeat", str(a.repeat),
+                   "--dtype", a.dtype, "--batch", str(batch),
+                   "--figure", str(Path(a.out).parent / f"generate_speed_b{batch}.png")]
+            if a.compile:
+                cmd.append("--compile")
+            r = {"job": "generate", **last_json(cmd)}
+            results.append(r)
+            print("generate " + json.dumps(r), flush=True)
     if "data" not in skip:
         r = {"job": "data", **last_json([sys.executable, str(HERE / "data_prep.py"), "--repeat", "2"])}
         results.append(r)
