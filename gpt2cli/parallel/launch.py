@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from gpt2cli.errors import UserError
@@ -84,16 +85,28 @@ def torchrun_command(p: ParallelSpec, spec_path: Path) -> list[str]:
     return [*cmd, "-m", "gpt2cli", "train", "--spec", str(spec_path)]
 
 
+def worker_env(p: ParallelSpec, spec_path: Path, base: Mapping[str, str]) -> dict[str, str]:
+    """The workers' environment: ``base`` plus our defaults (a value the user set wins)."""
+    env = dict(base)
+    # torchrun would set 1 thread per worker with a warning; say it ourselves, sized to the machine.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // p.procs_per_node)))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    if p.strategy == "fsdp":
+        # FSDP returns host blocks of 16 MB and more to the OS (FSDPStrategy), so the CPU pays a
+        # page fault per 4 KiB each time it allocates one again; torch's allocator advises them
+        # for 2 MiB pages instead: +25% per step at nano on 2 CPU processes. torch reads this
+        # once, at its first allocation, so it must be in the environment the worker starts with.
+        env.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    env[LAUNCH_DIR_ENV] = str(spec_path.parent)
+    return env
+
+
 def launch(p: ParallelSpec, spec_path: Path, debug: bool = False) -> int:
     """Run the workers under torchrun; return its exit code."""
     cmd = torchrun_command(p, spec_path)
     if debug:
         cmd.append("--debug")
-    env = dict(os.environ)
-    # torchrun would set 1 thread per worker with a warning; say it ourselves, sized to the machine.
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // p.procs_per_node)))
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    env[LAUNCH_DIR_ENV] = str(spec_path.parent)
+    env = worker_env(p, spec_path, os.environ)
     take_worker_error(spec_path.parent, remove=True)  # a previous launch's
     proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
 

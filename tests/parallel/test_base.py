@@ -1,13 +1,17 @@
 """The single-process strategy's gradient clipping (DDP and FSDP share it; their multi-process
-equality with one process is in tests/test_parallel.py)."""
+equality with one process is in tests/test_parallel.py), and the CPU allocator setting."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import pytest
 import torch
 from torch import nn
 
 from gpt2cli.parallel.base import Strategy
+from gpt2cli.parallel.distributed import FSDPStrategy
 
 
 def output_layer_with_gradient() -> tuple[nn.Linear, torch.Tensor]:
@@ -40,3 +44,43 @@ def test_cpu_clipping_leaves_small_gradients_alone_and_zero_only_measures():
         assert torch.equal(layer.weight.grad, grad)
     layer.weight.grad = None
     assert float(Strategy("cpu").clip_grad_norm(layer, 1.0)) == 0.0  # no gradients: norm 0
+
+
+HEAP_PROBE = """
+import sys, torch
+from gpt2cli.parallel.base import keep_freed_memory
+
+def heap_mb():
+    for line in open("/proc/self/maps"):
+        if "[heap]" in line:
+            start, end = (int(a, 16) for a in line.split()[0].split("-"))
+            return (end - start) >> 20
+    return 0
+
+keep_freed_memory(int(sys.argv[1]) << 20)
+before = heap_mb()
+small = [torch.ones(4 << 20, dtype=torch.uint8) for _ in range(8)]  # 8 x 4 MB
+after_small = heap_mb()
+large = [torch.ones(40 << 20, dtype=torch.uint8) for _ in range(2)]  # 2 x 40 MB
+print(after_small - before, heap_mb() - after_small)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's heap, Linux only")
+def test_freed_blocks_below_the_threshold_come_from_the_heap_larger_ones_from_the_os():
+    """keep_freed_memory(below): blocks under `below` live in glibc's heap (reused, never given
+    back), larger ones in their own mappings, unmapped when freed. Run in a subprocess: the
+    setting is process-wide."""
+    def heap_growth(below_mb: int) -> tuple[int, int]:
+        out = subprocess.run([sys.executable, "-c", HEAP_PROBE, str(below_mb)], capture_output=True, text=True,
+                             check=True).stdout.split()
+        return int(out[0]), int(out[1])
+
+    small, large = heap_growth(16)  # FSDP's setting on the CPU
+    assert small >= 30 and large < 10
+    small, large = heap_growth(1024)  # the default: keep everything
+    assert small >= 30 and large >= 80
+
+
+def test_fsdp_gives_large_freed_blocks_back_on_the_cpu():
+    assert FSDPStrategy.cpu_keep_freed_below == 16 << 20 < Strategy.cpu_keep_freed_below
