@@ -69,6 +69,38 @@ def train_pair(preset: str, seq: int, batch: int, a: argparse.Namespace) -> dict
     return result
 
 
+def table_rows(results: list[dict]) -> list[tuple[str, str, str, str, str]]:
+    """(job, setting, ours, peer, ours / peer) for every result, as printed."""
+    rows = []
+    for r in results:
+        if r["job"] == "train":
+            mfu = f" ({r['ours_mfu']:.1%} MFU)" if "ours_mfu" in r else ""
+            rows.append(("train step", r["shape"], f"{r['ours_tokens_per_s']:,.0f} tok/s{mfu}",
+                         f"{r['peer_tokens_per_s']:,.0f} tok/s", f"{r['ratio']:.2f}x"))
+        elif r["job"] == "generate":
+            med = r["median_tokens_per_s"]
+            for name in (k for k in med if k != "hf"):
+                job = "generate" + name.removeprefix("ours").replace("+compile", " --compile")
+                rows.append((job, f"B={r['batch']} {r['prompt_tokens']}+{r['new_tokens']} tok",
+                             f"{med[name]:,.1f} tok/s", f"{med['hf']:,.1f} tok/s", f"{med[name] / med['hf']:.2f}x"))
+        elif r["job"] == "data":
+            best = r.get("best_tokens_per_s", r.get("median_tokens_per_s"))
+            rows.append(("data prep", "JSONL", f"{best / 1e6:.2f} M tok/s" if best else "?", "-", "-"))
+    return rows
+
+
+def print_table(results: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="ours against Hugging Face (medians)")
+    for col in ("job", "setting", "ours", "HF", "ours / HF"):
+        table.add_column(col, justify="right" if col in ("ours", "HF", "ours / HF") else "left")
+    for row in table_rows(results):
+        table.add_row(*row)
+    Console().print(table)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -106,6 +138,7 @@ def main() -> None:
         r = {"job": "data", **last_json([sys.executable, str(HERE / "data_prep.py"), "--repeat", "2"])}
         results.append(r)
         print("data " + json.dumps(r), flush=True)
+    print_table(results)
     record = {"machine": platform.machine(), "python": platform.python_version(), "torch": torch.__version__,
               "device": a.device, "device_name": torch.cuda.get_device_name() if a.device.startswith("cuda") else
               platform.processor() or "cpu", "results": results}
