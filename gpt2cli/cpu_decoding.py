@@ -94,12 +94,17 @@ def available_memory_bytes() -> int | None:
         return None
 
 
-def packing_fits(linears: list[PackedLinear]) -> bool:
-    """True if the packed copies (one more fp32 copy of every wrapped weight) would take at most
-    half of the memory still available: a speed-up must not push a large model into swap."""
+def pack_for_decoding(linears: list[PackedLinear], rows: int) -> None:
+    """Pack ``linears`` for decode steps of ``rows`` rows, or leave them unpacked: one row (the
+    matrix-vector kernel is faster unpacked), or copies that would take more than half of the
+    memory still available (a speed-up must not push a large model into swap). Copies that
+    already exist are replaced in place, so they need no new room."""
+    already = any(m.packed is not None for m in linears)
     needed = sum(m.weight.numel() * m.weight.element_size() for m in linears)
     available = available_memory_bytes()
-    return available is None or 2 * needed <= available
+    fits = already or available is None or 2 * needed <= available
+    for linear in linears:
+        linear.pack(rows if rows >= 2 and fits else None)
 
 
 class PackedLinear(nn.Module):

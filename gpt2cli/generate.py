@@ -56,8 +56,8 @@ import torch
 from gpt2cli.cpu_decoding import (
     lay_out_weights_for_decoding,
     mkl_packing_available,
+    pack_for_decoding,
     pack_linears,
-    packing_fits,
 )
 from gpt2cli.errors import UserError
 from gpt2cli.model import GPT, kv_cache_bytes_per_token
@@ -322,12 +322,7 @@ class Generator:
             self.model.setup_kv_cache(batch, length, dtype=self.dtype, device=self.device)
             self._caches = [block.attn.kv_cache for block in blocks]
             self._cache_key = (batch, length)
-            # A decode step feeds `batch` rows; one row decodes faster unpacked (cpu_decoding).
-            rows = batch if batch >= 2 else None
-            if rows is not None and not any(m.packed is not None for m in self._packed_linears):
-                rows = rows if packing_fits(self._packed_linears) else None
-            for linear in self._packed_linears:
-                linear.pack(rows)
+            pack_for_decoding(self._packed_linears, rows=batch)  # a decode step feeds `batch` rows
         else:
             for block, cache in zip(blocks, self._caches, strict=True):
                 block.attn.kv_cache = cache

@@ -102,8 +102,9 @@ class FSDPStrategy(_ProcessGroupStrategy):
     # FSDP exists to save memory. On the CPU, keeping every freed block (the base setting) let
     # the heap fragment around the per-layer gathers (28 MB each at GPT-2 124M, the 154 MB
     # embedding, reduce-scatter buffers) until rank 0 held more than DDP's: 4.3 GB against
-    # 3.6 GB. Blocks of 16 MB and more go back to the OS instead: 2.4 GB, for about 10% of the
-    # step time (docs/benchmarks.md, "Data-parallel scaling").
+    # 3.6 GB. Blocks of 16 MB and more go back to the OS instead: 2.3 GB at 2 processes; with
+    # huge pages for them (launch.worker_env) no slower at gpt2, 5% slower at nano
+    # (docs/benchmarks.md, "Data-parallel scaling").
     cpu_keep_freed_below = 16 << 20
 
     def __init__(self, device: str = "auto", activation_checkpointing: bool = False,
