@@ -49,7 +49,7 @@ def measure(a: argparse.Namespace, batch: int, vocab: int) -> dict:
     step_model = torch.compile(model) if a.compile else model
     dtype = resolve_dtype(a.dtype, device)
     x = torch.randint(0, min(vocab, GPT2_VOCAB), (batch, a.seq), device=device)
-    loss_chunk = resolve_loss_chunk(a.loss_chunk, a.compile)  # gpt2 train's rule
+    loss_chunk = resolve_loss_chunk(a.loss_chunk, a.compile, device)  # gpt2 train's rule
 
     def step() -> torch.Tensor:
         with attention_kernel(a.sdpa), autocast_context(device, dtype):

@@ -253,7 +253,8 @@ class TrainingSpec(_Spec):
         None, ge=0,
         description="Output layer and loss in chunks of this many tokens, gradients in the same pass, so the "
         "(tokens x vocab) logits are never held whole; 0 = off. Default: "
-        f"{DEFAULT_LOSS_CHUNK} without compile, 0 with it (the compiler fuses the loss).",
+        f"{DEFAULT_LOSS_CHUNK} without compile off CUDA; 0 with compile (the compiler fuses the loss) "
+        "and on CUDA (faster there; set it to save memory).",
     )
     device: Device = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
     seed: int = Field(1337, ge=0, description="Seed for initialisation, data order and dropout.")

@@ -16,8 +16,8 @@ import torch
 from gpt2cli import checkpoint as ckpt
 from gpt2cli.errors import NonFiniteLossError, UserError
 from gpt2cli.metrics import read_metrics
-from gpt2cli.specs import TrainSpec, build_spec
-from gpt2cli.train import lr_at, plan_batches, train
+from gpt2cli.specs import DEFAULT_LOSS_CHUNK, TrainSpec, build_spec
+from gpt2cli.train import lr_at, plan_batches, resolve_loss_chunk, train
 from tests.conftest import gpt2_command, run_gpt2
 
 
@@ -238,3 +238,14 @@ def test_one_process_ddp_and_fsdp_match_single_without_torchrun(tmp_path, cache_
     wrapped = train(tiny_spec(tmp_path / strategy, train={"steps": 3}, parallel={"strategy": strategy}))
     assert wrapped.status == single.status == "completed"
     assert train_losses(tmp_path / strategy) == pytest.approx(train_losses(tmp_path / "single"), rel=1e-6)
+
+
+def test_loss_chunk_default_follows_what_measured_faster():
+    """Chunked only for eager steps off CUDA; an explicit value always wins."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_loss_chunk(None, False, cpu) == DEFAULT_LOSS_CHUNK
+    assert resolve_loss_chunk(None, True, cpu) == 0
+    assert resolve_loss_chunk(None, False, cuda) == 0
+    assert resolve_loss_chunk(None, True, cuda) == 0
+    assert resolve_loss_chunk(256, True, cuda) == 256
+    assert resolve_loss_chunk(0, False, cpu) == 0
