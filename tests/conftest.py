@@ -39,6 +39,21 @@ def run_gpt2(*args: str, cwd: Path | None = None, env: dict | None = None, timeo
     return proc
 
 
+def record_attention_shapes(monkeypatch) -> list[tuple[int, int]]:
+    """(query length, key length) of every attention call from now on, in order."""
+    from gpt2cli.model import attention
+
+    seen: list[tuple[int, int]] = []
+    real = attention.grouped_sdpa
+
+    def recording(q, k, v, **kwargs):
+        seen.append((q.shape[2], k.shape[2]))
+        return real(q, k, v, **kwargs)
+
+    monkeypatch.setattr(attention, "grouped_sdpa", recording)
+    return seen
+
+
 def random_hf_gpt2(std: float, *, seed: int = 0, n_positions: int = 64):
     """A small transformers GPT2LMHeadModel (GPT-2 vocabulary, 2 layers, d=32) with every tensor
     drawn from N(0, std): decisive logits for parity checks."""

@@ -15,7 +15,7 @@ from gpt2cli.generate import Generator, TextStream, sample_next
 from gpt2cli.model import GPT
 from gpt2cli.specs import GenerateSpec, ModelSpec, TrainSpec, spec_to_json
 from gpt2cli.tokenizer import EOT_ID, encode
-from tests.conftest import random_hf_gpt2, run_gpt2
+from tests.conftest import random_hf_gpt2, record_attention_shapes, run_gpt2
 
 VARIANTS = [(attn, pos) for attn in ("mha", "gqa", "mqa") for pos in ("learned", "rope")]
 
@@ -340,3 +340,14 @@ def test_real_command_bad_input_has_no_traceback(tmp_path):
     proc = run_gpt2("generate", str(tmp_path / "nope.pt"), "Hi")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("Error: checkpoint")
+
+
+def test_eager_cpu_decoding_attends_over_the_filled_slots_only(monkeypatch):
+    """Each CPU decode step's keys are the tokens so far, not the whole cache buffer."""
+    gen = Generator(random_model(), device="cpu", dtype="fp32")
+    seen = record_attention_shapes(monkeypatch)
+    gen.generate([1, 2, 3, 4], GenerateSpec(temperature=0.0, max_new_tokens=6, ignore_eos=True))
+    n_layer = gen.model.spec.n_layer
+    decode_keys = [keys for queries, keys in seen[n_layer:]][::n_layer]  # first layer of each step
+    assert seen[0] == (4, 4)  # prefill
+    assert decode_keys == [5, 6, 7, 8, 9]

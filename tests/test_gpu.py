@@ -22,7 +22,7 @@ from gpt2cli.generate import Generator
 from gpt2cli.metrics import read_metrics
 from gpt2cli.model import GPT
 from gpt2cli.specs import GenerateSpec, ModelSpec
-from tests.conftest import run_gpt2
+from tests.conftest import record_attention_shapes, run_gpt2
 
 # GPT2_GPU_TEST_DEVICE=cpu runs the same checks on the CPU: a dry run of this module's logic
 # before spending GPU time on it.
@@ -101,6 +101,16 @@ def test_compiled_decode_with_cuda_graphs_equals_eager(sampled):
     assert [s.tokens for s in first.samples] == expected == [s.tokens for s in second.samples]
     assert [s.tokens for s in per_token.samples] == expected
     assert first.compiled
+
+
+def test_eager_cuda_decoding_keeps_one_key_length(monkeypatch):
+    """On CUDA every eager decode step attends over the whole cache buffer: one shape per call, so
+    that an attention kernel that plans per shape (cuDNN) plans once, not once per token."""
+    gen = Generator(random_model(), device=DEVICE, dtype="bf16")
+    seen = record_attention_shapes(monkeypatch)
+    gen.generate([1, 2, 3, 4], GenerateSpec(temperature=0.0, max_new_tokens=6, ignore_eos=True))
+    decode_keys = {keys for queries, keys in seen if queries == 1}
+    assert len(decode_keys) == (1 if torch.device(DEVICE).type == "cuda" else 5)
 
 
 def test_bf16_sampling_on_cuda_is_reproducible():
