@@ -46,7 +46,7 @@ def measure(a: argparse.Namespace, batch: int, vocab: int) -> dict:
     model = GPT(spec).to(device)
     train_spec = build_spec(TrainSpec, flags={"model": spec.model_dump()})
     optimizer = build_optimizer(model, train_spec, device)
-    step_model = torch.compile(model) if a.compile else model
+    step_model = torch.compile(model, mode=a.compile_mode) if a.compile else model
     dtype = resolve_dtype(a.dtype, device)
     x = torch.randint(0, min(vocab, GPT2_VOCAB), (batch, a.seq), device=device)
     loss_chunk = resolve_loss_chunk(a.loss_chunk, a.compile, device)  # gpt2 train's rule
@@ -78,7 +78,7 @@ def measure(a: argparse.Namespace, batch: int, vocab: int) -> dict:
     # FLOPs of the unpadded model: padding rows do no useful work, so they earn no MFU.
     stats = model_stats(spec.model_copy(update={"vocab_size": min(vocab, GPT2_VOCAB)}), seq_len=a.seq)
     tps = batch * a.seq * a.steps / dt
-    out = {"peer": "gpt2cli", "job": "train", "device": str(device), "dtype": a.dtype, "compile": a.compile,
+    out = {"peer": "gpt2cli", "job": "train", "device": str(device), "dtype": a.dtype, "compile": a.compile, "compile_mode": a.compile_mode or "default",
            "preset": a.preset, "attn": a.attn, "pos": a.pos, "layers": spec.n_layer, "heads": spec.n_head,
            "dim": spec.n_embd, "params": model.num_params(), "vocab": vocab, "loss_chunk": loss_chunk, "sdpa": a.sdpa, "seq": a.seq, "batch": batch, "ms_per_step": 1000 * dt / a.steps,
            "tokens_per_s": tps, "flops_per_token": stats["flops_per_token"],
@@ -133,6 +133,9 @@ def main() -> None:
     p.add_argument("--vocab", default=str(GPT2_VOCAB), help="vocabulary rows; a comma list measures each")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile-mode", default=None, choices=["default", "max-autotune-no-cudagraphs", "max-autotune"],
+                   help="torch.compile mode (default: torch's default); max-autotune tries Triton matmul "
+                        "templates with fused epilogues, at minutes of compilation")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--loss-chunk", type=int, default=None,
