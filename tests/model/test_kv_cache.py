@@ -83,8 +83,11 @@ def test_attending_over_the_filled_slots_only_equals_the_whole_masked_cache(attn
         for block in model.transformer.h:  # garbage in every slot: must never be read
             block.attn.kv_cache.k_cache.normal_(0, 100)
             block.attn.kv_cache.v_cache.normal_(0, 100)
-        whole = [model(idx[:, :8], torch.arange(8))] + [model(idx[:, t : t + 1], torch.tensor([t])) for t in range(8, 20)]
-        filled = [model(idx[:, :8], torch.arange(8), kv_len=8)]
+        # A prefill from 0 (plain causal), a second prefill chunk after it (a mask), single tokens
+        # (every filled slot visible).
+        whole = [model(idx[:, :5], torch.arange(5)), model(idx[:, 5:8], torch.arange(5, 8))]
+        whole += [model(idx[:, t : t + 1], torch.tensor([t])) for t in range(8, 20)]
+        filled = [model(idx[:, :5], torch.arange(5), kv_len=5), model(idx[:, 5:8], torch.arange(5, 8), kv_len=8)]
         filled += [model(idx[:, t : t + 1], torch.tensor([t]), kv_len=t + 1) for t in range(8, 20)]
         model.clear_kv_cache()
     torch.testing.assert_close(torch.cat(filled, dim=1), torch.cat(whole, dim=1), atol=1e-5, rtol=1e-5)
