@@ -191,7 +191,8 @@ class GPT(nn.Module):
 
         ``kv_len`` (with a KV cache): the cache slots in use once idx is written, i.e. the last
         position + 1; attention then reads only those instead of the whole preallocated buffer.
-        For eager decoding: each value is a new shape, so compiled decoding leaves it None."""
+        For eager CPU decoding: each value is a new shape, so compiled decoding leaves it None, and
+        so does CUDA, where an attention kernel may plan per shape (gpt2cli.generate)."""
         B, T = idx.shape
         if T > self.spec.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.spec.block_size}")
