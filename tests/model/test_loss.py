@@ -31,6 +31,23 @@ def test_value_and_gradients_equal_the_plain_loss(chunk, reduction):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
 
 
+def test_compiled_chunked_loss_equals_the_plain_loss():
+    """The chunked loss under torch.compile (as `--compile --loss-chunk N` runs it): the autograd
+    Function traces, and value and gradients stay those of the plain loss."""
+    torch.manual_seed(0)
+    hidden = torch.randn(24, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (24,))
+    expected = plain(hidden, weight, targets)
+    expected_grads = torch.autograd.grad(expected * 1.7, (hidden, weight))
+    compiled = torch.compile(chunked_linear_cross_entropy, fullgraph=True)
+    got = compiled(hidden, weight, targets, chunk_tokens=10, reduction="mean")
+    got_grads = torch.autograd.grad(got * 1.7, (hidden, weight))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    for g, e in zip(got_grads, expected_grads, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
 def test_without_grad_only_the_value_is_computed():
     hidden, weight = torch.randn(10, 8), torch.randn(30, 8, requires_grad=True)
     targets = torch.randint(0, 30, (10,))
