@@ -27,6 +27,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -245,6 +246,25 @@ def reference(root) -> Path:
     return run
 
 
+def matching_uninterrupted_run(run: Path, reference: Path) -> Path:
+    """The uninterrupted run that ``run`` must equal bit for bit: ``reference``, or a second
+    uninterrupted run when ``reference`` alone differs. Once in about 7 suite runs (2026-11-28) the
+    reference process rounded differently (step 1: 16 ulp, steps 4 and 7: 1 ulp) while every
+    interrupted run agreed with each other; about 100 direct runs of the same command never did it again.
+    A resume bug differs from both uninterrupted runs, so it still fails; the rerun is counted
+    (reference_reruns) and warned about, with the steps that differed."""
+    if losses(run) == losses(reference):
+        return reference
+    again = reference.with_name(reference.name + "-again")
+    if not (again / "metrics.jsonl").exists():
+        run_gpt2("train", *SINGLE, "--out", str(again), check=True)
+        TALLY["reference_reruns"] += 1
+        first, second = losses(reference), losses(again)
+        differing = {step: (first[step], second.get(step)) for step in first if first[step] != second.get(step)}
+        warnings.warn(f"two uninterrupted runs of one command differ at steps {differing}", stacklevel=2)
+    return again
+
+
 @pytest.fixture(scope="module")
 def ddp_reference(root) -> Path:
     run = root / "ddp-reference"
@@ -278,9 +298,10 @@ def test_sigkill_at_a_random_step_then_resume_is_exact(reference, root, seed):
     done = run_gpt2("train", "--out", str(run), "--resume", "auto", check=True)
     assert done.returncode == 0
     assert_each_step_once(run, STEPS)
-    assert losses(run) == losses(reference)  # bit for bit, the steps before and after the kill
+    uninterrupted = matching_uninterrupted_run(run, reference)
+    assert losses(run) == losses(uninterrupted)  # bit for bit, the steps before and after the kill
     a = ckpt.load_checkpoint(run / "ckpt.pt")["model"]
-    b = ckpt.load_checkpoint(reference / "ckpt.pt")["model"]
+    b = ckpt.load_checkpoint(uninterrupted / "ckpt.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     TALLY["kills_survived"] += 1
     TALLY[f"sigkill_seed{seed}_resumed_from_step_{resume_step}_killed_after_{last_row}"] += 1
@@ -314,7 +335,7 @@ def test_crash_between_write_and_rename_keeps_the_previous_checkpoint(reference,
     run_gpt2("train", "--out", str(run), "--resume", "auto", check=True)
     assert not list(run.glob(".*.tmp-*"))  # the stale temp file was removed on resume
     assert_each_step_once(run, STEPS)
-    assert losses(run) == losses(reference)
+    assert losses(run) == losses(matching_uninterrupted_run(run, reference))
     assert sorted(p.name for p in ckpt.step_checkpoints(run)) == [
         ckpt.step_checkpoint_name(s) for s in (STEPS - 2, STEPS)]
     TALLY["crashes_in_save_survived"] += 2
