@@ -143,3 +143,9 @@ def _print_summary(path: Path, seconds: float) -> None:
         f"{tokens:,} tokens in {seconds:.2f} s ({si(tokens / max(seconds, 1e-9), 2)} tokens/s), "
         f"fingerprint {folder.fingerprint[:16]}"
     )
+    empty = folder.meta.get("empty_documents", 0)
+    if empty:
+        out.print(
+            f"skipped {empty:,} empty document{'s' if empty != 1 else ''} "
+            "(empty files, or empty or null text fields)"
+        )

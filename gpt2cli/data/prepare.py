@@ -22,6 +22,7 @@ import glob
 import gzip
 import hashlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -31,6 +32,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from fractions import Fraction
@@ -80,10 +82,6 @@ JSONL_SUFFIXES = (".jsonl", ".ndjson")
 JSON_SUFFIXES = (".json",)
 PARQUET_SUFFIXES = (".parquet",)
 SUPPORTED_TYPES = ".txt, .md, .jsonl, .json or .parquet"
-LOCAL_SOURCES_HINT = (
-    "pass local data instead: .txt/.md files, folders, .jsonl/.parquet files or a folder written "
-    "by datasets.save_to_disk"
-)
 
 
 @dataclass(frozen=True)
@@ -120,12 +118,16 @@ def _decode(data: bytes, errors: str, where: str) -> str:
         ) from None
 
 
+_JSON_TYPES = {type(None): "null", bool: "boolean", int: "number", float: "number", list: "array"}
+
+
 def _text_of(record: Any, column: str, where: str) -> str:
     """The document text in one JSON record (a plain string counts as the text itself)."""
     if isinstance(record, str):
         return record
     if not isinstance(record, dict):
-        raise UserError(f"{where} is a JSON {type(record).__name__}, not an object with a text field")
+        kind = _JSON_TYPES.get(type(record), type(record).__name__)
+        raise UserError(f"{where} is a JSON {kind}, not an object with a text field", "each record must be an object or a string")
     if column not in record:
         columns = ", ".join(map(str, record)) or "none"
         raise UserError(f"{where} has no column {column!r} (columns: {columns})", "choose one with --text-column")
@@ -134,7 +136,7 @@ def _text_of(record: Any, column: str, where: str) -> str:
 
 def _column_text(value: Any, column: str, where: str) -> str:
     if value is None:
-        return ""  # a missing value is an empty document, which is skipped
+        return ""  # a null value is an empty document: skipped, and counted in meta.json
     if not isinstance(value, str):
         raise UserError(
             f"{where}: column {column!r} holds {type(value).__name__} values, not text",
@@ -328,23 +330,36 @@ class HuggingFaceDataset(Source):
         return loaded
 
     def _load_hub(self, spec: PrepareSpec) -> Any:
+        """``load_dataset`` for a name that is not a local path, failing fast without a network.
+
+        One quick request first tells whether the Hub answers at all. When it does not (or offline
+        mode is on), the dataset is loaded in offline mode, so a copy in the Hugging Face cache
+        still loads and anything else fails at once instead of after ~25 s of retries. The hub
+        libraries' retry warnings are silenced: the one error line says what happened.
+        """
+        unreachable = _hub_unreachable_reason()
         import datasets
 
         try:
-            return datasets.load_dataset(self.hub_name, spec.subset, split=spec.split)
-        except ConnectionError:
-            offline = any(
-                os.environ.get(var, "").lower() in ("1", "true", "yes", "on")
-                for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-            )
-            why = "offline mode is on, HF_HUB_OFFLINE / HF_DATASETS_OFFLINE" if offline else "no network"
+            with _quiet_hub_retries(), _hub_offline(unreachable is not None):
+                return datasets.load_dataset(self.hub_name, spec.subset, split=spec.split)
+        except ConnectionError as exc:  # OfflineModeIsEnabled, or the network dropped out meanwhile
+            why = unreachable or f"no network: {_one_line(exc)}"
             raise UserError(
-                f"{self.hub_name!r} is not a local path, and the Hugging Face Hub cannot be reached "
-                f"to download it: {why}",
-                LOCAL_SOURCES_HINT,
+                f"no local file or folder {self.hub_name!r}, and no Hugging Face dataset of that name is "
+                f"reachable ({why}; not in the local Hugging Face cache either)",
+                "check the path; for a Hub dataset, "
+                + ("unset HF_HUB_OFFLINE / HF_DATASETS_OFFLINE" if _offline_env() else "check the network"),
             ) from None
         except Exception as exc:  # not found, unknown subset or split, ...
-            raise UserError(f"cannot load dataset {self.hub_name!r}: {_one_line(exc)}", LOCAL_SOURCES_HINT) from None
+            if (detail := _not_found_detail(exc)) is not None:
+                raise UserError(
+                    f"no local file or folder {self.hub_name!r}, and no Hugging Face dataset of that name ({detail})",
+                    "check the path or the dataset name; a private or gated dataset needs `hf auth login`",
+                ) from None
+            raise UserError(
+                f"cannot load dataset {self.hub_name!r}: {_one_line(exc)}", "check the dataset name, --subset and --split"
+            ) from None
 
     def documents(self, spec: PrepareSpec) -> Iterator[str]:
         column = spec.text_column
@@ -363,6 +378,79 @@ def _one_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+# ---------------------------------------------------------------------- Hugging Face Hub access
+
+HUB_CHECK_TIMEOUT_S = 10.0  # as huggingface_hub's own HF_HUB_ETAG_TIMEOUT; a refused or unresolvable host fails at once
+_TRUE = ("1", "true", "yes", "on")
+
+
+def _offline_env() -> bool:
+    return any(os.environ.get(var, "").strip().lower() in _TRUE for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def _hub_unreachable_reason() -> str | None:
+    """None when the Hub (``HF_ENDPOINT``) answers one quick request (any HTTP status counts),
+    otherwise why not. No retries: without a network this takes milliseconds (a failed name
+    lookup) or at most ``HUB_CHECK_TIMEOUT_S``. Proxy settings apply as for every Hub request."""
+    from huggingface_hub import constants
+
+    if _offline_env() or getattr(constants, "HF_HUB_OFFLINE", False):
+        return "offline mode is on: HF_HUB_OFFLINE / HF_DATASETS_OFFLINE"
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=HUB_CHECK_TIMEOUT_S)
+    except Exception as exc:  # name resolution, refused, timeout, proxy, TLS, ...
+        return f"no network: {_one_line(exc)}"
+    return None
+
+
+@contextmanager
+def _hub_offline(enabled: bool) -> Iterator[None]:
+    """Put ``huggingface_hub`` and ``datasets`` in offline mode for the duration (they read
+    HF_HUB_OFFLINE once, at import): only the local cache is used, and nothing waits on retries."""
+    if not enabled:
+        yield
+        return
+    import datasets.config
+    from huggingface_hub import constants
+
+    targets = [(constants, "HF_HUB_OFFLINE"), (datasets.config, "HF_HUB_OFFLINE"), (datasets.config, "HF_DATASETS_OFFLINE")]
+    saved = [(module, name, getattr(module, name)) for module, name in targets if hasattr(module, name)]
+    for module, name, _ in saved:
+        setattr(module, name, True)
+    try:
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+
+
+@contextmanager
+def _quiet_hub_retries() -> Iterator[None]:
+    """Silence huggingface_hub's per-attempt HTTP warnings ("... thrown while requesting",
+    "Retrying in 8s [Retry 5/5]"); the final error is reported as one line."""
+    logger = logging.getLogger("huggingface_hub.utils._http")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _not_found_detail(exc: BaseException) -> str | None:
+    """What to say when ``datasets`` found no dataset of that name on the Hub (or none this user
+    may read); None for other errors (an unknown subset or split, a broken dataset, ...)."""
+    from datasets.exceptions import DatasetNotFoundError
+
+    if isinstance(exc, DatasetNotFoundError):  # "Dataset 'x' doesn't exist on the Hub or cannot be accessed."
+        return _one_line(exc)
+    if isinstance(exc, FileNotFoundError) and "on the Hugging Face Hub either" in str(exc):
+        return "the Hub did not provide it"  # datasets' own text here suggests a local folder
+    return None
+
+
 # ------------------------------------------------------------------------ resolving arguments
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
@@ -370,6 +458,9 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 # (letters only: ".csv", not the ".1" of "the-stack-v1.1") is reported missing, not looked up.
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _FILE_SUFFIX = re.compile(r"\.[A-Za-z]{1,8}$")
+# A missing SOURCE with one of these prefixes, or whose first component exists here (``src/notez``
+# with a folder ``src``), is a mistyped local path: it is reported at once, never looked up.
+_LOCAL_PREFIXES = ("./", "../", "/", "~", ".\\", "..\\", "\\")
 
 
 def _is_saved_dataset(folder: Path) -> bool:
@@ -451,6 +542,14 @@ def _argument_sources(argument: str) -> list[Source]:
         return _glob_sources(argument, path)
     if path.exists():
         return _path_sources(path)
+    first = Path(argument).parts[0] if Path(argument).parts else ""
+    if argument.startswith(_LOCAL_PREFIXES) or first in (".", ".."):
+        raise UserError(f"no such file or folder: {argument!r}", "check the path")
+    if len(Path(argument).parts) > 1 and Path(first).exists():
+        raise UserError(
+            f"no such file or folder: {argument!r}",
+            f"check the path: {first!r} exists here, so this is a local path, not a Hugging Face dataset name",
+        )
     if _HUB_NAME.match(argument) and not _FILE_SUFFIX.search(argument):
         return [HuggingFaceDataset(hub_name=argument)]
     raise UserError(f"no such file or folder: {argument!r}", "check the path")
@@ -466,9 +565,26 @@ def resolve_sources(spec: PrepareSpec) -> list[Source]:
     return sources
 
 
-def iter_documents(sources: list[Source], spec: PrepareSpec) -> Iterator[str]:
-    """Every non-empty document of every source, in order, at most ``max_docs`` of them."""
-    documents = (text for source in sources for text in source.documents(spec) if text)
+@dataclass
+class SkipCount:
+    """Empty documents passed over while reading (empty files, empty or null text fields)."""
+
+    empty: int = 0
+
+
+def iter_documents(sources: list[Source], spec: PrepareSpec, skipped: SkipCount | None = None) -> Iterator[str]:
+    """Every non-empty document of every source, in order, at most ``max_docs`` of them.
+    Empty documents are skipped; ``skipped.empty`` counts those read so far."""
+
+    def non_empty() -> Iterator[str]:
+        for source in sources:
+            for text in source.documents(spec):
+                if text:
+                    yield text
+                elif skipped is not None:
+                    skipped.empty += 1
+
+    documents = non_empty()
     return islice(documents, spec.max_docs) if spec.max_docs is not None else documents
 
 
@@ -524,14 +640,15 @@ class _Piece:
     to_val: bool
     last: bool  # the end of its document: <|endoftext|> follows
     first: bool  # the start of its document (counts the document)
+    empty_before: int = 0  # empty documents skipped before this one's, in all
 
 
-def _pieces(documents: Iterable[str], selector: ValidationSelector) -> Iterator[_Piece]:
+def _pieces(documents: Iterable[str], selector: ValidationSelector, skipped: SkipCount) -> Iterator[_Piece]:
     for index, text in enumerate(documents):
         to_val = selector.is_validation(index)
         parts = split_text(text, PIECE_CHARS)
         for number, part in enumerate(parts):
-            yield _Piece(part, to_val, last=number == len(parts) - 1, first=number == 0)
+            yield _Piece(part, to_val, last=number == len(parts) - 1, first=number == 0, empty_before=skipped.empty)
 
 
 def _batches(pieces: Iterable[_Piece], batch_chars: int) -> Iterator[list[_Piece]]:
@@ -612,6 +729,10 @@ class _TokenWriter:
         self.documents = 0
         self.last_train_doc_start = 0  # token offset of the newest training document
         self.full = False
+        # Empty documents skipped before the last document written. Counted by what was written,
+        # not by what was read: reading runs ahead of writing by a number of batches that depends
+        # on the number of threads, and meta.json must not.
+        self.empty_documents = 0
 
     @property
     def tokens(self) -> int:
@@ -640,6 +761,7 @@ class _TokenWriter:
         split = self.val if piece.to_val and self.val is not None else self.train
         if piece.first:
             self.documents += 1
+            self.empty_documents = piece.empty_before
             split.documents += 1
             if split is self.train:
                 self.last_train_doc_start = self.train.tokens
@@ -659,7 +781,9 @@ def _tokenize(
 ) -> _TokenWriter:
     """Tokenize every document into ``folder``; results are written in submission order."""
     writer = _TokenWriter(folder, with_val=spec.val_fraction > 0, max_tokens=spec.max_tokens)
-    batches = _batches(_pieces(iter_documents(sources, spec), ValidationSelector(spec.val_fraction)), BATCH_CHARS)
+    skipped = SkipCount()
+    documents = iter_documents(sources, spec, skipped)
+    batches = _batches(_pieces(documents, ValidationSelector(spec.val_fraction), skipped), BATCH_CHARS)
     pending: deque[tuple[list[_Piece], Future]] = deque()
     in_flight = workers + 2  # keeps every worker busy while the main thread reads and writes
     started = time.perf_counter()
@@ -680,6 +804,8 @@ def _tokenize(
             pending.append((batch, pool.submit(_encode_batch, batch)))
             write_results(keep=in_flight)
         write_results(keep=0)
+        if not writer.full:  # every document was read: count the empty ones after the last, too
+            writer.empty_documents = skipped.empty
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         batches.close()  # closes the file the sources are reading
@@ -852,6 +978,7 @@ def _build_meta(
         "byte_order": BYTE_ORDER,
         "splits": splits,
         "documents": writer.documents,
+        "empty_documents": writer.empty_documents,
         "split_by": split_by,
         "source": [source.describe() for source in sources],
         "fingerprint": fingerprint_files(folder, list(splits)),
@@ -861,9 +988,10 @@ def _build_meta(
     }
 
 
-def _empty_corpus_error(spec: PrepareSpec) -> UserError:
+def _empty_corpus_error(spec: PrepareSpec, empty: int) -> UserError:
     where = ", ".join(spec.sources) if spec.sources else "the embedded corpus"
-    return UserError(f"no text found in {where} (every document is empty)", "check the sources and --text-column")
+    why = {0: "no documents", 1: "the one document read is empty"}.get(empty, f"all {empty:,} documents are empty")
+    return UserError(f"no text found in {where} ({why})", "check the sources and --text-column")
 
 
 # Staging folders are named .<out>.tmp-<host>-<pid>-<random>: a later run can tell that the
@@ -910,7 +1038,7 @@ def _prepare(spec: PrepareSpec, out: Path, mode: str, progress: ProgressFn | Non
     try:
         writer = _tokenize(sources, resolved, staging, workers, progress)
         if writer.documents == 0:
-            raise _empty_corpus_error(spec)
+            raise _empty_corpus_error(spec, writer.empty_documents)
         split_by = _finish_validation_split(writer, spec.val_fraction)
         write_meta(staging, _build_meta(resolved, sources, writer, split_by, staging))
         fsync_dir(staging)

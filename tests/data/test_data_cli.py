@@ -63,7 +63,7 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, env):
         ("latin1.txt",): "latin1.txt is not UTF-8 text",
         ("c.jsonl",): "no column 'text' (columns: body, id)",
         ("t.csv",): "unknown file type '.csv'",
-        ("someone/some_dataset",): "the Hugging Face Hub cannot be reached",
+        ("someone/some_dataset",): "no local file or folder 'someone/some_dataset', and no Hugging Face dataset",
         ("--val-fraction", "1.5"): "val_fraction",
     }
     for args, expected in cases.items():
