@@ -168,9 +168,19 @@ def _damaged(p: Path, exc: BaseException) -> UserError:
     )
 
 
-def _short(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return text[:120]
+def _short(exc: BaseException, limit: int = 120) -> str:
+    """The first line of an error, cut at a sentence end (else a word end) when it is longer than
+    ``limit``: torch's zip errors run on for a paragraph after the part that says what failed."""
+    text = str(exc).strip()
+    text = text.splitlines()[0].strip() if text else type(exc).__name__
+    if len(text) <= limit:
+        return text
+    head = text[: limit + 1]
+    sentence = max(head.rfind(". "), head.rfind("! "), head.rfind("? "))
+    if sentence > 0:
+        return head[: sentence + 1]
+    word = head.rfind(" ")
+    return (head[:word] if word > 0 else text[:limit]).rstrip(" ,;:") + " ..."
 
 
 def is_valid_checkpoint(path: Path) -> bool:

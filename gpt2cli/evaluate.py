@@ -1,9 +1,9 @@
 """Evaluation: mean next-token loss over deterministic, non-overlapping windows.
 
-The windows are the split's first ``max_tokens // seq_len`` windows in order, so two checkpoints
-(or two runs) are scored on exactly the same tokens. Under several processes each rank scores
-every world_size-th window; ranks with fewer windows run padding batches of weight 0 so that
-every rank makes the same number of forward passes (FSDP gathers weights collectively): see
+The windows are the split's first ``max_tokens // seq_len`` windows (at least one) in order, so
+two checkpoints (or two runs) are scored on exactly the same tokens. Under several processes each
+rank scores every world_size-th window; ranks with fewer windows run padding batches of weight 0 so
+that every rank makes the same number of forward passes (FSDP gathers weights collectively): see
 gpt2cli.data.loader.eval_batches, which yields the batches and their weights.
 """
 

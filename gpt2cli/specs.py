@@ -13,11 +13,12 @@ explicit command-line flags < ``--set section.field=value``.
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from gpt2cli.errors import UserError
 from gpt2cli.presets import DEFAULT_PRESET_CPU, FALLBACK_LR, PRESETS, RECOMMENDED_LR, preset_names
@@ -27,6 +28,21 @@ SpecT = TypeVar("SpecT", bound=BaseModel)
 
 class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps."
+
+
+def _check_device(value: str) -> str:
+    """The one device check of every spec with a device field (train, eval, generate), so that a
+    typo like ``tpu`` is a one-line settings error, never a torch traceback."""
+    if not _DEVICE_RE.match(value):
+        raise ValueError(f"must be auto, cpu, cuda, cuda:N or mps, got {value!r}")
+    return value
+
+
+Device = Annotated[str, AfterValidator(_check_device)]
 
 
 # --------------------------------------------------------------------------------------- model
@@ -156,7 +172,7 @@ class PrepareSpec(_Spec):
     val_fraction: float = Field(
         0.1, ge=0.0, lt=1.0, description="Share of documents for validation (by position for one document)."
     )
-    max_docs: int | None = Field(None, gt=0, description="Read at most this many documents.")
+    max_docs: int | None = Field(None, gt=0, description="Read at most this many non-empty documents.")
     max_tokens: int | None = Field(None, gt=0, description="Stop after about this many tokens.")
     num_proc: int | None = Field(
         None, gt=0, description="Parallel tokenizer workers (threads; tiktoken releases the GIL); default: all cores."
@@ -201,13 +217,18 @@ class OptimSpec(_Spec):
     @model_validator(mode="before")
     @classmethod
     def _default_min_lr(cls, data: Any) -> Any:
+        """min_lr defaults to lr / 10, derived only from a valid lr: an invalid one is reported
+        once, for lr, not a second time for a min_lr the user never set."""
         if isinstance(data, dict) and data.get("min_lr") is None:
             lr = data.get("lr", cls.model_fields["lr"].default)
-            if isinstance(lr, (int, float, str)):
-                try:
-                    return {**data, "min_lr": float(lr) / 10}
-                except ValueError:
-                    return data
+            if isinstance(lr, bool) or not isinstance(lr, (int, float, str)):
+                return data
+            try:
+                value = float(lr)
+            except ValueError:
+                return data
+            if math.isfinite(value) and value > 0:
+                return {**data, "min_lr": value / 10}
         return data
 
     @model_validator(mode="after")
@@ -222,13 +243,10 @@ class OptimSpec(_Spec):
 
 # ---------------------------------------------------------------------------------------- train
 
-Device = str  # auto | cpu | mps | cuda | cuda:N (checked below)
 DEFAULT_STEPS = 200  # the default run: nano on tiny Shakespeare in a few minutes on a laptop CPU
 # Tokens per chunk of the output layer + loss when it runs eagerly (gpt2cli.model.loss): 512 x
 # 50,257 fp32 logits = 103 MB per chunk, large enough for efficient matmuls.
 DEFAULT_LOSS_CHUNK = 512
-
-_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 class TrainingSpec(_Spec):
@@ -256,7 +274,7 @@ class TrainingSpec(_Spec):
         f"{DEFAULT_LOSS_CHUNK} without compile off CUDA; 0 with compile (the compiler fuses the loss) "
         "and on CUDA (faster there; set it to save memory).",
     )
-    device: Device = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
+    device: Device = Field("auto", description=DEVICE_HELP)
     seed: int = Field(1337, ge=0, description="Seed for initialisation, data order and dropout.")
     log_every: int = Field(10, gt=0, description="Steps between metric rows (the only host syncs).")
     profile: int = Field(
@@ -273,8 +291,6 @@ class TrainingSpec(_Spec):
 
     @model_validator(mode="after")
     def _check(self) -> TrainingSpec:
-        if not _DEVICE_RE.match(self.device):
-            raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         if self.steps is not None and self.tokens is not None:
             raise ValueError("give steps or tokens, not both")
         if self.batch_tokens is not None and self.grad_accum != 1:
@@ -286,7 +302,8 @@ class EvalSpec(_Spec):
     """Evaluation during training."""
 
     every: int = Field(100, gt=0, description="Steps between evaluations (and best.pt updates).")
-    tokens: int = Field(16384, gt=0, description="Validation tokens per evaluation (a fixed prefix of the split).")
+    tokens: int = Field(16384, gt=0, description="Validation tokens per evaluation: the split's first tokens // seq_len windows, "
+                        "at least one.")
     batch_size: int | None = Field(None, gt=0, description="Sequences per eval batch; default: the train batch size.")
 
 
@@ -310,10 +327,10 @@ class ParallelSpec(_Spec):
 
     @model_validator(mode="after")
     def _check(self) -> ParallelSpec:
+        # Several processes under strategy single are refused in TrainSpec, after the check of
+        # gpus against the device, so that --gpus on the CPU hears that first.
         if self.nproc is not None and self.gpus is not None and self.nproc != self.gpus:
             raise ValueError(f"nproc ({self.nproc}) and gpus ({self.gpus}) disagree; give one of them")
-        if self.strategy == "single" and self.procs_per_node * self.nnodes > 1:
-            raise ValueError("several processes need strategy ddp or fsdp")
         if self.nnodes > 1 and not self.rdzv_endpoint:
             raise ValueError("nnodes > 1 needs rdzv_endpoint (host:port of the rendezvous)")
         return self
@@ -375,8 +392,28 @@ class TrainSpec(_Spec):
             raise ValueError(
                 f"train.seq_len ({seq_len}) exceeds model.block_size ({self.model.block_size})"
             )
-        if self.parallel.gpus and self.train.device not in ("auto", "cuda"):
-            raise ValueError(f"parallel.gpus needs device cuda, got {self.train.device}")
+        p, device = self.parallel, self.train.device
+        # Checked here rather than in ParallelSpec, so that --gpus with --device cpu is told that
+        # --gpus needs CUDA GPUs before it is told to pick a strategy.
+        if p.gpus and device not in ("auto", "cuda"):
+            if device.startswith("cuda"):
+                raise ValueError(
+                    f"--gpus {p.gpus} puts one process on each CUDA GPU itself; it takes --device auto or cuda, "
+                    f"not {device}"
+                )
+            raise ValueError(
+                f"--gpus needs CUDA GPUs, not --device {device}; for {p.gpus} processes on the CPU use "
+                f"--strategy ddp --nproc {p.gpus} --device cpu"
+            )
+        world = p.procs_per_node * p.nnodes
+        if p.strategy == "single" and world > 1:
+            given = [f"--gpus {p.gpus}" if p.gpus else f"--nproc {p.nproc}" if p.nproc else None,
+                     f"--nnodes {p.nnodes}" if p.nnodes > 1 else None]
+            message = (f"{world} processes ({', '.join(g for g in given if g)}) need --strategy ddp or "
+                       "--strategy fsdp")
+            if p.gpus:
+                message += f"; without CUDA GPUs use --strategy ddp --nproc {p.gpus} --device cpu"
+            raise ValueError(message)
         return self
 
     @property
@@ -401,10 +438,14 @@ class EvaluateSpec(_Spec):
     checkpoints: list[str] = Field(default_factory=list, description="Checkpoint files, run folders or HF GPT-2 folders.")
     data: str | None = Field(None, description="Token folder from `gpt2 data`; default: the embedded corpus.")
     split: str = Field("val", description="Split to score.")
-    tokens: int | None = Field(None, gt=0, description="Score at most this many tokens; default: the whole split.")
+    tokens: int | None = Field(
+        None, gt=0,
+        description="Score the split's first tokens // seq_len windows, at least one (so a value below "
+        "seq_len still scores one full window); default: the whole split.",
+    )
     batch_size: int = Field(8, gt=0, description="Windows per batch.")
     seq_len: int | None = Field(None, gt=1, description="Window length; default: the model's block_size.")
-    device: Device = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
+    device: Device = Field("auto", description=DEVICE_HELP)
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="Compute precision.")
     format: Literal["table", "json"] = Field("table", description="Output format.")
 
@@ -420,7 +461,7 @@ class GenerateSpec(_Spec):
     num_samples: int = Field(1, gt=0, description="Samples decoded together as one batch.")
     stop: list[str] = Field(default_factory=list, description="Strings that end a sample (repeatable).")
     ignore_eos: bool = Field(False, description="Keep sampling after <|endoftext|>.")
-    device: Device = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
+    device: Device = Field("auto", description=DEVICE_HELP)
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="Compute precision.")
     compile: bool = Field(False, description="torch.compile the decoding step.")
     sync_every: int | None = Field(
@@ -604,8 +645,28 @@ def spec_to_json(spec: BaseModel) -> str:
     return spec.model_dump_json(indent=2)
 
 
-def spec_from_json(spec_cls: type[SpecT], text: str) -> SpecT:
+def spec_from_json(spec_cls: type[SpecT], text: str | bytes, source: str | None = None) -> SpecT:
+    """Read a resolved spec (spec.json, a checkpoint's spec, what `gpt2 train --spec` runs).
+
+    Text that is not a JSON object (a TOML or YAML settings file handed to ``--spec``) is refused
+    as such, not as a spec from another version of gpt2. ``source`` names the file in errors.
+    """
+    what = repr(source) if source else "the file"
     try:
         return spec_cls.model_validate_json(text)
     except ValidationError as exc:
+        errors = exc.errors()
+        if any(e["type"] == "json_invalid" or (e["type"] == "model_type" and not e["loc"]) for e in errors):
+            raise UserError(
+                f"{what} is not a JSON spec as written by gpt2 ({_json_problem(errors)})",
+                "--spec runs a spec.json written by gpt2 train as is; pass TOML, YAML or JSON settings files "
+                "with --config",
+            ) from exc
         raise UserError(format_validation_error(exc), "the stored spec does not match this version of gpt2") from exc
+
+
+def _json_problem(errors: list[Any]) -> str:
+    for e in errors:
+        if e["type"] == "json_invalid":
+            return e["msg"].replace("Invalid JSON: ", "", 1)
+    return "not a JSON object"

@@ -53,6 +53,50 @@ def test_truncated_file_is_refused(tmp_path: Path):
         ckpt.load_checkpoint(path)
 
 
+def _detail(error: UserError) -> str:
+    """The underlying error as the message quotes it: between the first ' (' and the last ')'."""
+    message = error.message
+    return message[message.index(" (") + 2 : message.rindex(")")]
+
+
+def test_truncated_file_error_quotes_whole_words(tmp_path: Path):
+    path = tmp_path / "ckpt.pt"
+    ckpt.save_checkpoint(path, _payload())
+    path.write_bytes(path.read_bytes()[:1000])
+    try:
+        torch.load(path, weights_only=True)
+    except Exception as exc:  # what torch says, first line
+        first_line = str(exc).strip().splitlines()[0]
+    with pytest.raises(UserError) as info:
+        ckpt.load_checkpoint(path)
+    detail = _detail(info.value)
+    assert first_line.startswith(detail.removesuffix(" ..."))
+    # Whole: the first line, a run of whole sentences of it, or whole words marked as cut.
+    assert detail == first_line or detail.endswith((".", " ...")), detail
+    if detail.endswith(" ..."):
+        assert first_line[len(detail) - 4] == " "
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("short failure\nsecond line", "short failure"),
+    ("failed reading zip archive: failed finding central directory. " + "This is filler text. " * 10,
+     "failed reading zip archive: failed finding central directory. This is filler text. This is filler text."),
+    ("word " * 40, ("word " * 24).strip() + " ..."),  # no sentence end within 120 characters
+    ("x" * 300, "x" * 120 + " ..."),  # not even a space
+])
+def test_long_load_errors_are_cut_at_a_sentence_or_word(tmp_path: Path, monkeypatch, text, expected):
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(b"whatever")
+
+    def failing_load(*args, **kwargs):
+        raise RuntimeError(text)
+
+    monkeypatch.setattr(torch, "load", failing_load)
+    with pytest.raises(UserError) as info:
+        ckpt.load_checkpoint(path)
+    assert _detail(info.value) == expected
+
+
 @pytest.mark.parametrize("where", [0.3, 0.5, 0.7])
 def test_flipped_byte_is_refused(tmp_path: Path, where: float):
     path = tmp_path / "ckpt.pt"

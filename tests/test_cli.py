@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+import pytest
+
 from tests.conftest import run_gpt2
 
 
@@ -44,3 +46,25 @@ def test_train_help_states_precedence_and_groups():
     assert "defaults < --config FILE < flags < --set" in text
     for panel in ("Model", "Optimizer", "Parallelism", "Run folder"):
         assert panel in proc.stdout
+
+
+@pytest.mark.parametrize("args, expected, absent", [
+    (["--spec", "run.toml"],
+     "is not a JSON spec as written by gpt2", ("this version", "Invalid JSON")),
+    (["--nproc", "2"],
+     "2 processes (--nproc 2) need --strategy ddp or --strategy fsdp", ()),
+    (["--gpus", "2", "--device", "cpu"],
+     "--gpus needs CUDA GPUs, not --device cpu; for 2 processes on the CPU use --strategy ddp --nproc 2 --device cpu",
+     ("need --strategy",)),
+    (["--lr", "-1"], "--lr (optim.lr): Input should be greater than 0", ("min_lr", "--min-lr")),
+])
+def test_train_errors_name_what_the_user_can_change(tmp_path, args, expected, absent):
+    (tmp_path / "run.toml").write_text('[model]\npreset = "tiny"\n[train]\nsteps = 3\n')
+    extra = [] if "--spec" in args else ["--preset", "tiny", "--steps", "3", "--device", "cpu"]
+    proc = run_gpt2("train", *extra, *args, cwd=tmp_path)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("Error:"), proc.stderr
+    assert expected in lines[0] and not any(word in lines[0] for word in absent), lines[0]
+    if "--spec" in args:
+        assert "--config" in lines[0]
+    assert list(tmp_path.iterdir()) == [tmp_path / "run.toml"]  # nothing written

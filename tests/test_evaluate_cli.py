@@ -16,7 +16,7 @@ from gpt2cli.data import TokenFolder
 from gpt2cli.data.prepare import prepare_data
 from gpt2cli.specs import PrepareSpec
 from gpt2cli.tokenizer import token_byte_lengths
-from tests.conftest import random_hf_gpt2
+from tests.conftest import random_hf_gpt2, run_gpt2
 from tests.test_generate import cli, one_error_line, one_thread, random_model, save_model, tiny_gpt2  # noqa: F401
 
 
@@ -112,6 +112,25 @@ def test_eval_bad_input(checkpoints, data_dir, tmp_path, capsys):
     for needle, args in cases.items():
         code, out, err = cli(capsys, *args)
         assert needle in one_error_line(code, err), (needle, err)
+
+
+def test_tokens_below_one_window_still_score_one_full_window(checkpoints, data_dir, capsys):
+    """--tokens is rounded down to whole windows, but never below one (docs/specs.md says so)."""
+    for tokens, windows in ((10, 1), (16, 1), (40, 2)):
+        code, out, err = cli(capsys, "eval", checkpoints[1], "--data", data_dir, "--seq-len", 16, "--tokens", tokens,
+                             "--format", "json", "--device", "cpu")
+        assert code == 0, err
+        report = json.loads(out)
+        assert (report["windows"], report["tokens"], report["results"][0]["tokens"]) == (windows, 16 * windows,
+                                                                                         16 * windows)
+
+
+def test_real_command_unknown_device_is_one_line_exit_2(checkpoints, data_dir):
+    proc = run_gpt2("eval", str(checkpoints[1]), "--data", str(data_dir), "--device", "tpu")
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("Error: invalid settings: --device (device): must be auto, cpu, cuda, cuda:N or mps, "
+                                  "got 'tpu'")
 
 
 def test_fresh_training_run_generates_and_evaluates(tmp_path, cache_dir, capsys):

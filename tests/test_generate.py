@@ -342,6 +342,14 @@ def test_real_command_bad_input_has_no_traceback(tmp_path):
     assert proc.stderr.startswith("Error: checkpoint")
 
 
+def test_real_command_unknown_device_is_one_line_exit_2(ckpt):
+    proc = run_gpt2("generate", str(ckpt), "Hi", "--device", "tpu")
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("Error: invalid settings: --device (device): must be auto, cpu, cuda, cuda:N or mps, "
+                                  "got 'tpu'")
+
+
 def test_eager_cpu_decoding_attends_over_the_filled_slots_only(monkeypatch):
     """Each CPU decode step's keys are the tokens so far, not the whole cache buffer."""
     gen = Generator(random_model(), device="cpu", dtype="fp32")

@@ -154,4 +154,5 @@ def test_two_nodes_over_loopback_rendezvous(tmp_path, cache_dir):
 
 def test_gpus_without_gpus_is_refused(tmp_path):
     proc = run_gpt2("train", "--strategy", "ddp", "--gpus", "2", "--out", str(tmp_path / "r"))
-    assert proc.returncode == 2 and "0 CUDA GPU" in proc.stderr and not (tmp_path / "r").exists()
+    assert proc.returncode == 2 and "needs CUDA GPUs, and this machine has none" in proc.stderr
+    assert "--strategy ddp --nproc 2 --device cpu" in proc.stderr and not (tmp_path / "r").exists()

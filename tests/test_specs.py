@@ -145,7 +145,7 @@ def test_cross_section_validation():
         build_spec(TrainSpec, flags={"model": {"preset": "tiny"}, "train": {"seq_len": 65}})
     with pytest.raises(UserError, match="steps or tokens"):
         build_spec(TrainSpec, flags={"train": {"steps": 1, "tokens": 10}})
-    with pytest.raises(UserError, match="ddp or fsdp"):
+    with pytest.raises(UserError, match="--strategy ddp or --strategy fsdp"):
         build_spec(TrainSpec, flags={"parallel": {"nproc": 2}})
     with pytest.raises(UserError, match="rdzv_endpoint"):
         build_spec(TrainSpec, flags={"parallel": {"strategy": "ddp", "nnodes": 2}})
@@ -158,3 +158,112 @@ def test_shape_fields_ignore_training_only_settings():
     b = ModelSpec(preset="tiny", dropout=0.1, rope_base=500.0)
     assert a.shape_fields() == b.shape_fields()
     assert a.shape_fields() != ModelSpec(preset="tiny", n_layer=3).shape_fields()
+
+
+# ------------------------------------------------------------------------------------ device
+
+
+def _device_specs() -> list[tuple[type, str]]:
+    """(spec, dotted path) of every device field of every command's spec."""
+    found = []
+    for top in ALL_SPECS:
+        for name, info in top.model_fields.items():
+            ann = info.annotation
+            if name == "device":
+                found.append((top, name))
+            elif isinstance(ann, type) and "device" in getattr(ann, "model_fields", {}):
+                found.append((top, f"{name}.device"))
+    return found
+
+
+def test_train_eval_and_generate_have_a_device_field():
+    assert {(cls.__name__, path) for cls, path in _device_specs()} == {
+        ("TrainSpec", "train.device"), ("EvaluateSpec", "device"), ("GenerateSpec", "device")}
+
+
+def _device_flags(path: str, device: str) -> dict:
+    section, _, name = path.rpartition(".")
+    return {section: {name: device}} if section else {name: device}
+
+
+@pytest.mark.parametrize("spec_cls, path", _device_specs())
+@pytest.mark.parametrize("device", ["tpu", "cuda:", "cuda:x", "CPU", "cpu "])
+def test_every_device_field_refuses_unknown_devices_alike(spec_cls, path, device):
+    with pytest.raises(UserError) as info:
+        build_spec(spec_cls, flags=_device_flags(path, device), flag_names={path: "--device"})
+    assert info.value.message == (
+        f"invalid settings: --device ({path}): must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
+
+
+@pytest.mark.parametrize("spec_cls, path", _device_specs())
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:3", "mps"])
+def test_every_device_field_accepts_the_known_devices(spec_cls, path, device):
+    spec = build_spec(spec_cls, flags=_device_flags(path, device))
+    for part in path.split("."):
+        spec = getattr(spec, part)
+    assert spec == device
+
+
+# ---------------------------------------------------------------- errors the user can act on
+
+
+@pytest.mark.parametrize("lr", [-1, 0, "nan"])
+def test_an_invalid_lr_is_reported_once_not_again_for_the_derived_min_lr(lr):
+    with pytest.raises(UserError) as info:
+        build_spec(TrainSpec, sets=[f"optim.lr={lr}"], flag_names={"optim.lr": "--lr", "optim.min_lr": "--min-lr"})
+    assert "--lr (optim.lr)" in info.value.message
+    assert "min_lr" not in info.value.message and "--min-lr" not in info.value.message
+
+
+def test_a_min_lr_the_user_set_is_still_checked():
+    with pytest.raises(UserError, match="--min-lr"):
+        build_spec(TrainSpec, flags={"optim": {"lr": 1e-3, "min_lr": -1}}, flag_names={"optim.min_lr": "--min-lr"})
+    assert build_spec(TrainSpec, flags={"optim": {"lr": 1e-3}}).optim.min_lr == pytest.approx(1e-4)
+
+
+def _parallel_error(**flags) -> str:
+    train = {k: flags.pop(k) for k in ("device",) if k in flags}
+    with pytest.raises(UserError) as info:
+        build_spec(TrainSpec, flags={"parallel": flags, "train": train})
+    return info.value.message
+
+
+def test_several_processes_without_a_strategy_name_the_flags():
+    message = _parallel_error(nproc=2)
+    assert "2 processes (--nproc 2) need --strategy ddp or --strategy fsdp" in message
+    assert "4 processes (--nproc 2, --nnodes 2)" in _parallel_error(nproc=2, nnodes=2, rdzv_endpoint="h:1")
+
+
+def test_gpus_on_the_cpu_says_gpus_needs_cuda_and_how_to_run_on_the_cpu():
+    for strategy in ("single", "ddp", "fsdp"):
+        message = _parallel_error(gpus=2, device="cpu", strategy=strategy)
+        assert "--gpus needs CUDA GPUs, not --device cpu" in message
+        assert "--strategy ddp --nproc 2 --device cpu" in message
+        assert "need --strategy" not in message
+    assert "takes --device auto or cuda, not cuda:1" in _parallel_error(gpus=2, device="cuda:1", strategy="ddp")
+
+
+def test_gpus_without_a_strategy_also_says_what_to_do_without_cuda():
+    message = _parallel_error(gpus=2)  # device auto: the spec cannot know whether CUDA is there
+    assert "2 processes (--gpus 2) need --strategy ddp or --strategy fsdp" in message
+    assert "without CUDA GPUs use --strategy ddp --nproc 2 --device cpu" in message
+
+
+@pytest.mark.parametrize("text", [
+    '[model]\npreset = "tiny"\n[train]\nsteps = 3\n',  # TOML
+    "model:\n  preset: tiny\n",  # YAML
+    b"PK\x03\x04\x80\xff binary",  # a checkpoint (zip), not even UTF-8
+    "[1, 2]",  # JSON, but not an object
+])
+def test_a_file_that_is_not_a_json_spec_is_called_that(text):
+    with pytest.raises(UserError) as info:
+        spec_from_json(TrainSpec, text, source="run.toml")
+    assert info.value.message.startswith("'run.toml' is not a JSON spec as written by gpt2")
+    assert "--config" in info.value.hint and "this version" not in info.value.render()
+
+
+def test_a_json_spec_of_another_version_is_still_called_that():
+    with pytest.raises(UserError) as info:
+        spec_from_json(TrainSpec, json.dumps({"optim": {"learning_rate": 1}}))
+    assert "unknown setting" in info.value.message and "this version of gpt2" in info.value.hint
+    assert spec_from_json(TrainSpec, spec_to_json(TrainSpec()).encode()) == TrainSpec()  # bytes are read too

@@ -1,8 +1,8 @@
 """`gpt2 eval`: Score checkpoints: loss, perplexity and bits per byte on the same token windows.
 
 Every checkpoint is scored on the same windows (:mod:`gpt2cli.evaluate`: the split's first
-``tokens // seq_len`` non-overlapping windows, in order), so the rows of one table compare like
-with like. All checkpoints are loaded (on CPU) and checked before any is scored, so a bad third
+``tokens // seq_len`` non-overlapping windows, at least one, in order), so the rows of one table
+compare like with like. All checkpoints are loaded (on CPU) and checked before any is scored, so a bad third
 argument fails at once rather than after minutes of work.
 """
 

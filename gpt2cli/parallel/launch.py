@@ -46,6 +46,10 @@ def check_gpus(p: ParallelSpec) -> None:
     import torch
 
     found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if found == 0:
+        raise UserError(f"--gpus {p.gpus} needs CUDA GPUs, and this machine has none",
+                        f"on the CPU use --strategy {p.strategy if p.strategy != 'single' else 'ddp'} "
+                        f"--nproc {p.gpus} --device cpu")
     if p.gpus > found:
         raise UserError(
             f"--gpus {p.gpus} asked for, but this machine has {found} CUDA GPU(s)",

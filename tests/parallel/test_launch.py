@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gpt2cli.parallel.launch import LAUNCH_DIR_ENV, worker_env
+import pytest
+import torch
+
+from gpt2cli.errors import UserError
+from gpt2cli.parallel.launch import LAUNCH_DIR_ENV, check_gpus, worker_env
 from gpt2cli.specs import ParallelSpec
 
 
@@ -19,3 +23,11 @@ def test_worker_env_adds_defaults_and_keeps_what_the_user_set(tmp_path: Path):
     user = worker_env(ParallelSpec(strategy="fsdp", nproc=2), spec_path,
                       {"THP_MEM_ALLOC_ENABLE": "0", "OMP_NUM_THREADS": "3"})
     assert user["THP_MEM_ALLOC_ENABLE"] == "0" and user["OMP_NUM_THREADS"] == "3"
+
+
+def test_gpus_without_cuda_says_so_and_names_the_cpu_route(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="--gpus 2 needs CUDA GPUs, and this machine has none") as caught:
+        check_gpus(ParallelSpec(strategy="fsdp", gpus=2))
+    assert caught.value.hint == "on the CPU use --strategy fsdp --nproc 2 --device cpu"
+    check_gpus(ParallelSpec(strategy="ddp"))  # no --gpus: nothing to check
