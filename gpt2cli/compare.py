@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt2cli.errors import UserError
-from gpt2cli.metrics import read_metrics
+from gpt2cli.metrics import read_metrics, read_status
 
 SPEC_NAME = "spec.json"
 METRICS_NAME = "metrics.jsonl"
@@ -207,6 +207,8 @@ def load_run(path: str | Path, sweep_status: str | None = None) -> Run:
         status = "partial"
     if sweep_status in ("failed", "interrupted", "running") and status != "done":
         status = sweep_status
+    elif status != "done" and (read_status(p) or {}).get("status") in ("failed", "interrupted"):
+        status = read_status(p)["status"]  # how the run itself says it ended
     run = Run(path=p, name=p.name, spec=spec, fields=flatten(spec), train_rows=train_rows,
               eval_rows=eval_rows, step=step, total_steps=total, status=status)
     run.metrics = _run_metrics(run)

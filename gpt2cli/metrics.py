@@ -1,7 +1,8 @@
 """Run metrics: the metrics.jsonl writer, throughput and model FLOPs utilisation.
 
 One JSON object per line: training rows (``kind: "train"``) at log intervals and evaluation rows
-(``kind: "eval"``). `gpt2 compare` reads nothing but this file and spec.json.
+(``kind: "eval"``). `gpt2 compare` reads this file, spec.json and status.json (whose reader
+lives here, away from torch, for that reason).
 """
 
 from __future__ import annotations
@@ -99,3 +100,15 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return rows
+
+
+STATUS_NAME = "status.json"
+
+
+def read_status(run_dir: str | Path) -> dict[str, Any] | None:
+    """A run folder's status.json (see gpt2cli.train.write_status), or None when absent or damaged."""
+    try:
+        record = json.loads((Path(run_dir) / STATUS_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None

@@ -26,7 +26,14 @@ from torch import nn
 from gpt2cli import checkpoint as ckpt
 from gpt2cli.errors import NonFiniteLossError, UserError
 from gpt2cli.evaluate import evaluate_loss
-from gpt2cli.metrics import MetricsWriter, mfu, peak_flops, perplexity, truncate_metrics
+from gpt2cli.metrics import (
+    STATUS_NAME,
+    MetricsWriter,
+    mfu,
+    peak_flops,
+    perplexity,
+    truncate_metrics,
+)
 from gpt2cli.model import GPT
 from gpt2cli.parallel import Strategy, make_strategy
 from gpt2cli.profiling import StepProfiler
@@ -39,7 +46,8 @@ class Reporter(Protocol):
     """What the loop tells the outside world (rank 0 only)."""
 
     def start(self, info: dict[str, Any]) -> None: ...
-    def step(self, row: dict[str, Any]) -> None: ...
+    def advance(self, step: int) -> None: ...  # every step: host counters only, no device sync
+    def step(self, row: dict[str, Any]) -> None: ...  # every log_every steps, with the measured row
     def evaluation(self, row: dict[str, Any]) -> None: ...
     def message(self, text: str) -> None: ...
     def end(self, result: TrainResult) -> None: ...
@@ -47,6 +55,7 @@ class Reporter(Protocol):
 
 class SilentReporter:
     def start(self, info: dict[str, Any]) -> None: ...
+    def advance(self, step: int) -> None: ...
     def step(self, row: dict[str, Any]) -> None: ...
     def evaluation(self, row: dict[str, Any]) -> None: ...
     def message(self, text: str) -> None: ...
@@ -327,14 +336,19 @@ def train(spec: TrainSpec, reporter: Reporter | None = None, strategy: Strategy 
         fsdp_cpu_offload=p.fsdp_cpu_offload,
     )
     strategy.setup()
+    trainer = _Trainer(spec, strategy, reporter)
     try:
-        result = _Trainer(spec, strategy, reporter).run()
-    except torch.cuda.OutOfMemoryError as exc:
-        raise UserError(
-            f"CUDA ran out of memory with --batch-size {spec.train.batch_size} x --seq-len {spec.seq_len}",
-            "use a smaller --batch-size with a larger --grad-accum (same global batch), "
-            "--activation-checkpointing, or --strategy fsdp",
-        ) from exc
+        try:
+            result = trainer.run()
+        except torch.cuda.OutOfMemoryError as exc:
+            raise UserError(
+                f"CUDA ran out of memory with --batch-size {spec.train.batch_size} x --seq-len {spec.seq_len}",
+                "use a smaller --batch-size with a larger --grad-accum (same global batch), "
+                "--activation-checkpointing, or --strategy fsdp",
+            ) from exc
+    except Exception as exc:
+        trainer.record_failure(exc)
+        raise
     # Only a clean run tears the process group down: after a failure a peer may be gone, and
     # destroying a group with pending work can block; the process exit releases it instead.
     strategy.teardown()
@@ -352,6 +366,16 @@ class _Trainer:
         compile_flag = spec.train.compile
         self.compiled = self.device.type == "cuda" if compile_flag is None else compile_flag
         self.loss_chunk = resolve_loss_chunk(spec.train.loss_chunk, self.compiled, self.device)
+        # (run folder, step being taken) once the folder says "running": where a failure is recorded.
+        self.running_at: tuple[Path, int] | None = None
+
+    def record_failure(self, exc: Exception) -> None:
+        """status.json says "failed", with the error's line, rather than "running" forever."""
+        if self.running_at is None or not self.strategy.is_main:
+            return
+        run_dir, step = self.running_at
+        with contextlib.suppress(OSError):
+            write_status(run_dir, "failed", step, self.plan.total_steps, error=str(exc).splitlines()[0][:500])
 
     # ------------------------------------------------------------------ build
     def _open_data(self):
@@ -363,6 +387,17 @@ class _Trainer:
                 raise UserError(
                     f"data folder {str(folder.path)!r} has no {split!r} split (it has: {', '.join(folder.splits)})",
                     "prepare it with gpt2 data, or set data.train_split / data.val_split",
+                )
+        # Both splits, before any step: a validation split shorter than one window used to surface
+        # only at the first evaluation, after the run folder was made and steps were spent.
+        for split, remedy in ((self.spec.data.train_split, "prepare more data"),
+                              (self.spec.data.val_split, "prepare the data with a larger --val-fraction")):
+            num_tokens = len(folder.tokens(split))
+            if num_tokens < self.plan.seq_len + 1:
+                raise UserError(
+                    f"the {split!r} split of {str(folder.path)!r} has {num_tokens:,} tokens, fewer than one "
+                    f"window of seq_len + 1 = {self.plan.seq_len + 1:,}",
+                    f"use a shorter --seq-len, or {remedy}",
                 )
         if folder.meta.get("vocab_size", self.spec.model.vocab_size) > self.spec.model.vocab_size:
             raise UserError(
@@ -401,6 +436,12 @@ class _Trainer:
             check_resume_compatible(spec, saved_spec, saved_state, plan, folder.fingerprint)
             if "optimizer" not in saved_state:
                 raise UserError(f"{str(resume_from)!r} holds no optimizer state", "resume from ckpt.pt, not best.pt")
+            if int(saved_state["step"]) > plan.total_steps:
+                raise UserError(
+                    f"{str(resume_from)!r} is at step {int(saved_state['step']):,}, past the {plan.total_steps:,} "
+                    "steps asked for: there is nothing to train",
+                    f"pass --steps above {int(saved_state['step']):,} to continue the run",
+                )
 
         model, trained = self._build_model()
         optimizer = build_optimizer(trained, spec, self.device)
@@ -426,6 +467,7 @@ class _Trainer:
                 for stale in ckpt.remove_stale_temp_files(run_dir):
                     reporter.message(f"removed {stale.name}, left by a checkpoint write that did not finish")
             write_status(run_dir, "running", step, plan.total_steps)
+            self.running_at = (run_dir, step)
         strategy.barrier()
         metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=strategy.is_main)
 
@@ -443,6 +485,12 @@ class _Trainer:
             "tokens_per_step": plan.tokens_per_step, "total_steps": plan.total_steps, "start_step": step,
             "resumed_from": str(resume_from) if resume_from else None, "data": str(folder.path),
         })
+        warmup = warmup_steps(spec, plan.total_steps)
+        if warmup > plan.total_steps:
+            reporter.message(
+                f"warning: --warmup {warmup:,} is longer than the run's {plan.total_steps:,} steps: the learning "
+                f"rate peaks at {lr_at(plan.total_steps - 1, spec, plan.total_steps):.3g}, not --lr {spec.optim.lr:g}"
+            )
 
         scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
         val_tokens = folder.tokens(spec.data.val_split)
@@ -515,6 +563,7 @@ class _Trainer:
         parent = os.getppid() if strategy.world_size > 1 else None
         with _StopRequest() as stop:
             while step < plan.total_steps:
+                self.running_at = (run_dir, step) if strategy.is_main else None
                 if parent is not None and os.getppid() != parent:
                     _exit_orphaned(strategy.rank, parent)
                 if _fault_at("crash_at_step", step, strategy.rank):
@@ -574,6 +623,7 @@ class _Trainer:
                         optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 step += 1
+                reporter.advance(step)
                 report_profile(profiler.after_step(step))
                 tokens_seen += plan.tokens_per_step
                 window_tokens += plan.tokens_per_step
@@ -623,21 +673,14 @@ class _Trainer:
         return result
 
 
-STATUS_NAME = "status.json"
-
-
-def write_status(run_dir: Path, status: str, step: int, total_steps: int) -> None:
-    """status.json: running | completed | interrupted (a crash leaves "running"). Lets the torchrun
-    launcher report an interrupted run, and `gpt2 compare` show a run still in progress."""
+def write_status(run_dir: Path, status: str, step: int, total_steps: int, error: str | None = None) -> None:
+    """status.json: running | completed | interrupted | failed (with the error's line). Only a
+    process stopped outright (SIGKILL, a second Ctrl-C, power) leaves "running" behind. Lets the
+    torchrun launcher report an interrupted run, and `gpt2 compare` show how a run ended."""
     record = {"status": status, "step": step, "total_steps": total_steps, "updated": datetime.now().isoformat()}
+    if error is not None:
+        record["error"] = error
     ckpt.atomic_write_bytes(run_dir / STATUS_NAME, lambda f: f.write(json.dumps(record).encode()))
-
-
-def read_status(run_dir: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((Path(run_dir) / STATUS_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 def _exit_orphaned(rank: int, parent: int) -> None:

@@ -211,6 +211,20 @@ def test_running_runs_and_runs_without_eval_show_what_they_have(tmp_path):
                        "loss") == "4.5000 (1 of 2)"
 
 
+def test_the_runs_own_status_names_a_failed_or_interrupted_end(tmp_path):
+    failed = make_run(tmp_path / "failed", train=[5.0, 4.5], steps=10)
+    (failed / "status.json").write_text('{"status": "failed", "step": 2, "total_steps": 10, "error": "x"}')
+    stopped = make_run(tmp_path / "stopped", train=[5.0], steps=10)
+    (stopped / "status.json").write_text('{"status": "interrupted", "step": 1, "total_steps": 10}')
+    live = make_run(tmp_path / "live", train=[5.0], steps=10)
+    (live / "status.json").write_text('{"status": "running", "step": 1, "total_steps": 10}')
+    done = make_run(tmp_path / "done", train=[5, 4, 3, 2])
+    (done / "status.json").write_text("{damaged")
+    statuses = {c.label: c.status for c in compare_paths([failed, stopped, live, done], group_seeds=False).columns}
+    assert statuses == {"failed": "failed: step 2 of 10", "stopped": "interrupted: step 1 of 10",
+                        "live": "partial: step 1 of 10", "done": "done"}
+
+
 def test_a_torn_last_line_is_ignored(tmp_path):
     run = make_run(tmp_path / "run", val=[3.0, 2.8], train=[5, 4, 3, 2])
     with open(run / "metrics.jsonl", "a", encoding="utf-8") as f:

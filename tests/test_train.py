@@ -18,7 +18,7 @@ from gpt2cli.errors import NonFiniteLossError, UserError
 from gpt2cli.metrics import read_metrics
 from gpt2cli.specs import DEFAULT_LOSS_CHUNK, TrainSpec, build_spec
 from gpt2cli.train import lr_at, plan_batches, resolve_loss_chunk, train
-from tests.conftest import gpt2_command, run_gpt2
+from tests.conftest import REPO, gpt2_command, run_gpt2
 
 
 def tiny_spec(out: Path, **sections) -> TrainSpec:
@@ -118,6 +118,8 @@ def test_nonfinite_loss_stops_before_the_step(tmp_path, cache_dir, monkeypatch):
     record = ckpt.load_checkpoint(tmp_path / "run" / "ckpt.pt")
     assert record["step"] == 4
     assert all(torch.isfinite(t).all() for t in record["model"].values())
+    status = json.loads((tmp_path / "run" / "status.json").read_text())  # not "running" forever
+    assert status["status"] == "failed" and status["step"] == 5 and "non-finite loss" in status["error"]
 
 
 def test_nonfinite_skip_mode_continues(tmp_path, cache_dir, monkeypatch):
@@ -162,6 +164,10 @@ def test_cli_train_tiny_then_resume(tmp_path, cache_dir):
     more = run_gpt2("train", "--out", str(run), "--resume", "auto", "--steps", "9", check=True)
     assert "resumed from" in more.stderr
     assert max(train_losses(run)) == 9
+    before = {f.name: f.read_bytes() for f in run.iterdir()}
+    fewer = run_gpt2("train", "--out", str(run), "--resume", "auto", "--steps", "5")  # below the run's step 9
+    assert fewer.returncode == 2 and "past the 5 steps" in fewer.stderr and "--steps above 9" in fewer.stderr
+    assert {f.name: f.read_bytes() for f in run.iterdir()} == before  # status.json and spec.json untouched
 
 
 def test_cli_dry_run_prints_plan_and_creates_nothing(tmp_path):
@@ -169,6 +175,42 @@ def test_cli_dry_run_prints_plan_and_creates_nothing(tmp_path):
                     "--dry-run", "--out", str(tmp_path / "run"), check=True)
     assert "parameters" in proc.stdout and "32,768 tokens per step" in proc.stdout and '"n_kv_head": 3' in proc.stdout
     assert not (tmp_path / "run").exists()
+
+
+def test_settings_from_a_config_file_or_set_beat_the_default_preset(tmp_path):
+    """defaults < --config < flags < --set holds for the preset and for resuming: the device's default
+    preset is the bottom layer, and a resume named in a file or a --set reads the run's own spec."""
+    from gpt2cli.cli.train import resolve_train_spec
+    from gpt2cli.specs import spec_to_json
+
+    none = {flag: None for flag in ("--device", "--gpus", "--out", "--resume")}
+    preset_file = tmp_path / "p.toml"
+    preset_file.write_text('[model]\npreset = "tiny"\n')
+    assert resolve_train_spec({**none, "--device": "cpu"}, str(preset_file), []).model.n_layer == 2
+    assert resolve_train_spec({**none, "--device": "cpu"}, None, ["model.preset=tiny"]).model.n_layer == 2
+    assert resolve_train_spec({**none, "--device": "cpu"}, None, []).model.preset == "nano"  # the CPU default
+
+    run = tmp_path / "run"
+    run.mkdir()
+    stored = build_spec(TrainSpec, flags={"model": {"preset": "tiny", "n_embd": 32}, "train": {"steps": 5}})
+    (run / "spec.json").write_text(spec_to_json(stored))
+    resume_file = tmp_path / "r.toml"
+    resume_file.write_text(f'[run]\nout = "{run}"\nresume = "auto"\n')
+    out_file = tmp_path / "o.toml"
+    out_file.write_text(f'[run]\nout = "{run}"\n')
+    for values, config, sets in [
+        (none, str(resume_file), []),
+        ({**none, "--out": str(run)}, None, ["run.resume=auto"]),
+        ({**none, "--resume": "auto"}, str(out_file), []),
+    ]:
+        spec = resolve_train_spec(values, config, sets)
+        assert (spec.model, spec.train.steps, spec.run.resume) == (stored.model, 5, "auto"), (config, sets)
+
+
+def test_cli_config_file_preset_reaches_the_run(tmp_path):
+    (tmp_path / "p.toml").write_text('[model]\npreset = "tiny"\n')
+    proc = run_gpt2("train", "--config", str(tmp_path / "p.toml"), "--device", "cpu", "--dry-run", check=True)
+    assert '"preset": "tiny"' in proc.stdout and '"n_layer": 2' in proc.stdout
 
 
 def test_cli_bad_inputs_exit_2_with_one_line(tmp_path):
@@ -189,6 +231,26 @@ def test_cli_bad_inputs_exit_2_with_one_line(tmp_path):
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("Error:"), (extra, proc.stderr)
         assert not (tmp_path / "run").exists(), extra
+
+
+@pytest.mark.parametrize("procs", [[], ["--strategy", "ddp", "--nproc", "2"]], ids=["single", "ddp"])
+def test_cli_validation_split_shorter_than_a_window_is_refused_before_any_step(tmp_path, procs):
+    """Checked with the training split, up front: exit 2, one line naming the split, no run folder
+    (under torchrun too, where the launcher had already made it), so a retry can use the name."""
+    from gpt2cli.data.prepare import prepare_data
+    from gpt2cli.specs import PrepareSpec
+
+    (tmp_path / "corpus.txt").write_text((REPO / "gpt2cli" / "assets" / "tinyshakespeare.txt").read_text()[:20_000])
+    data = prepare_data(PrepareSpec(sources=[str(tmp_path / "corpus.txt")], out=str(tmp_path / "tokens"),
+                                    val_fraction=0.002))
+    run = tmp_path / "runs" / "short-val"
+    proc = run_gpt2("train", "--preset", "tiny", "--data", str(data), "--seq-len", "32", "--batch-size", "2",
+                    "--steps", "3", "--device", "cpu", *procs, "--out", str(run))
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "'val' split" in errors[0] and "--val-fraction" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs").exists()
 
 
 def test_cli_damaged_checkpoint_on_resume(tmp_path, cache_dir):

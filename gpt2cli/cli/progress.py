@@ -52,6 +52,11 @@ class TrainProgress:
             self.task = self.progress.add_task("train", total=info["total_steps"], completed=info["start_step"],
                                                stats="")
 
+    def advance(self, step: int) -> None:
+        # The bar and its eta move every step; the loss and speed columns at log rows (step()).
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step)
+
     def step(self, row: dict[str, Any]) -> None:
         stats = f"loss {row['loss']:.4f} | lr {row['lr']:.2e} | {si(row['tokens_per_s'])} tok/s"
         if "mfu" in row:
@@ -89,7 +94,9 @@ class TrainProgress:
             table.add_row("final val loss", f"{result.val_loss:.4f}")
         if result.best_val_loss is not None:
             table.add_row("best val loss", f"{result.best_val_loss:.4f}")
-        table.add_row("wall time", f"{result.wall_s:.1f} s")
+        # A resumed run's own clock starts at the resume (gpt2 compare adds up the whole run).
+        resumed = bool(self.info.get("resumed_from"))
+        table.add_row("wall time, this session" if resumed else "wall time", f"{result.wall_s:.1f} s")
         table.add_row("checkpoint", str(result.checkpoint))
         if result.best is not None:
             table.add_row("best model", str(result.best))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -22,6 +23,10 @@ from gpt2cli.specs import (
     TrainingSpec,
     TrainSpec,
     build_spec,
+    deep_merge,
+    drop_none,
+    parse_set,
+    read_config_file,
     spec_from_json,
     spec_to_json,
 )
@@ -199,21 +204,38 @@ def _read_spec_file(path: str) -> TrainSpec:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"spec file {path!r} does not exist", "pass a spec.json written by gpt2 train")
-    return spec_from_json(TrainSpec, p.read_text(encoding="utf-8"))
+    return spec_from_json(TrainSpec, p.read_bytes(), source=path)
 
 
 def resolve_train_spec(values: dict[str, Any], config: str | None, sets: list[str]) -> TrainSpec:
-    """Flags -> nested dict -> TrainSpec. When resuming, the stored spec is the base layer, so
-    `gpt2 train --out RUN --resume auto` continues with the run's own settings."""
+    """Flags -> nested dict -> TrainSpec: defaults < config file < flags < --set. The base layer,
+    under the config file, is the stored spec when resuming (so `gpt2 train --out RUN --resume auto`
+    continues with the run's own settings) and otherwise the device's default preset. Resume, run
+    folder, device and preset are read from all three given layers, wherever the user put them."""
     flags: dict[str, dict[str, Any]] = {}
     for flag, value in values.items():
         if value is not None:
             section, name = FLAG_FIELDS[flag]
             flags.setdefault(section, {})[name] = value
-    base = _stored_spec_for_resume(values.get("--resume"), values.get("--out"))
-    if base is None and "preset" not in flags.get("model", {}):
-        flags.setdefault("model", {})["preset"] = _default_preset(values.get("--device"), values.get("--gpus"))
+    given = _given_settings(config, flags, sets)
+    run_given, model_given = given.get("run", {}), given.get("model", {})
+    base = _stored_spec_for_resume(run_given.get("resume"), run_given.get("out"))
+    if base is None and "preset" not in model_given:
+        device, gpus = given.get("train", {}).get("device"), given.get("parallel", {}).get("gpus")
+        base = {"model": {"preset": _default_preset(device, gpus)}}
     return build_spec(TrainSpec, config_file=config, flags=flags, sets=sets, base=base, flag_names=FLAG_FOR_FIELD)
+
+
+def _given_settings(config: str | None, flags: dict[str, Any], sets: list[str]) -> dict[str, Any]:
+    """What the user set, by any route (config file < flags < --set), before defaults."""
+    given = read_config_file(config) if config else {}
+    given = deep_merge(given, drop_none(flags))
+    for assignment in sets:
+        path, value = parse_set(assignment)
+        for key in reversed(path):
+            value = {key: value}
+        given = deep_merge(given, value)
+    return given
 
 
 def _default_preset(device: str | None, gpus: int | None) -> str:
@@ -250,6 +272,7 @@ def _stored_spec_for_resume(resume: str | None, out_dir: str | None) -> dict[str
 def run(spec: TrainSpec, dry_run: bool = False) -> None:
     # Imported here, not at the top: they import torch, which `--help` and flag errors do without.
     from gpt2cli.checkpoint import atomic_write_bytes
+    from gpt2cli.metrics import read_status
     from gpt2cli.parallel.launch import (
         LAUNCH_SPEC_NAME,
         check_gpus,
@@ -259,7 +282,7 @@ def run(spec: TrainSpec, dry_run: bool = False) -> None:
         take_worker_error,
         under_torchrun,
     )
-    from gpt2cli.train import plan_batches, read_status, refuse_existing_run
+    from gpt2cli.train import plan_batches, refuse_existing_run
 
     p = spec.parallel
     world = p.procs_per_node * p.nnodes
@@ -282,6 +305,8 @@ def run(spec: TrainSpec, dry_run: bool = False) -> None:
         # Workers resume by themselves after an elastic restart: resume=auto in the run folder.
         resume = spec.run.resume if spec.run.resume is not None else ("auto" if p.max_restarts else None)
         child = spec.model_copy(update={"run": spec.run.model_copy(update={"out": str(run_dir), "resume": resume})})
+        # The outermost folder this launch creates (run_dir or a parent), to remove if refused.
+        made_here = next((f for f in reversed([run_dir, *run_dir.parents]) if not f.exists()), None)
         run_dir.mkdir(parents=True, exist_ok=True)
         spec_path = run_dir / LAUNCH_SPEC_NAME
         # Atomic: on a shared filesystem every node's launcher writes this same file.
@@ -291,6 +316,10 @@ def run(spec: TrainSpec, dry_run: bool = False) -> None:
         code = launch(p, spec_path, debug="--debug" in sys.argv)
         error = take_worker_error(run_dir)
         if error is not None:  # a worker's UserError (bad resume, non-finite loss, ...): once, with its code
+            if made_here is not None and p.nnodes == 1 and not (run_dir / "spec.json").exists():
+                # Refused before the run began (bad data, bad settings): like one process, leave no
+                # folder behind. With several nodes the others' launchers still read the reports.
+                shutil.rmtree(made_here, ignore_errors=True)
             sys.stderr.write(error["error"] + "\n")
             raise typer.Exit(int(error.get("exit_code", 2)))
         status = (read_status(run_dir) or {}).get("status")
