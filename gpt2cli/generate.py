@@ -404,11 +404,13 @@ class Generator:
         on_text: TextCallback | None = None,
         *,
         use_cache: bool = True,
+        on_progress: Callable[[int], None] | None = None,
     ) -> Generation:
         """Sample ``spec.num_samples`` completions of ``prompt`` as one batch.
 
         ``use_cache=False`` recomputes the whole window at every step (the reference the cached
-        path is tested against; same window rule, same results)."""
+        path is tested against; same window rule, same results). ``on_progress(n)`` is told the
+        tokens sampled per sample so far at every hand-over (no extra device sync)."""
         spec = spec or GenerateSpec()
         ids = self.encode_prompt(prompt)
         # Reading a token back waits for the device, which then idles while Python prepares the
@@ -457,6 +459,8 @@ class Generator:
                 if end == P + new or end - seen >= sync_every:
                     finished = self._hand_over(buf[:, seen:end], states, t0)
                     seen = end
+                    if on_progress is not None:
+                        on_progress(end - P)
                     if finished or end == P + new:
                         break
                 steps += 1

@@ -237,6 +237,13 @@ def test_queued_steps_give_the_samples_of_per_token_reads():
     assert eos == [([EOT_ID], "eos", "")] * 3
 
 
+def test_progress_is_told_at_every_hand_over():
+    seen: list[int] = []
+    spec = greedy(max_new_tokens=20, ignore_eos=True, sync_every=6)
+    result = Generator(tiny_gpt2(), device="cpu", dtype="fp32").generate("The", spec, on_progress=seen.append)
+    assert seen == [6, 12, 18, 20] and result.samples[0].num_tokens == 20
+
+
 def test_compiled_step_samples_like_eager():
     """--compile puts the model step and the draw (top-k, top-p, Gumbel noise) in one graph: the
     same tokens as eager, greedy and sampled, call after call, with queued steps."""

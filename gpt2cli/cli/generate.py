@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from gpt2cli.cli.common import PRECEDENCE_HELP, ConfigOpt, SetOpt, field_help
+from gpt2cli.cli.common import PRECEDENCE_HELP, ConfigOpt, SetOpt, err, field_help
 from gpt2cli.errors import UserError
 from gpt2cli.specs import GenerateSpec, build_spec
 
@@ -154,7 +154,9 @@ def run(ckpt: str, prompt: str, spec: GenerateSpec, *, output_format: str = "tex
 
     if text_mode:
         header(0)
-    result = generator.generate(prompt, spec, on_text if text_mode else None)
+        result = generator.generate(prompt, spec, on_text)
+    else:
+        result = _generate_with_progress(generator, prompt, spec)
 
     if text_mode:
         for sample in result.samples[1:]:
@@ -188,6 +190,18 @@ def run(ckpt: str, prompt: str, spec: GenerateSpec, *, output_format: str = "tex
             f"x {m.kv_heads} kv heads x {m.head_dim} dims x {result.cache_bytes_per_token // (2 * m.n_layer * m.kv_heads * m.head_dim)} "
             f"bytes), {result.cache_bytes:,} bytes preallocated; window slides: {result.window_slides}\n"
         )
+
+
+def _generate_with_progress(generator, prompt: str, spec: GenerateSpec):
+    """jsonl prints once the batch is done: until then a bar on a terminal's stderr (none when piped)."""
+    if not err.is_terminal:
+        return generator.generate(prompt, spec)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("[bold]sampling"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
+                  TimeElapsedColumn(), console=err, transient=True) as progress:
+        task = progress.add_task("sampling", total=spec.max_new_tokens)
+        return generator.generate(prompt, spec, on_progress=lambda n: progress.update(task, completed=n))
 
 
 def _count(items) -> dict[str, int]:
