@@ -243,6 +243,9 @@ class OptimSpec(_Spec):
 
 # ---------------------------------------------------------------------------------------- train
 
+# Seeds are 32-bit, as in NumPy: the trainer derives per-step seeds from them (seed x 1,000,003 +
+# rank x 7,919 + step), which must stay within the 64 bits torch.manual_seed takes.
+MAX_SEED = 2**32 - 1
 DEFAULT_STEPS = 200  # the default run: nano on tiny Shakespeare in a few minutes on a laptop CPU
 # Tokens per chunk of the output layer + loss when it runs eagerly (gpt2cli.model.loss): 512 x
 # 50,257 fp32 logits = 103 MB per chunk, large enough for efficient matmuls.
@@ -275,7 +278,7 @@ class TrainingSpec(_Spec):
         "and on CUDA (faster there; set it to save memory).",
     )
     device: Device = Field("auto", description=DEVICE_HELP)
-    seed: int = Field(1337, ge=0, description="Seed for initialisation, data order and dropout.")
+    seed: int = Field(1337, ge=0, le=MAX_SEED, description="Seed for initialisation, data order and dropout.")
     log_every: int = Field(10, gt=0, description="Steps between metric rows (the only host syncs).")
     profile: int = Field(
         0, ge=0,
@@ -454,10 +457,11 @@ class GenerateSpec(_Spec):
     """`gpt2 generate`: sampling settings."""
 
     max_new_tokens: int = Field(200, gt=0, description="Tokens to sample after the prompt.")
-    temperature: float = Field(0.8, ge=0.0, description="Softmax temperature; 0 = greedy.")
+    temperature: float = Field(0.8, ge=0.0, allow_inf_nan=False, description="Softmax temperature; 0 = greedy.")
     top_k: int | None = Field(200, gt=0, description="Sample from the k most likely tokens only.")
-    top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling: smallest set with this mass.")
-    seed: int = Field(1337, ge=0, description="Sampling seed: same seed and settings give the same text.")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False,
+                                description="Nucleus sampling: smallest set with this mass.")
+    seed: int = Field(1337, ge=0, le=MAX_SEED, description="Sampling seed: same seed and settings give the same text.")
     num_samples: int = Field(1, gt=0, description="Samples decoded together as one batch.")
     stop: list[str] = Field(default_factory=list, description="Strings that end a sample (repeatable).")
     ignore_eos: bool = Field(False, description="Keep sampling after <|endoftext|>.")

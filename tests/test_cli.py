@@ -68,3 +68,15 @@ def test_train_errors_name_what_the_user_can_change(tmp_path, args, expected, ab
     if "--spec" in args:
         assert "--config" in lines[0]
     assert list(tmp_path.iterdir()) == [tmp_path / "run.toml"]  # nothing written
+
+
+def test_paths_that_cannot_be_written_are_one_line_errors(tmp_path):
+    """A file where a folder must go, a folder under a file: exit 2 and one line naming the path,
+    not an OSError traceback (a read-only folder takes the same route)."""
+    (tmp_path / "afile").write_text("x")
+    for out_dir, words in ((tmp_path / "afile", "File exists"), (tmp_path / "afile" / "sub", "Not a directory")):
+        proc = run_gpt2("train", "--preset", "tiny", "--steps", "1", "--device", "cpu", "--out", str(out_dir))
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+        assert lines[0].startswith(f"Error: {words}: ") and str(out_dir)[-8:] in lines[0] and "Traceback" not in lines[0]
+    assert (tmp_path / "afile").read_text() == "x"

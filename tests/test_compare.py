@@ -305,8 +305,9 @@ def test_plot_vs_a_swept_field_groups_lines_by_the_other_fields(tmp_path, capsys
     code, _, err = cli(capsys, "compare", *map(str, runs), "--group-by", "pos,lr", "--plot", str(tmp_path / "s.png"),
                        "--plot-vs", "lr", "--format", "json")
     assert code == 0 and (tmp_path / "s.png").read_bytes()[:8] == PNG_SIGNATURE
-    code, _, err = cli(capsys, "compare", *map(str, runs), "--plot", str(tmp_path / "t.png"), "--plot-vs", "pos")
+    code, out, err = cli(capsys, "compare", *map(str, runs), "--plot", str(tmp_path / "t.png"), "--plot-vs", "pos")
     assert code == 2 and "not one number" in err and "--group-by pos" in err
+    assert out == ""  # refused before the table is printed
     code, _, err = cli(capsys, "compare", *map(str, runs), "--group-by", "pos", "--plot", str(tmp_path / "u.png"),
                        "--plot-vs", "lr")
     assert code == 2 and "not one number" in err  # several lrs in one column

@@ -267,3 +267,18 @@ def test_a_json_spec_of_another_version_is_still_called_that():
         spec_from_json(TrainSpec, json.dumps({"optim": {"learning_rate": 1}}))
     assert "unknown setting" in info.value.message and "this version of gpt2" in info.value.hint
     assert spec_from_json(TrainSpec, spec_to_json(TrainSpec()).encode()) == TrainSpec()  # bytes are read too
+
+
+@pytest.mark.parametrize("spec_cls, section", [(TrainSpec, {"train": {"seed": 2**32}}),
+                                               (GenerateSpec, {"seed": 99999999999999999999})])
+def test_seeds_are_32_bit(spec_cls, section):
+    """A larger seed overflowed torch's 64-bit seeding mid-output (generate) or in the per-step seeds."""
+    with pytest.raises(UserError, match="less than or equal to 4294967295"):
+        build_spec(spec_cls, flags=section)
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p"])
+@pytest.mark.parametrize("value", ["inf", "nan"])
+def test_sampling_settings_must_be_finite(field, value):
+    with pytest.raises(UserError, match=f"{field}: Input should be a finite number"):
+        build_spec(GenerateSpec, flags={field: float(value)})

@@ -207,6 +207,20 @@ def test_settings_from_a_config_file_or_set_beat_the_default_preset(tmp_path):
         assert (spec.model, spec.train.steps, spec.run.resume) == (stored.model, 5, "auto"), (config, sets)
 
 
+def test_resume_of_a_multi_process_run_stopped_before_it_began_reads_the_launch_spec(tmp_path):
+    """Stopped during start-up, a DDP run folder holds only launch-spec.json: --resume auto must
+    continue that spec (tiny, 2 processes), not start the default preset in one process."""
+    from gpt2cli.cli.train import resolve_train_spec
+    from gpt2cli.parallel.launch import LAUNCH_SPEC_NAME
+    from gpt2cli.specs import spec_to_json
+
+    launched = build_spec(TrainSpec, flags={"model": {"preset": "tiny"}, "train": {"device": "cpu"},
+                                            "parallel": {"strategy": "ddp", "nproc": 2}})
+    (tmp_path / LAUNCH_SPEC_NAME).write_text(spec_to_json(launched))
+    spec = resolve_train_spec({"--out": str(tmp_path), "--resume": "auto"}, None, [])
+    assert (spec.model, spec.parallel.strategy, spec.parallel.nproc) == (launched.model, "ddp", 2)
+
+
 def test_cli_config_file_preset_reaches_the_run(tmp_path):
     (tmp_path / "p.toml").write_text('[model]\npreset = "tiny"\n')
     proc = run_gpt2("train", "--config", str(tmp_path / "p.toml"), "--device", "cpu", "--dry-run", check=True)

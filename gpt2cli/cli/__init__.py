@@ -3,6 +3,7 @@ errors become exit codes."""
 
 from __future__ import annotations
 
+import errno
 import importlib
 import sys
 import traceback
@@ -92,4 +93,22 @@ def main(argv: list[str] | None = None) -> None:
     except (*_ABORT, KeyboardInterrupt):
         sys.stderr.write("Aborted.\n")
         sys.exit(130)
+    except OSError as exc:
+        if exc.filename is None or debug:
+            raise  # not about a path the user named: a bug, with its traceback
+        sys.stderr.write(_path_error(exc) + "\n")
+        sys.exit(2 if exc.errno in _USER_FIXABLE else 1)
     sys.exit(result if isinstance(result, int) else 0)
+
+
+# A path that cannot be written or read as asked: the user can change the path or its rights.
+_USER_FIXABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ENOENT}
+
+
+def _path_error(exc: OSError) -> str:
+    """One line for a file-system error on a path (read-only folder, a file where a folder is
+    needed, no space left, ...), instead of a traceback."""
+    what = exc.strerror or type(exc).__name__
+    hint = ("free some space" if exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            else "check the path and its permissions")
+    return f"Error: {what}: {str(exc.filename)!r} ({hint})"

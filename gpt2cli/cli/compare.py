@@ -7,6 +7,7 @@ Results go to stdout; messages (plot written, sweep progress) to stderr.
 from __future__ import annotations
 
 import io
+import shlex
 import sys
 from enum import Enum
 from pathlib import Path
@@ -115,6 +116,11 @@ def flag_aliases() -> dict[str, str]:
 
 def show_comparison(result: Comparison, spec: CompareSpec) -> None:
     """Print ``result`` in the spec's format and write the plot; a terminal chart under a table."""
+    sweep = None
+    if spec.plot and spec.plot_vs:  # refused, if it must be, before anything is printed
+        from gpt2cli.compare import sweep_lines
+
+        sweep = sweep_lines(result, spec.plot_vs, aliases=flag_aliases())
     if spec.format == "markdown":
         sys.stdout.write(result.to_markdown())
     elif spec.format == "json":
@@ -127,11 +133,6 @@ def show_comparison(result: Comparison, spec: CompareSpec) -> None:
     if spec.plot:
         from gpt2cli.plot import write_plot
 
-        sweep = None
-        if spec.plot_vs:
-            from gpt2cli.compare import sweep_lines
-
-            sweep = sweep_lines(result, spec.plot_vs, aliases=flag_aliases())
         path = write_plot(result.columns, spec.plot, metric=spec.metric, target=spec.target, sweep=sweep)
         err.print(f"plot written to {path}")
     elif spec.format == "table" and spec.chart:
@@ -249,7 +250,8 @@ def train_sweep(spec: TrainSpec, values: dict[str, Any], config: str | None, set
 
     result = compare_paths([sweep.parent], aliases=flag_aliases())
     show_comparison(result, CompareSpec(runs=[str(sweep.parent)], chart=False))
-    out.print(f"next: gpt2 compare {sweep.parent} --plot {sweep.parent / 'curves.png'}")
+    out.print(f"next: gpt2 compare {shlex.quote(str(sweep.parent))} "
+              f"--plot {shlex.quote(str(sweep.parent / 'curves.png'))}", soft_wrap=True)
     bad = failed(sweep)
     if bad:
         raise NonFiniteLossError(

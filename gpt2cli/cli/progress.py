@@ -3,6 +3,7 @@ table at the end. Implements gpt2cli.train.Reporter."""
 
 from __future__ import annotations
 
+import shlex
 from typing import Any
 
 from rich.progress import (
@@ -101,7 +102,8 @@ class TrainProgress:
         if result.best is not None:
             table.add_row("best model", str(result.best))
         out.print(table)
+        run_dir = shlex.quote(str(result.run_dir))  # copy-pastable with spaces in the path
         if result.status == "completed":
-            out.print(f'next: gpt2 generate {result.run_dir} "ROMEO:"   |   gpt2 eval {result.run_dir}')
+            out.print(f'next: gpt2 generate {run_dir} "ROMEO:"   |   gpt2 eval {run_dir}', soft_wrap=True)
         else:
-            out.print(f"continue: gpt2 train --out {result.run_dir} --resume auto")
+            out.print(f"continue: gpt2 train --out {run_dir} --resume auto", soft_wrap=True)

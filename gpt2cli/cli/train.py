@@ -259,12 +259,19 @@ def _stored_spec_for_resume(resume: str | None, out_dir: str | None) -> dict[str
     else:
         target = Path(resume)
         folder = target if target.is_dir() else target.parent
-    if folder is None or not (folder / "spec.json").is_file():
+    if folder is None:
+        return None
+    # spec.json appears once the run has started; a multi-process run stopped before that holds
+    # only the launcher's launch-spec.json, which is the same spec (and says how many processes).
+    from gpt2cli.parallel.launch import LAUNCH_SPEC_NAME
+
+    found = [folder / name for name in ("spec.json", LAUNCH_SPEC_NAME) if (folder / name).is_file()]
+    if not found:
         return None
     try:
-        stored = json.loads((folder / "spec.json").read_text(encoding="utf-8"))
+        stored = json.loads(found[0].read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"cannot read {folder / 'spec.json'}: {exc}", "the run folder is damaged") from exc
+        raise UserError(f"cannot read {found[0]}: {exc}", "the run folder is damaged") from exc
     stored.get("run", {}).pop("resume", None)
     return stored
 
