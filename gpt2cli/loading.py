@@ -259,7 +259,15 @@ def save_safetensors(model: GPT, path: str | os.PathLike) -> Path:
         "format_version": SAFETENSORS_VERSION,
         "spec": spec_to_json(model.spec),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise UserError(f"{str(path)!r} is a folder", "pass the path of the .safetensors file to write")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file where a folder should be, no permission
+        raise UserError(
+            f"cannot create the folder {str(path.parent)!r}: {exc.strerror or type(exc).__name__}",
+            "choose another path, or check its permissions",
+        ) from exc
     data = save(tensors, metadata=metadata)
     ckpt.atomic_write_bytes(path, lambda f: f.write(data))
     return path
@@ -275,6 +283,7 @@ def export_model(source: str | os.PathLike, out: str | os.PathLike, fmt: str = "
     if fmt not in ("hf", "safetensors"):
         raise UserError(f"unknown export format {fmt!r}", "use --format hf or --format safetensors")
     out_path = Path(out).expanduser()
+    _check_parents(out_path)
     if fmt == "hf":
         target = out_path
         if target.exists() and not target.is_dir():
@@ -282,9 +291,17 @@ def export_model(source: str | os.PathLike, out: str | os.PathLike, fmt: str = "
         if target.is_dir() and any(target.iterdir()) and not overwrite:
             raise UserError(f"folder {str(target)!r} is not empty", "choose another OUT or pass --overwrite")
     else:
+        if out_path.exists() and not out_path.is_dir() and out_path.suffix != ".safetensors":
+            raise UserError(
+                f"{str(out_path)!r} is a file",
+                "--format safetensors writes OUT.safetensors, or model.safetensors inside the folder OUT; "
+                "pass such a path",
+            )
         target = out_path / SAFETENSORS_NAME if out_path.is_dir() or not out_path.suffix else out_path
         if target.suffix != ".safetensors":
             raise UserError(f"{str(target)!r} does not end in .safetensors", "name the file OUT.safetensors")
+        if target.exists() and not target.is_file():
+            raise UserError(f"{str(target)!r} is not a file", "choose another OUT")
         if target.exists() and not overwrite:
             raise UserError(f"{str(target)!r} exists", "choose another OUT or pass --overwrite")
     loaded = load_model(source)
@@ -298,8 +315,18 @@ def export_model(source: str | os.PathLike, out: str | os.PathLike, fmt: str = "
     return target, loaded
 
 
+def _check_parents(out: Path) -> None:
+    """OUT must lie in a folder: a file where a parent folder should be is refused before the
+    model is loaded (instead of failing in mkdir later)."""
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{str(parent)!r} is a file, not a folder", "choose another OUT")
+            return
+
+
 def _check_hf_exportable(spec: ModelSpec) -> None:
-    """Refuse before anything is written (export_hf checks the same, but after our mkdir)."""
+    """Refuse before anything is written (export_hf checks the same)."""
     if spec.pos != "learned" or spec.kv_heads != spec.n_head or not spec.bias:
         what = ", ".join(
             w for w, bad in (

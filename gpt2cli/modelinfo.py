@@ -5,8 +5,11 @@ The numbers behind `gpt2 info`:
 - ``params``: every parameter, the tied embedding/output matrix once.
 - ``non_embedding_params``: without the token and position embeddings (Kaplan et al. 2020).
 - ``flops_per_token``: training FLOPs per token, 6N + 12·L·T·d (PaLM appendix B; nanoGPT's
-  ``estimate_mfu``): N = parameters without position embeddings, 6N for the matmuls of forward
-  (2N) and backward (4N), 12·L·T·d for attention scores and weighted values over T positions.
+  ``estimate_mfu``): N = ``flops_params``, the parameters without position embeddings (the tied
+  token embedding stays in: it is the output layer's matmul; a position lookup is no matmul), 6N
+  for the matmuls of forward (2N) and backward (4N), 12·L·T·d for attention scores and weighted
+  values over T positions. N is neither ``params`` (which counts the position embeddings) nor
+  Kaplan et al.'s non-embedding count (which also leaves out the output layer).
 - ``kv_cache_bytes_per_token``: 2·L·n_kv_head·head_dim·bytes, what decoding keeps per token.
 - ``memory``: a per-process training estimate (see :func:`training_memory`).
 """
@@ -63,6 +66,7 @@ def model_stats(
         "non_embedding_params": non_embedding,
         "embedding_params": params - non_embedding,
         "params_per_block": block_params,
+        "flops_params": params_no_pos,  # the N of 6N in flops_per_token
         "seq_len": seq_len,
         "flops_per_token": flops_per_token,
         "flops_per_sequence": flops_per_token * seq_len,

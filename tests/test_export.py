@@ -4,12 +4,15 @@ variants GPT-2 cannot express, and a safetensors file (any variant) that generat
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
 import torch
 
 from gpt2cli.loading import load_model
+from tests.conftest import run_gpt2
 from tests.test_generate import cli, one_error_line, one_thread, save_model, tiny_gpt2  # noqa: F401
 
 
@@ -84,3 +87,40 @@ def test_foreign_or_damaged_safetensors_is_refused(ckpts, tmp_path, capsys):
         assert needle in one_error_line(code, err)
     code, _, err = cli(capsys, "export", ckpts["gpt2"], tmp_path / "out.bin", "--format", "safetensors")
     assert ".safetensors" in one_error_line(code, err)
+
+
+def test_exported_files_get_the_mode_of_a_new_file_under_the_umask(ckpts, tmp_path):
+    """Like any file the user creates: 0o666 less the umask (not mkstemp's 0o600), for both
+    formats, with no temporary file or folder left beside them."""
+    umask = 0o027  # 0o640: differs from 0o600 and from a plain 0o644
+    old = os.umask(umask)
+    try:
+        hf = run_gpt2("export", str(ckpts["gpt2"]), str(tmp_path / "hf"))
+        st = run_gpt2("export", str(ckpts["rope-gqa"]), str(tmp_path / "m.safetensors"), "--format", "safetensors")
+    finally:
+        os.umask(old)
+    assert hf.returncode == 0 and st.returncode == 0, hf.stderr + st.stderr
+    files = [tmp_path / "hf" / "config.json", tmp_path / "hf" / "model.safetensors", tmp_path / "m.safetensors"]
+    assert {f: oct(stat.S_IMODE(f.stat().st_mode)) for f in files} == {f: oct(0o666 & ~umask) for f in files}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "m.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_safetensors_export_to_an_existing_file_or_below_one_is_one_error_line(ckpts, tmp_path):
+    """OUT an existing regular file (not .safetensors), or a path under a file: refused before the
+    model is loaded, with one line naming the file, exit 2, and the file untouched; as for --format hf."""
+    (tmp_path / "afile").write_text("keep me")
+    cases = [
+        (("afile", "--format", "safetensors"), "Error: 'afile' is a file (--format safetensors writes"),
+        (("afile", "--format", "safetensors", "--overwrite"), "Error: 'afile' is a file (--format safetensors"),
+        (("afile/x.safetensors", "--format", "safetensors"), "Error: 'afile' is a file, not a folder"),
+        (("afile",), "Error: 'afile' is a file (--format hf writes a folder"),
+        (("afile/sub",), "Error: 'afile' is a file, not a folder"),
+    ]
+    for args, expected in cases:
+        proc = run_gpt2("export", str(ckpts["gpt2"]), *args, cwd=tmp_path)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(expected), (args, proc.stderr)
+        assert proc.stdout == ""
+        assert (tmp_path / "afile").read_text() == "keep me"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]

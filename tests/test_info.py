@@ -131,3 +131,30 @@ def test_bad_input_is_one_error_line_and_exit_2(args):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error:")
     assert "Traceback" not in proc.stderr
+
+
+def test_flops_n_is_the_parameters_without_position_embeddings():
+    """The N of 6N is reported (flops_params) and is what flops_per_token uses: every parameter
+    but the position embeddings (none with RoPE), neither `params` nor the non-embedding count."""
+    for spec in (GPT2, ModelSpec(preset="gpt2", pos="rope")):
+        stats = model_stats(spec, seq_len=256)
+        wpe = spec.block_size * spec.n_embd if spec.pos == "learned" else 0
+        assert stats["flops_params"] == stats["params"] - wpe
+        assert stats["flops_per_token"] == 6 * stats["flops_params"] + 12 * spec.n_layer * 256 * spec.n_embd
+
+
+def test_info_table_wording_and_units():
+    """'1 kv head' (singular), billions as B, and the N of 6N in its own row, equal to the
+    JSON's flops_params."""
+    proc = run_gpt2("info", "--preset", "gpt2-xl", "--attn", "mqa", check=True)
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:4]]
+            for line in proc.stdout.splitlines() if line.startswith("│")}
+    assert rows["attention"] == ["mqa", "1 kv head, head size 64"]
+    stats = model_stats(ModelSpec(preset="gpt2-xl", attn="mqa"))
+    assert rows["parameters"] == [f"{stats['params']:,}", f"{stats['params'] / 1e9:.2f}B"]
+    assert rows["parameters"][1].endswith("B") and "G" not in rows["parameters"][1]
+    assert rows["N of 6N"] == [f"{stats['flops_params']:,}", f"{stats['flops_params'] / 1e9:.2f}B, without wpe"]
+    assert rows["training FLOPs/token"][1].endswith("at T = 1024 (6N + 12·L·T·d)")
+
+    gqa = run_gpt2("info", "--preset", "tiny", "--attn", "gqa", "--kv-heads", "2", check=True).stdout
+    assert "2 kv heads, head size 16" in gqa

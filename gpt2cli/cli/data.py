@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import signal
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -16,6 +20,11 @@ from gpt2cli.specs import PrepareSpec, build_spec
 
 if TYPE_CHECKING:
     from gpt2cli.data.prepare import PrepareProgress
+
+# Stopped by a signal: the shell's convention, 128 + the signal number (130 and 143). There is
+# nothing to resume, unlike `gpt2 train`'s 75.
+EXIT_SIGINT = 128 + signal.SIGINT
+EXIT_SIGTERM = 128 + signal.SIGTERM
 
 HELP = "Turn a text corpus (files, folders, JSONL, parquet, HF datasets) into GPT-2 token files."
 
@@ -78,9 +87,41 @@ def data(
     from gpt2cli.data.prepare import prepare_data
 
     started = time.perf_counter()
-    with _ProgressDisplay(enabled=not quiet, total_tokens=spec.max_tokens) as display:
-        folder = prepare_data(spec, progress=display.update)
+    try:
+        with _sigterm_raises(), _ProgressDisplay(enabled=not quiet, total_tokens=spec.max_tokens) as display:
+            folder = prepare_data(spec, progress=display.update)
+    except (_Terminated, KeyboardInterrupt) as exc:
+        # prepare_data has removed its staging folder on the way out; say so in one line.
+        name, code = ("SIGTERM", EXIT_SIGTERM) if isinstance(exc, _Terminated) else ("SIGINT", EXIT_SIGINT)
+        sys.stderr.write(f"Stopped by {name}; the unfinished output was removed.\n")
+        raise typer.Exit(code) from None
     _print_summary(folder, time.perf_counter() - started)
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread as KeyboardInterrupt is for SIGINT, so that
+    prepare_data removes its staging folder on the way out."""
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While preparing, SIGTERM stops the command as Ctrl-C does; a second SIGTERM kills at once."""
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is signal.SIG_IGN:  # the caller asked for SIGTERM to be ignored
+        yield
+        return
+    if previous is None:  # a handler installed outside Python
+        previous = signal.SIG_DFL
+
+    def handle(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, previous)
+        raise _Terminated
+
+    signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class _ProgressDisplay:

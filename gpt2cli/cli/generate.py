@@ -133,7 +133,7 @@ def run(ckpt: str, prompt: str, spec: GenerateSpec, *, output_format: str = "tex
         n_params = sum(p.numel() for p in generator.model.parameters())
         sys.stderr.write(
             f"model: {source}: {n_params:,} parameters, {m.n_layer} layers, attn={m.attn} "
-            f"({m.kv_heads} kv heads of {m.n_head}), pos={m.pos}, context {m.block_size:,}\n"
+            f"({m.kv_heads} kv head{'' if m.kv_heads == 1 else 's'} of {m.n_head}), pos={m.pos}, context {m.block_size:,}\n"
         )
 
     text_mode = output_format == "text"
@@ -187,7 +187,7 @@ def run(ckpt: str, prompt: str, spec: GenerateSpec, *, output_format: str = "tex
         m = generator.spec
         sys.stderr.write(
             f"KV cache: {result.cache_bytes_per_token:,} bytes per token per sample (2 x {m.n_layer} layers "
-            f"x {m.kv_heads} kv heads x {m.head_dim} dims x {result.cache_bytes_per_token // (2 * m.n_layer * m.kv_heads * m.head_dim)} "
+            f"x {m.kv_heads} kv head{'' if m.kv_heads == 1 else 's'} x {m.head_dim} dims x {result.cache_bytes_per_token // (2 * m.n_layer * m.kv_heads * m.head_dim)} "
             f"bytes), {result.cache_bytes:,} bytes preallocated; window slides: {result.window_slides}\n"
         )
 

@@ -134,18 +134,23 @@ def _print_tables(model: ModelSpec, stats: dict[str, Any]) -> None:
     summary.add_column(style="bold")
     summary.add_column(justify="right")
     summary.add_column()
-    summary.add_row(
-        "attention", f"{model.attn}", f"{model.kv_heads} kv heads, head size {model.head_dim}"
-    )
+    kv_heads = f"{model.kv_heads} kv head{'' if model.kv_heads == 1 else 's'}"
+    summary.add_row("attention", f"{model.attn}", f"{kv_heads}, head size {model.head_dim}")
     summary.add_row("positions", model.pos, context)
-    summary.add_row("parameters", f"{stats['params']:,}", _si(stats["params"]))
+    summary.add_row("parameters", f"{stats['params']:,}", _count(stats["params"]))
     summary.add_row(
-        "non-embedding", f"{stats['non_embedding_params']:,}", _si(stats["non_embedding_params"])
+        "non-embedding",
+        f"{stats['non_embedding_params']:,}",
+        f"{_count(stats['non_embedding_params'])}, without wte and wpe",
+    )
+    # The N of 6N is its own row: it is neither of the two counts above (see gpt2cli.modelinfo).
+    summary.add_row(
+        "N of 6N", f"{stats['flops_params']:,}", f"{_count(stats['flops_params'])}, without wpe"
     )
     summary.add_row(
         "training FLOPs/token",
         f"{stats['flops_per_token']:,}",
-        f"{_si(stats['flops_per_token'])} at seq_len {stats['seq_len']} (6N + 12·L·T·d)",
+        f"{_flops(stats['flops_per_token'])} at T = {stats['seq_len']} (6N + 12·L·T·d)",
     )
     saving = (
         "" if kv["bf16"] == kv_mha["bf16"] else f", {kv_mha['bf16'] / kv['bf16']:g}x less than MHA"
@@ -172,8 +177,17 @@ def _print_tables(model: ModelSpec, stats: dict[str, Any]) -> None:
     out.print(table)
 
 
-def _si(n: float) -> str:
-    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+def _count(n: float) -> str:
+    """A parameter count as ML papers write it: 124.44M, 1.56B."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:g}"
+
+
+def _flops(n: float) -> str:
+    """FLOPs with SI prefixes, as GFLOP/s are written: 855.17M, 10.28G."""
+    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= scale:
             return f"{n / scale:.2f}{unit}"
     return f"{n:g}"

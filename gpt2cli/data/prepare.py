@@ -27,7 +27,9 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import socket
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -934,17 +936,47 @@ def _existing_output(out: Path, overwrite: bool) -> str:
     return "replace"
 
 
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM wait until the block is done, then take effect as usual: a stop never
+    falls between moving the old output aside and renaming the new one into place (which would
+    leave neither at ``out``). Only the main thread can change signal handlers; elsewhere (no
+    handler runs there anyway) nothing is held."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.signal(sig, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        if caught:
+            signal.raise_signal(caught[0])
+
+
 def _publish(staging: Path, out: Path, mode: str) -> None:
-    """Rename the finished staging folder to ``out``.
+    """Rename the finished staging folder to ``out``; SIGINT/SIGTERM wait for the renames.
 
     mode "new": ``out`` must not have appeared meanwhile; "replace": an existing ``out`` is moved
     aside first; "keep": if another process published ``out`` first, use theirs.
     """
     if mode == "replace" and out.exists():
         trash = out.with_name(f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
-        os.rename(out, trash)
-        os.rename(staging, out)
-        shutil.rmtree(trash, ignore_errors=True)
+        try:
+            with _signals_held():
+                os.rename(out, trash)
+                try:
+                    os.rename(staging, out)
+                except BaseException:
+                    os.rename(trash, out)  # the old output goes back
+                    raise
+        finally:
+            if trash.exists() and out.exists():
+                shutil.rmtree(trash, ignore_errors=True)
     else:
         try:
             os.rename(staging, out)

@@ -13,13 +13,15 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
+import secrets
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from gpt2cli.errors import UserError
+from gpt2cli.fsutil import fsync_dir
 from gpt2cli.model.gpt import GPT
 from gpt2cli.specs import ModelSpec, validate_spec
 
@@ -345,27 +347,64 @@ def export_hf(model: GPT, out_dir: str | os.PathLike) -> Path:
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save_file
 
-    _write_atomic(
-        out / "model.safetensors",
-        lambda path: save_file(tensors, str(path), metadata={"format": "pt"}),
-    )
-    _write_atomic(
-        out / "config.json",
-        lambda path: path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8"),
-    )
+    def write_files(folder: Path) -> None:
+        # config.json last: until it is there, nothing takes the folder for a GPT-2 model.
+        _write_atomic(
+            folder / "model.safetensors",
+            lambda path: save_file(tensors, str(path), metadata={"format": "pt"}),
+        )
+        _write_atomic(
+            folder / "config.json",
+            lambda path: path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8"),
+        )
+
+    if out.is_dir():  # an existing (empty, or --overwrite) folder: file by file, each atomic
+        write_files(out)
+        return out
+    if out.exists():
+        raise UserError(f"{str(out)!r} is a file", "the Hugging Face format is a folder; pass a folder path")
+    # A new folder is built under a hidden name beside it and renamed into place when complete,
+    # so an interrupted export leaves no half-written folder.
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(
+            f"cannot create the folder {str(out.parent)!r}: {exc.strerror or type(exc).__name__}",
+            "check the path and its permissions",
+        ) from exc
+    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    staging.mkdir()
+    try:
+        write_files(staging)
+        os.rename(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    fsync_dir(out.parent)
     return out
 
 
 def _write_atomic(target: Path, write) -> None:
-    """Write through a temporary file in the same folder, so a crash never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    os.close(fd)
+    """Write through a temporary file in the same folder, so a crash never leaves half a file.
+
+    The file gets the mode of any new file, 0o666 less the process umask: ``tempfile.mkstemp``
+    would make it 0o600, and so does safetensors' ``save_file`` (0.8), so the mode the file had
+    when created here is set again after ``write``."""
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        write(Path(tmp))
+        mode = os.fstat(fd).st_mode & 0o7777
+    finally:
+        os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, mode)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, target)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    fsync_dir(target.parent)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import time
 
 import pytest
 
 from gpt2cli.data.shards import TokenFolder
-from tests.conftest import run_gpt2
+from tests.conftest import REPO, gpt2_command, run_gpt2
 
 
 @pytest.fixture
@@ -75,3 +79,42 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, env):
     ok = run_gpt2("data", "latin1.txt", "--errors", "replace", "--out", "out", cwd=tmp_path, env=env)
     assert ok.returncode == 0, ok.stderr
     assert TokenFolder(tmp_path / "out").meta["spec"]["errors"] == "replace"
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_removes_the_staging_folder_and_says_so(tmp_path, env, sig, code):
+    """SIGTERM stops `gpt2 data` as Ctrl-C does: the hidden staging folder with its partial
+    train.bin is removed, one line says so, and the exit status is the shell's 128 + signal."""
+    text = (REPO / "gpt2cli" / "assets" / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    (tmp_path / "big.txt").write_text(text * 60, encoding="utf-8")  # 67 MB: many seconds on one thread
+    proc = subprocess.Popen(
+        [*gpt2_command(), "data", "big.txt", "--out", "out", "-j", "1", "--quiet"],
+        cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # A shell's background job ignores SIGINT, and the child would inherit that.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+
+    def tokens_written() -> bool:
+        try:
+            return any(p.stat().st_size > 0 for p in tmp_path.glob(".out.tmp-*/train.bin"))
+        except FileNotFoundError:  # the folder went away between glob and stat
+            return False
+
+    try:
+        deadline = time.monotonic() + 60
+        # Signal once tokens are being written into the staging folder: the run is mid-way.
+        while not tokens_written():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no staging folder appeared"
+            time.sleep(0.01)
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == code, stderr
+    assert stderr.strip().splitlines() == [f"Stopped by {sig.name}; the unfinished output was removed."]
+    assert stdout == ""
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith((".", "out"))]  # no staging, no output
