@@ -354,9 +354,9 @@ class Generator:
         """Last-position logits of a window run from position 0 (prefill, or no-cache mode)."""
         T = idx.shape[1]
         if not self.model.has_kv_cache:
-            return self.model(idx)[:, -1, :VOCAB_SIZE].float()
+            return self.model(idx, last_only=True)[:, -1, :VOCAB_SIZE].float()
         positions = torch.arange(T, device=self.device)
-        return self.model(idx, positions, kv_len=T)[:, -1, :VOCAB_SIZE].float()
+        return self.model(idx, positions, kv_len=T, last_only=True)[:, -1, :VOCAB_SIZE].float()
 
     @staticmethod
     def _hand_over(tokens: torch.Tensor, states: list[TextStream], t0: float) -> bool:

@@ -177,9 +177,12 @@ class GPT(nn.Module):
         reduction: str = "mean",
         loss_chunk: int = 0,
         kv_len: int | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """idx: (B, T) token ids; input_pos: (T,) their positions (default 0..T-1; required with
-        a KV cache). Returns logits (B, T, vocab_size) in the compute dtype or, given targets
+        a KV cache). Returns logits (B, T, vocab_size) in the compute dtype (``last_only``: of the
+        last position only, (B, 1, vocab_size): a prompt's prefill needs no more, and the output
+        layer over every prompt token cost T x d x V FLOPs and a (B, T, V) tensor) or, given targets
         (B, T), the fp32 cross-entropy over all of them (``reduction`` "mean" or "sum").
 
         The loss lives here, inside forward, so that torch.compile of the model fuses it with the
@@ -211,6 +214,8 @@ class GPT(nn.Module):
         if targets is not None and loss_chunk > 0:
             return chunked_linear_cross_entropy(x, self.lm_head.weight, targets, chunk_tokens=loss_chunk,
                                                 reduction=reduction)
+        if last_only and targets is None:
+            x = x[:, -1:, :]
         logits = self.lm_head(x)  # (B, T, vocab_size)
         if targets is None:
             return logits

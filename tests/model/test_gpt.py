@@ -128,6 +128,16 @@ def test_dropout_acts_only_in_training_mode():
         assert not torch.equal(model(idx), model(idx))
 
 
+def test_last_only_gives_the_last_positions_logits():
+    """What a prefill needs: the output layer for the last position only, same values."""
+    model = tiny_model().eval()
+    idx = torch.randint(0, 512, (3, 10))
+    with torch.no_grad():
+        full, last = model(idx), model(idx, last_only=True)
+    assert last.shape == (3, 1, model.spec.vocab_size)
+    torch.testing.assert_close(last, full[:, -1:], rtol=0, atol=1e-6)
+
+
 def test_forward_with_targets_returns_the_cross_entropy_of_its_logits():
     model = tiny_model().eval()
     idx, targets = torch.randint(0, 512, (3, 10)), torch.randint(0, 512, (3, 10))
