@@ -207,8 +207,10 @@ def load_run(path: str | Path, sweep_status: str | None = None) -> Run:
         status = "partial"
     if sweep_status in ("failed", "interrupted", "running") and status != "done":
         status = sweep_status
-    elif status != "done" and (read_status(p) or {}).get("status") in ("failed", "interrupted"):
-        status = read_status(p)["status"]  # how the run itself says it ended
+    elif status != "done":
+        ended = (read_status(p) or {}).get("status")  # how the run itself says it ended
+        if ended in ("failed", "interrupted"):
+            status = ended
     run = Run(path=p, name=p.name, spec=spec, fields=flatten(spec), train_rows=train_rows,
               eval_rows=eval_rows, step=step, total_steps=total, status=status)
     run.metrics = _run_metrics(run)

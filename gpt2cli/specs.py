@@ -597,6 +597,19 @@ def build_spec(
     (a stored spec, when resuming) sits under the file. ``flag_names`` maps dotted field paths to
     the flags that set them, so errors name what the user typed.
     """
+    return validate_spec(spec_cls, layer_settings(config_file=config_file, flags=flags, sets=sets, base=base),
+                         flag_names)
+
+
+def layer_settings(
+    *,
+    config_file: str | Path | None = None,
+    flags: dict[str, Any] | None = None,
+    sets: list[str] | tuple[str, ...] = (),
+    base: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The nested settings before validation: base < config file < flags < ``--set``. Without a
+    base, what the user set by any route (`gpt2 train` reads its resume and preset from this)."""
     layered: dict[str, Any] = dict(base or {})
     if config_file:
         layered = deep_merge(layered, read_config_file(config_file))
@@ -604,7 +617,7 @@ def build_spec(
     for assignment in sets:
         path, value = parse_set(assignment)
         layered = deep_merge(layered, _nest(path, value))
-    return validate_spec(spec_cls, layered, flag_names)
+    return layered
 
 
 def drop_none(tree: dict[str, Any]) -> dict[str, Any]:

@@ -380,6 +380,7 @@ class _Trainer:
     # ------------------------------------------------------------------ build
     def _open_data(self):
         from gpt2cli.data import TokenFolder, TrainLoader, default_data_dir
+        from gpt2cli.data.loader import count_windows
 
         folder = TokenFolder(Path(self.spec.data.dir) if self.spec.data.dir else default_data_dir())
         for split in (self.spec.data.train_split, self.spec.data.val_split):
@@ -393,7 +394,7 @@ class _Trainer:
         for split, remedy in ((self.spec.data.train_split, "prepare more data"),
                               (self.spec.data.val_split, "prepare the data with a larger --val-fraction")):
             num_tokens = len(folder.tokens(split))
-            if num_tokens < self.plan.seq_len + 1:
+            if count_windows(num_tokens, self.plan.seq_len) < 1:
                 raise UserError(
                     f"the {split!r} split of {str(folder.path)!r} has {num_tokens:,} tokens, fewer than one "
                     f"window of seq_len + 1 = {self.plan.seq_len + 1:,}",

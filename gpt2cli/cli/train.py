@@ -23,10 +23,7 @@ from gpt2cli.specs import (
     TrainingSpec,
     TrainSpec,
     build_spec,
-    deep_merge,
-    drop_none,
-    parse_set,
-    read_config_file,
+    layer_settings,
     spec_from_json,
     spec_to_json,
 )
@@ -217,25 +214,13 @@ def resolve_train_spec(values: dict[str, Any], config: str | None, sets: list[st
         if value is not None:
             section, name = FLAG_FIELDS[flag]
             flags.setdefault(section, {})[name] = value
-    given = _given_settings(config, flags, sets)
+    given = layer_settings(config_file=config, flags=flags, sets=sets)  # what the user set, by any route
     run_given, model_given = given.get("run", {}), given.get("model", {})
     base = _stored_spec_for_resume(run_given.get("resume"), run_given.get("out"))
     if base is None and "preset" not in model_given:
         device, gpus = given.get("train", {}).get("device"), given.get("parallel", {}).get("gpus")
         base = {"model": {"preset": _default_preset(device, gpus)}}
     return build_spec(TrainSpec, config_file=config, flags=flags, sets=sets, base=base, flag_names=FLAG_FOR_FIELD)
-
-
-def _given_settings(config: str | None, flags: dict[str, Any], sets: list[str]) -> dict[str, Any]:
-    """What the user set, by any route (config file < flags < --set), before defaults."""
-    given = read_config_file(config) if config else {}
-    given = deep_merge(given, drop_none(flags))
-    for assignment in sets:
-        path, value = parse_set(assignment)
-        for key in reversed(path):
-            value = {key: value}
-        given = deep_merge(given, value)
-    return given
 
 
 def _default_preset(device: str | None, gpus: int | None) -> str:
