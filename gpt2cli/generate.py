@@ -54,6 +54,7 @@ from dataclasses import dataclass
 import torch
 
 from gpt2cli.cpu_decoding import (
+    available_memory_bytes,
     lay_out_weights_for_decoding,
     mkl_packing_available,
     pack_for_decoding,
@@ -105,6 +106,9 @@ class Generation:
     device: str
     dtype: str
     compiled: bool
+    # The first compiled step of a new shape or sampling setting traces and compiles (seconds to
+    # a minute): its time is here, and left out of every other time and rate.
+    compile_s: float = 0.0
 
     @property
     def new_tokens(self) -> int:
@@ -298,6 +302,7 @@ class Generator:
         self._caches: list = []
         self._cache_key: tuple[int, int] | None = None
         self._decode: Callable[..., torch.Tensor] = self._decode_step
+        self._compiled_for: set[tuple] = set()  # (batch, cache length, sampling) already compiled
         if compile:
             mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs
             self._decode = torch.compile(self._decode_step, mode=mode, fullgraph=True, dynamic=False)
@@ -394,6 +399,63 @@ class Generator:
             )
         return ids
 
+    def bytes_per_sample(self, prompt_len: int, spec: GenerateSpec, cache_len: int) -> int:
+        """An upper estimate of the memory one sample of a call adds (beyond the weights):
+
+        - its key/value cache (``cache_len`` slots, 0 without a cache);
+        - the prefill's activations over a window of up to ``block_size`` tokens (residual,
+          query/key/value, attention output and the 4x-wide MLP, a few of each alive at once);
+        - the last position's logits in fp32 and what sampling makes of them: greedy only an
+          argmax; top-k a tempered copy, the mask and the noise; top-p also sorted values and
+          their order, probabilities and cumulative sums (measured peaks, CPU, 4,000 samples:
+          1.2 MB per sample with top-k, 2.2 MB with top-p, for a vocabulary of 50,257);
+        - the token buffer."""
+        dtype_bytes = torch.empty((), dtype=self.dtype).element_size()
+        total_len = prompt_len + spec.max_new_tokens
+        cache = kv_cache_bytes_per_token(self.spec, dtype_bytes) * cache_len
+        activations = 16 * min(self.spec.block_size, total_len) * self.spec.n_embd * dtype_bytes
+        if spec.temperature == 0:
+            copies = 3
+        elif spec.top_p is not None and spec.top_p < 1.0:
+            copies = 12
+        else:
+            copies = 7
+        return cache + activations + copies * 4 * self.spec.vocab_size + 8 * total_len
+
+    def check_call(self, prompt: str | Sequence[int], spec: GenerateSpec, *, use_cache: bool = True) -> list[int]:
+        """The prompt's token ids, once it is known that a call with ``spec`` can run: the prompt
+        fits the context (:meth:`encode_prompt`), and the batch fits in the memory left. Raises
+        UserError otherwise, before anything is allocated: an out-of-memory kill (CPU) or error
+        (CUDA) midway would lose the whole call, and on a shared machine may take other processes
+        with it."""
+        ids = self.encode_prompt(prompt)
+        batch, cache_len = spec.num_samples, min(self.spec.block_size, len(ids) + spec.max_new_tokens)
+        if not use_cache:
+            cache_len = 0
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            available = free + torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        elif self.device.type == "cpu":
+            available = available_memory_bytes()
+        else:
+            available = None  # no portable way to ask (mps): the allocator's own error stands
+        if available is None:
+            return ids
+        per_sample = self.bytes_per_sample(len(ids), spec, cache_len)
+        if self._cache_key == (batch, cache_len):  # the last call's cache is reused, not new
+            dtype_bytes = torch.empty((), dtype=self.dtype).element_size()
+            per_sample -= kv_cache_bytes_per_token(self.spec, dtype_bytes) * cache_len
+        if batch * per_sample <= available:
+            return ids
+        fit = available // per_sample
+        gib = 1024**3
+        raise UserError(
+            f"{batch:,} samples of {len(ids) + spec.max_new_tokens:,} tokens need about "
+            f"{batch * per_sample / gib:,.1f} GiB, more than the {available / gib:,.1f} GiB of "
+            f"{self.device.type} memory available",
+            f"use --num-samples {fit:,} or fewer" if fit >= 1 else "free some memory, or use a smaller model",
+        )
+
     # ------------------------------------------------------------------------------ generate
 
     @torch.inference_mode()
@@ -412,7 +474,7 @@ class Generator:
         path is tested against; same window rule, same results). ``on_progress(n)`` is told the
         tokens sampled per sample so far at every hand-over (no extra device sync)."""
         spec = spec or GenerateSpec()
-        ids = self.encode_prompt(prompt)
+        ids = self.check_call(prompt, spec, use_cache=use_cache)
         # Reading a token back waits for the device, which then idles while Python prepares the
         # next step: on an accelerator, queue several steps per read. On the CPU every op runs in
         # the host thread anyway, so read each token at once.
@@ -445,6 +507,8 @@ class Generator:
             self._attach_cache(B, cache_len)
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         slides = steps = 0
+        compile_s = 0.0
+        compile_key = (B, cache_len, *sampling)
         start = 0  # first position of the window in buf
         try:
             t0 = time.perf_counter()
@@ -475,7 +539,17 @@ class Generator:
                     pos_buf.fill_(end - 1 - start)
                     # clone: a CUDA graph's output is overwritten by its next replay
                     kv_len = end - start if self._attend_filled_slots_only else None
+                    compiles = self.compiled and compile_key not in self._compiled_for
+                    if compiles:
+                        sync()
+                        t_compile = time.perf_counter()
                     next_ids = self._decode(next_ids[:, None], pos_buf, noise(), *sampling, kv_len).clone()
+                    if compiles:
+                        sync()
+                        compile_s = time.perf_counter() - t_compile
+                        t0 += compile_s  # every time and rate leaves the compilation out
+                        t_prefill += compile_s
+                        self._compiled_for.add(compile_key)
                 buf[:, end] = next_ids
                 end += 1
             sync()
@@ -501,6 +575,7 @@ class Generator:
             device=str(device),
             dtype=str(self.dtype).removeprefix("torch."),
             compiled=self.compiled,
+            compile_s=compile_s,
         )
 
 

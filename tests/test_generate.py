@@ -12,7 +12,7 @@ import torch
 from gpt2cli.checkpoint import save_checkpoint
 from gpt2cli.errors import UserError
 from gpt2cli.generate import Generator, TextStream, sample_next
-from gpt2cli.model import GPT
+from gpt2cli.model import GPT, kv_cache_bytes_per_token
 from gpt2cli.specs import GenerateSpec, ModelSpec, TrainSpec, spec_to_json
 from gpt2cli.tokenizer import EOT_ID, encode
 from tests.conftest import random_hf_gpt2, record_attention_shapes, run_gpt2
@@ -255,6 +255,9 @@ def test_compiled_step_samples_like_eager():
         eager = Generator(random_model("gqa", "rope"), device="cpu", dtype="fp32").generate(prompt, spec)
         first, second = compiled.generate(prompt, spec), compiled.generate(prompt, spec)
         assert [s.tokens for s in first.samples] == [s.tokens for s in eager.samples] == [s.tokens for s in second.samples]
+        # the first call of a setting compiles, and that time is kept out of its rates; the second reuses the graph
+        assert first.compile_s > 0 and second.compile_s == 0 and eager.compile_s == 0
+        assert first.total_s < first.compile_s  # compiling took longer than the rest of the call
     assert first.compiled and first.samples[0].tokens != first.samples[1].tokens
 
 
@@ -341,6 +344,43 @@ def test_bad_input_is_one_line_exit_2(ckpt, tmp_path, capsys):
         code, out, err = cli(capsys, *args)
         assert needle in one_error_line(code, err), (needle, err)
         assert out == ""
+
+
+def test_a_batch_beyond_the_memory_left_is_refused_before_anything_is_allocated(monkeypatch):
+    import gpt2cli.generate as generate_module
+
+    gen = Generator(tiny_gpt2(), device="cpu", dtype="fp32")
+    spec = greedy(max_new_tokens=8)
+    per_sample = gen.bytes_per_sample(2, spec, cache_len=10)
+    # the estimate covers at least the cache and the fp32 logits of one sample
+    assert per_sample > kv_cache_bytes_per_token(gen.spec, 4) * 10 + 4 * gen.spec.vocab_size
+    assert gen.bytes_per_sample(2, GenerateSpec(max_new_tokens=8, top_p=0.9), 10) > per_sample  # sorting costs more
+    monkeypatch.setattr(generate_module, "available_memory_bytes", lambda: 5 * per_sample + 1)
+    with pytest.raises(UserError) as exc:
+        gen.generate([11, 12], spec.model_copy(update={"num_samples": 6}))
+    assert "use --num-samples 5 or fewer" in exc.value.render()
+    assert gen._cache_key is None  # refused before the cache was made
+    result = gen.generate([11, 12], spec.model_copy(update={"num_samples": 5}))
+    assert len(result.samples) == 5 and all(s.num_tokens == 8 for s in result.samples)
+
+
+def test_real_command_ctrl_c_says_aborted_and_exits_130(ckpt):
+    import os
+    import signal
+    import subprocess
+
+    from tests.conftest import gpt2_command
+
+    proc = subprocess.Popen([*gpt2_command(), "generate", str(ckpt), "Hi", "-n", "100000", "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert proc.stdout.read(2) == "Hi"  # the prompt is echoed once decoding is under way
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and err == "Aborted.\n", (proc.returncode, err)
 
 
 def test_real_command_bad_input_has_no_traceback(tmp_path):

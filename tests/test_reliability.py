@@ -669,6 +669,8 @@ BAD_INPUTS: list[tuple[str, list[str], tuple[str, ...]]] = [
      ("missing-prompt.txt",)),
     ("generate prompt with no room", ["generate", "{RUN}", "word " * 100, "--device", "cpu"], ("context",)),
     ("generate unknown dtype", ["generate", "{RUN}", "--dtype", "fp8"], ("--dtype",)),
+    ("generate batch beyond memory", ["generate", "{RUN}", "--num-samples", "100000000", "--device", "cpu"],
+     ("--num-samples", "GiB")),
     # compare
     ("compare missing run", ["compare", "{T}/missing-run"], ("missing-run",)),
     ("compare folder without runs", ["compare", "{T}/emptydir"], ("emptydir",)),

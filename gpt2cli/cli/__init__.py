@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> None:
             raise  # not about a path the user named: a bug, with its traceback
         sys.stderr.write(_path_error(exc) + "\n")
         sys.exit(2 if exc.errno in _USER_FIXABLE else 1)
+    if result == 130:  # Typer turns Ctrl-C into a returned 130: say why the command stopped
+        sys.stderr.write("Aborted.\n")
     sys.exit(result if isinstance(result, int) else 0)
 
 

@@ -127,7 +127,7 @@ def run(ckpt: str, prompt: str, spec: GenerateSpec, *, output_format: str = "tex
     from gpt2cli.generate import Generator
 
     generator, source = Generator.from_source(ckpt, device=spec.device, dtype=spec.dtype, compile=spec.compile)
-    generator.encode_prompt(prompt)  # refuse a prompt that cannot fit before printing anything
+    generator.check_call(prompt, spec)  # refuse a prompt or a batch that cannot fit before printing anything
     if verbose:
         m = generator.spec
         n_params = sum(p.numel() for p in generator.model.parameters())
@@ -181,7 +181,7 @@ def run(ckpt: str, prompt: str, spec: GenerateSpec, *, output_format: str = "tex
         f"{result.new_tokens:,} tokens in {result.total_s:.2f} s = {result.tokens_per_s:,.1f} tokens/s "
         f"(prefill {len(result.prompt_tokens):,} tokens {result.prefill_s * 1e3:.0f} ms, decode "
         f"{result.decode_tokens_per_s:,.1f} tokens/s; {result.device}, {result.dtype}"
-        f"{', compiled' if result.compiled else ''}; finished: {reasons})\n"
+        f"{_compiled_note(result)}; finished: {reasons})\n"
     )
     if verbose:
         m = generator.spec
@@ -202,6 +202,14 @@ def _generate_with_progress(generator, prompt: str, spec: GenerateSpec):
                   TimeElapsedColumn(), console=err, transient=True) as progress:
         task = progress.add_task("sampling", total=spec.max_new_tokens)
         return generator.generate(prompt, spec, on_progress=lambda n: progress.update(task, completed=n))
+
+
+def _compiled_note(result) -> str:
+    if not result.compiled:
+        return ""
+    if result.compile_s:
+        return f", compiled in {result.compile_s:.1f} s (not counted)"
+    return ", compiled"
 
 
 def _count(items) -> dict[str, int]:
