@@ -27,7 +27,7 @@ import torch
 
 from gpt2cli import __version__
 from gpt2cli.errors import UserError
-from gpt2cli.fsutil import fsync_dir
+from gpt2cli.fsutil import fsync_dir, remove_stale_staging, staging_path
 
 FORMAT = "gpt2cli-checkpoint"
 FORMAT_VERSION = 1
@@ -88,9 +88,11 @@ def payload_digest(payload: dict[str, Any]) -> str:
 
 
 def atomic_write_bytes(path: Path, writer: Any, *, crash_before_rename: bool = False) -> None:
-    """Call ``writer(file)`` on a temp file beside ``path``, fsync, then rename over ``path``."""
+    """Call ``writer(file)`` on a temp file beside ``path``, fsync, then rename over ``path``.
+    Temp files of ``path`` that killed writers on this host left behind are removed first."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    remove_stale_staging(path)
+    tmp = staging_path(path)
     try:
         with open(tmp, "wb") as f:
             writer(f)

@@ -124,3 +124,26 @@ def test_safetensors_export_to_an_existing_file_or_below_one_is_one_error_line(c
         assert proc.stdout == ""
         assert (tmp_path / "afile").read_text() == "keep me"
         assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_an_export_removes_what_a_killed_export_left_and_only_that(ckpts, tmp_path, capsys):
+    """A SIGKILLed export leaves its hidden staging folder or temporary file (no code runs on
+    SIGKILL); the next export beside it removes those of dead processes on this host."""
+    import subprocess
+
+    from gpt2cli.fsutil import HOST
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    left = [tmp_path / f".hf.tmp-{HOST}-{dead.pid}-abcd", tmp_path / f".w.safetensors.tmp-{HOST}-{dead.pid}-abcd"]
+    left[0].mkdir()
+    (left[0] / "model.safetensors").write_bytes(b"half")
+    left[1].write_bytes(b"half")
+    kept = [tmp_path / f".hf.tmp-{HOST}-{os.getpid()}-abcd",  # a live process: maybe still writing
+            tmp_path / ".hf.tmp-otherhost-1-abcd"]  # another machine's, on a shared filesystem
+    for path in kept:
+        path.mkdir()
+    assert cli(capsys, "export", ckpts["gpt2"], tmp_path / "hf")[0] == 0
+    assert cli(capsys, "export", ckpts["gpt2"], tmp_path / "w.safetensors", "--format", "safetensors")[0] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["hf", "w.safetensors", *(p.name for p in kept)])
+

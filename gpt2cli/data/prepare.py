@@ -28,7 +28,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import threading
 import time
 from collections import deque
@@ -59,7 +58,7 @@ from gpt2cli.data.shards import (
     write_meta,
 )
 from gpt2cli.errors import UserError
-from gpt2cli.fsutil import fsync_dir
+from gpt2cli.fsutil import fsync_dir, remove_stale_staging, staging_path
 from gpt2cli.specs import PrepareSpec
 from gpt2cli.tokenizer import (
     EOT_ID,
@@ -1026,46 +1025,13 @@ def _empty_corpus_error(spec: PrepareSpec, empty: int) -> UserError:
     return UserError(f"no text found in {where} ({why})", "check the sources and --text-column")
 
 
-# Staging folders are named .<out>.tmp-<host>-<pid>-<random>: a later run can tell that the
-# process which made one is gone (same host, pid not alive) and remove what it left.
-_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
-
-
-def _staging_prefix(out: Path) -> str:
-    return f".{out.name}.tmp-"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
-
-
-def remove_stale_staging(out: Path) -> list[Path]:
-    """Remove the staging folders of ``out`` left by killed runs on this host: their process is
-    gone, so nothing will finish or rename them. Folders of live processes, of other hosts (a
-    shared filesystem) and of any other name are left alone. Returns what was removed."""
-    removed = []
-    pattern = re.compile(re.escape(_staging_prefix(out)) + re.escape(_HOST) + r"-(\d+)-[0-9a-f]+$")
-    for path in out.parent.glob(f"{_staging_prefix(out)}*"):
-        match = pattern.match(path.name)
-        if match and path.is_dir() and not _pid_alive(int(match.group(1))):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
-
-
 def _prepare(spec: PrepareSpec, out: Path, mode: str, progress: ProgressFn | None) -> Path:
     sources = resolve_sources(spec)  # every path, column and split is checked before writing
     workers = spec.num_proc or default_workers()
     resolved = spec.model_copy(update={"out": str(out), "num_proc": workers})
     created_parents = _make_parents(out.parent)
     remove_stale_staging(out)
-    staging = out.parent / f"{_staging_prefix(out)}{_HOST}-{os.getpid()}-{secrets.token_hex(4)}"
+    staging = staging_path(out)
     staging.mkdir()
     try:
         writer = _tokenize(sources, resolved, staging, workers, progress)

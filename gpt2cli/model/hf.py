@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import torch
 
 from gpt2cli.errors import UserError
-from gpt2cli.fsutil import fsync_dir
+from gpt2cli.fsutil import fsync_dir, remove_stale_staging, staging_path
 from gpt2cli.model.gpt import GPT
 from gpt2cli.specs import ModelSpec, validate_spec
 
@@ -374,7 +373,8 @@ def export_hf(model: GPT, out_dir: str | os.PathLike) -> Path:
             f"cannot create the folder {str(out.parent)!r}: {exc.strerror or type(exc).__name__}",
             "check the path and its permissions",
         ) from exc
-    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    remove_stale_staging(out)
+    staging = staging_path(out)
     staging.mkdir()
     try:
         write_files(staging)
@@ -392,7 +392,8 @@ def _write_atomic(target: Path, write) -> None:
     The file gets the mode of any new file, 0o666 less the process umask: ``tempfile.mkstemp``
     would make it 0o600, and so does safetensors' ``save_file`` (0.8), so the mode the file had
     when created here is set again after ``write``."""
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    remove_stale_staging(target)  # what an export killed here before left behind
+    tmp = staging_path(target)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         mode = os.fstat(fd).st_mode & 0o7777

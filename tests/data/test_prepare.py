@@ -17,6 +17,7 @@ from gpt2cli.data import prepare as prep
 from gpt2cli.data.prepare import ValidationSelector, default_data_dir, prepare_data, split_text
 from gpt2cli.data.shards import TokenFolder, fingerprint_files, is_token_folder
 from gpt2cli.errors import UserError
+from gpt2cli.fsutil import HOST
 from gpt2cli.specs import PrepareSpec
 from gpt2cli.tokenizer import EOT_ID, encode
 
@@ -265,7 +266,7 @@ def test_killed_run_never_looks_complete(tmp_path):
     assert leftovers and all(p.name.startswith(".out.tmp-") for p in leftovers)
     assert not any(is_token_folder(p) or (p / "meta.json").exists() for p in leftovers)
     # The next run to the same folder removes what the dead process left, and only that.
-    live = tmp_path / f".out.tmp-{prep._HOST}-{os.getpid()}-abcd"
+    live = tmp_path / f".out.tmp-{HOST}-{os.getpid()}-abcd"
     other_host = tmp_path / ".out.tmp-elsewhere-1-abcd"
     live.mkdir(), other_host.mkdir()
     prepare_data(PrepareSpec(sources=[str(path)], out=str(tmp_path / "out")))

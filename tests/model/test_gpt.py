@@ -180,8 +180,7 @@ def test_model_package_imports_only_torch_and_specs():
         "json",
         "os",
         "re",
-        "secrets",  # hf.py: names of the staging files and folder of an export
-        "shutil",
+        "shutil",  # hf.py: removes an export's staging folder when it fails
         "pathlib",
         "typing",
         "safetensors",
