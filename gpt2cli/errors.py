@@ -35,6 +35,16 @@ class NonFiniteLossError(UserError):
         super().__init__(message, hint, exit_code=3)
 
 
+class StoppedBySignal(Exception):
+    """A command stopped by SIGINT/SIGTERM that says so itself: the CLI writes ``message`` as it is
+    (not an ``Error:`` line) and exits with ``exit_code`` (the shell's 128 + signal number)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
+
+
 # Exit codes the CLI documents (docs/training.md).
 EXIT_OK = 0
 EXIT_USER_ERROR = 2

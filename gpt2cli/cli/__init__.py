@@ -13,7 +13,7 @@ import typer
 
 from gpt2cli import __version__
 from gpt2cli.cli import compare, data, evaluate, export, generate, info, train
-from gpt2cli.errors import UserError
+from gpt2cli.errors import StoppedBySignal, UserError
 
 
 def _click_exception_modules() -> list:
@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> None:
     args = [a for a in args if a != "--debug"]
     try:
         result = app(args=args, standalone_mode=False, prog_name="gpt2")
+    except StoppedBySignal as exc:
+        sys.stderr.write(exc.message + "\n")
+        sys.exit(exc.exit_code)
     except UserError as exc:
         if debug:
             traceback.print_exc()
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
             raise  # not about a path the user named: a bug, with its traceback
         sys.stderr.write(_path_error(exc) + "\n")
         sys.exit(2 if exc.errno in _USER_FIXABLE else 1)
-    if result == 130:  # Typer turns Ctrl-C into a returned 130: say why the command stopped
+    if result == 130:  # Typer's answer to a Ctrl-C (commands that stop on a signal raise StoppedBySignal)
         sys.stderr.write("Aborted.\n")
     sys.exit(result if isinstance(result, int) else 0)
 

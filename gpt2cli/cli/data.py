@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +15,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from gpt2cli.cli.common import ConfigOpt, SetOpt, err, field_help, out, si
+from gpt2cli.errors import StoppedBySignal
 from gpt2cli.specs import PrepareSpec, build_spec
 
 if TYPE_CHECKING:
@@ -93,8 +93,7 @@ def data(
     except (_Terminated, KeyboardInterrupt) as exc:
         # prepare_data has removed its staging folder on the way out; say so in one line.
         name, code = ("SIGTERM", EXIT_SIGTERM) if isinstance(exc, _Terminated) else ("SIGINT", EXIT_SIGINT)
-        sys.stderr.write(f"Stopped by {name}; the unfinished output was removed.\n")
-        raise typer.Exit(code) from None
+        raise StoppedBySignal(f"Stopped by {name}; the unfinished output was removed.", code) from None
     _print_summary(folder, time.perf_counter() - started)
 
 
