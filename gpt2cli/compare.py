@@ -8,7 +8,12 @@ groups them into :class:`Column` s and computes every row of the table; the ``to
 
 Grouping: runs whose specs differ only by ``train.seed`` (and ``run.*`` settings, which never
 change what is trained) form one column shown as mean ± std (n); ``group_by`` groups by any spec
-fields instead. The std is the sample standard deviation (n - 1).
+fields instead. The std is the sample standard deviation (n - 1). A run resumed under another
+strategy or world size has ``parallel.strategy`` read from its metrics rows (``ddp→fsdp``), so it
+never joins a column of runs trained one way.
+
+Ranks and best marks treat values that print the same, or differ by less than
+:data:`TIE_REL_TOL` relative, as ties.
 """
 
 from __future__ import annotations
@@ -34,6 +39,10 @@ SWEEP_MANIFEST = "sweep.json"
 # Spec sections that never change what is trained (where it is written, resume, printing).
 IGNORED_SECTIONS = ("run",)
 SEED_FIELD = "train.seed"
+STRATEGY_FIELD = "parallel.strategy"
+
+# Values closer than this (relative), or equal as printed, are ties: they share a rank and a mark.
+TIE_REL_TOL = 1e-6
 
 # --metric -> (the per-run value that ranks columns, what --target is compared with)
 METRICS = {
@@ -91,6 +100,9 @@ class Run:
     total_steps: int | None
     status: str  # done | partial | no metrics | failed | interrupted | ... (a sweep's record wins)
     metrics: dict[str, float | None] = field(default_factory=dict)
+    # (strategy, world size, first step) of each stretch of train rows trained one way; empty for
+    # runs whose rows do not record them (written before they did)
+    segments: list[tuple[str, int, int]] = field(default_factory=list)
 
     def val_points(self) -> list[tuple[float, float]]:
         return _points(self.eval_rows, "val_loss")
@@ -107,6 +119,7 @@ class Run:
     def to_dict(self) -> dict[str, Any]:
         return {"path": str(self.path), "name": self.name, "status": self.status, "step": self.step,
                 "total_steps": self.total_steps, "seed": self.fields.get(SEED_FIELD),
+                "segments": [{"strategy": s, "world_size": w, "first_step": step} for s, w, step in self.segments],
                 "metrics": dict(self.metrics)}
 
 
@@ -211,10 +224,38 @@ def load_run(path: str | Path, sweep_status: str | None = None) -> Run:
         ended = (read_status(p) or {}).get("status")  # how the run itself says it ended
         if ended in ("failed", "interrupted"):
             status = ended
-    run = Run(path=p, name=p.name, spec=spec, fields=flatten(spec), train_rows=train_rows,
-              eval_rows=eval_rows, step=step, total_steps=total, status=status)
+    fields = flatten(spec)
+    segments = _segments(train_rows)
+    mixed = strategy_history(segments)
+    if mixed is not None:  # spec.json holds the last segment's strategy only
+        fields[STRATEGY_FIELD] = mixed
+    run = Run(path=p, name=p.name, spec=spec, fields=fields, train_rows=train_rows,
+              eval_rows=eval_rows, step=step, total_steps=total, status=status, segments=segments)
     run.metrics = _run_metrics(run)
     return run
+
+
+def _segments(train_rows: list[dict[str, Any]]) -> list[tuple[str, int, int]]:
+    """(strategy, world size, first step) of each run of consecutive train rows that record the
+    same strategy and world size (rows without them are skipped)."""
+    segments: list[tuple[str, int, int]] = []
+    for row in train_rows:
+        strategy, world = row.get("strategy"), row.get("world_size")
+        if not isinstance(strategy, str) or not isinstance(world, int) or isinstance(world, bool):
+            continue
+        if not segments or segments[-1][:2] != (strategy, world):
+            segments.append((strategy, world, int(row.get("step", 0))))
+    return segments
+
+
+def strategy_history(segments: Sequence[tuple[str, int, int]]) -> str | None:
+    """``ddp→fsdp`` for a run trained one way and resumed another (``ddp x2→ddp x4`` when the
+    world size changed); None for a run trained one way throughout."""
+    if len(segments) < 2:
+        return None
+    if len({world for _, world, _ in segments}) == 1:
+        return "→".join(strategy for strategy, _, _ in segments)
+    return "→".join(f"{strategy} x{world}" for strategy, world, _ in segments)
 
 
 def load_runs(paths: Sequence[str | Path]) -> list[Run]:
@@ -414,10 +455,14 @@ class Comparison:
     def is_best(self, row: Row, index: int) -> bool:
         return index in self.best.get(row.key, ())
 
+    def best_columns(self) -> list[int]:
+        """The columns ranked first by the metric: several when they tie, none without values."""
+        return [i for i, c in enumerate(self.columns) if c.rank == 1]
+
     def best_column(self) -> int | None:
-        """The column ranked first by the metric (None when no column has a value)."""
-        ranked = [i for i, c in enumerate(self.columns) if c.rank == 1]
-        return ranked[0] if ranked else None
+        """The one column ranked first by the metric (None when no column has a value, or on a tie)."""
+        ranked = self.best_columns()
+        return ranked[0] if len(ranked) == 1 else None
 
     # ----------------------------------------------------------------- renderings
     def to_markdown(self) -> str:
@@ -581,10 +626,11 @@ def compare_runs(
             col.stats[key] = Stat(values, len(col.runs))
 
     rank_key = METRICS[metric]
+    rank_kind = next(d.kind for d in METRIC_ROWS if d.key == rank_key)
     means = [c.stats[rank_key].mean for c in columns]
     for col, mean in zip(columns, means, strict=True):
-        if mean is not None:
-            col.rank = 1 + sum(1 for m in means if m is not None and m < mean)
+        if mean is not None:  # ties share a rank: 1, 1, 3
+            col.rank = 1 + sum(1 for m in means if m is not None and m < mean and not tied(m, mean, rank_kind))
 
     rows: list[Row] = [Row(k, k, None, "text", spec=True) for k in spec_fields]
     if any(len(c.runs) > 1 for c in columns):
@@ -615,8 +661,11 @@ def compare_runs(
             else:
                 scores = [c.stats[row.key].mean for c in columns]
             present = [s for s in scores if s is not None]
-            if len(present) < 2 or len(set(present)) == 1:
+            if len(present) < 2:
                 continue
+            extreme = min(present) if row.better == "min" else max(present)
+            if all(tied(s, extreme, row.kind) for s in present):
+                continue  # all equal: nothing to mark
             if row.key != "rank":
                 # A mean over only some runs of a group (the others never reached the target, or
                 # have no eval yet) is not marked best while a column with all of its runs competes.
@@ -625,7 +674,7 @@ def compare_runs(
                     scores = [sc if ok else None for ok, sc in zip(complete, scores, strict=True)]
                     present = [s for s in scores if s is not None]
             top = min(present) if row.better == "min" else max(present)
-            best[row.key] = [i for i, s in enumerate(scores) if s == top]
+            best[row.key] = [i for i, s in enumerate(scores) if s is not None and tied(s, top, row.kind)]
     return Comparison(columns=columns, rows=rows, best=best, metric=metric, target=target,
                       group_by=paths, runs=list(runs))
 
@@ -731,6 +780,12 @@ def _label_columns(columns: list[Column], spec_fields: list[str], names: list[st
 
 
 # ------------------------------------------------------------------------------ formatting
+
+
+def tied(a: float, b: float, kind: str) -> bool:
+    """Equal for ranking: the same as printed (``format_value``), or within TIE_REL_TOL relative,
+    so that float noise (9.8640 against 9.8640 + 2e-7) never ranks one run above another."""
+    return a == b or math.isclose(a, b, rel_tol=TIE_REL_TOL) or format_value(a, kind) == format_value(b, kind)
 
 
 def format_field(value: Any) -> str:

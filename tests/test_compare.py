@@ -19,7 +19,9 @@ from gpt2cli.compare import (
     format_stat,
     load_run,
     load_runs,
+    strategy_history,
     sweep_lines,
+    tied,
 )
 from gpt2cli.errors import UserError
 from gpt2cli.modelinfo import model_stats
@@ -118,6 +120,95 @@ def test_kv_cache_row_shows_the_gqa_saving(tmp_path):
     assert stat(result, "gqa", "kv_cache_bytes_per_token").mean == 2 * 2 * 1 * 16 * 2
     assert result.best["kv_cache_bytes_per_token"] == [1]
     assert {r.key for r in result.rows if r.spec} == {"model.attn", "model.n_kv_head"}
+
+
+def test_values_equal_within_the_tie_tolerance_share_rank_and_best(tmp_path, capsys):
+    # 9.8640 three times, one of them 2e-7 above (float noise): a tie, not a winner.
+    a = make_run(tmp_path / "a", val=[10.0, 9.864], train=[5, 4, 3, 2])
+    b = make_run(tmp_path / "b", val=[10.0, 9.864 + 2e-7], train=[5, 4, 3, 2])
+    c = make_run(tmp_path / "c", val=[10.0, 9.9], train=[5, 4, 3, 2])
+    result = compare_paths([c, b, a], group_seeds=False)
+    assert [col.rank for col in result.columns] == [3, 1, 1]  # tied runs share a rank
+    assert result.best["best_val_loss"] == [1, 2] and result.best["rank"] == [1, 2]
+    assert result.best_columns() == [1, 2] and result.best_column() is None
+    code, out, _ = cli(capsys, "compare", str(c), str(b), str(a), "--no-group-seeds", "--no-chart")
+    assert code == 0 and "best: tie between b, a (best val loss 9.8640)" in out
+
+    # All tied: nothing is marked, everyone is first.
+    d = make_run(tmp_path / "d", val=[10.0, 9.864 - 1e-7], train=[5, 4, 3, 2])
+    all_tied = compare_paths([a, b, d], group_seeds=False)
+    assert [col.rank for col in all_tied.columns] == [1, 1, 1]
+    assert "best_val_loss" not in all_tied.best and "rank" not in all_tied.best
+    code, out, _ = cli(capsys, "compare", str(a), str(b), str(d), "--no-group-seeds", "--no-chart")
+    assert "best: tie between a, b, d" in out
+
+    # A difference that shows in the printed value still ranks.
+    e = make_run(tmp_path / "e", val=[10.0, 9.8639], train=[5, 4, 3, 2])
+    ranked = compare_paths([a, e], group_seeds=False)
+    assert [col.rank for col in ranked.columns] == [2, 1] and ranked.best_column() == 1
+    code, out, _ = cli(capsys, "compare", str(a), str(e), "--no-group-seeds", "--no-chart")
+    assert "best: e (best val loss 9.8639)" in out and "tie" not in out
+
+
+def test_tie_rule():
+    assert tied(9.864, 9.864 + 2e-7, "loss")  # within 1e-6 relative
+    assert tied(3.21004, 3.20996, "loss")  # both print 3.2100
+    assert tied(9.86405, 9.86405 - 1e-9, "loss")  # either side of a rounding boundary
+    assert not tied(3.2100, 3.2101, "loss")
+    assert tied(1234.0, 1234.4, "si") and not tied(1234.0, 1250.0, "si")  # 1.23k
+    assert not tied(0.0, 1e-3, "loss")
+
+
+def write_segments(run: Path, segments: list[tuple[int, str, int]], spec_strategy: str | None = None) -> Path:
+    """Give the train rows of ``run`` the strategy and world size `gpt2 train` records: from
+    step ``first`` on, (strategy, world size); ``spec_strategy`` is what the last resume left in
+    spec.json."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    for row in rows:
+        if row["kind"] == "train":
+            _, strategy, world = [seg for seg in segments if seg[0] <= row["step"]][-1]
+            row.update(strategy=strategy, world_size=world)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    if spec_strategy is not None:
+        spec = json.loads((run / "spec.json").read_text(encoding="utf-8"))
+        spec["parallel"]["strategy"] = spec_strategy
+        (run / "spec.json").write_text(json.dumps(spec), encoding="utf-8")
+    return run
+
+
+def test_a_run_resumed_under_another_strategy_is_not_grouped_with_pure_runs(tmp_path):
+    train = [5, 4, 3, 2]
+    # Started with ddp, resumed after step 2 with fsdp: spec.json says fsdp.
+    mixed = write_segments(make_run(tmp_path / "mixed", val=[3.0, 2.9], train=train, seed=1),
+                           [(1, "ddp", 1), (3, "fsdp", 1)], spec_strategy="fsdp")
+    fsdp = write_segments(make_run(tmp_path / "fsdp-s2", val=[3.0, 2.8], train=train, seed=2),
+                          [(1, "fsdp", 1)], spec_strategy="fsdp")
+    # Written before rows recorded the strategy: spec.json alone speaks for it, as before.
+    old = make_run(tmp_path / "fsdp-s3", val=[3.0, 2.7], train=train, seed=3)
+    spec = json.loads((old / "spec.json").read_text(encoding="utf-8"))
+    spec["parallel"]["strategy"] = "fsdp"
+    (old / "spec.json").write_text(json.dumps(spec), encoding="utf-8")
+
+    runs = load_runs([mixed, fsdp, old])
+    assert runs[0].fields["parallel.strategy"] == "ddp→fsdp"
+    assert runs[0].segments == [("ddp", 1, 1), ("fsdp", 1, 3)]
+    assert runs[1].fields["parallel.strategy"] == "fsdp" and runs[2].segments == []
+    assert runs[0].to_dict()["segments"][1] == {"strategy": "fsdp", "world_size": 1, "first_step": 3}
+
+    result = compare_runs(runs)  # seeds group: the two pure fsdp runs, not the resumed one
+    assert [len(c.runs) for c in result.columns] == [1, 2]
+    row = next(r for r in result.rows if r.key == "parallel.strategy")
+    assert [result.cell(row, i) for i in range(2)] == ["ddp→fsdp", "fsdp"]
+    by_strategy = compare_runs(runs, group_by="strategy", aliases={"strategy": "parallel.strategy"})
+    assert [c.label for c in by_strategy.columns] == ["strategy=ddp→fsdp", "strategy=fsdp"]
+    assert json.loads(result.to_json())["columns"][0]["spec"]["parallel.strategy"] == "ddp→fsdp"
+
+
+def test_strategy_history():
+    assert strategy_history([]) is None and strategy_history([("ddp", 2, 1)]) is None
+    assert strategy_history([("ddp", 2, 1), ("fsdp", 2, 50)]) == "ddp→fsdp"
+    assert strategy_history([("ddp", 2, 1), ("ddp", 4, 50)]) == "ddp x2→ddp x4"
+    assert strategy_history([("ddp", 2, 1), ("fsdp", 1, 50), ("ddp", 2, 90)]) == "ddp x2→fsdp x1→ddp x2"
 
 
 def test_runs_that_differ_by_seed_are_grouped_with_mean_and_std(tmp_path):

@@ -168,12 +168,16 @@ def comparison_table(result: Comparison) -> Table:
 
 def print_table(result: Comparison) -> None:
     print_wide(comparison_table(result))
-    best = result.best_column()
-    if best is not None and len(result.columns) > 1:
-        col = result.columns[best]
+    best = result.best_columns()
+    if best and len(result.columns) > 1:
         key = {"val_loss": "best_val_loss", "val_ppl": "best_val_ppl", "train_loss": "final_train_loss"}[result.metric]
         row = next(r for r in result.rows if r.key == key)
-        out.print(f"best: {col.label} ({row.label} {result.cell(row, best)})")
+        if len(best) == 1:
+            out.print(f"best: {result.columns[best[0]].label} ({row.label} {result.cell(row, best[0])})",
+                      soft_wrap=True)
+        else:  # equal within the tie tolerance: no single winner
+            names = ", ".join(result.columns[i].label for i in best)
+            out.print(f"best: tie between {names} ({row.label} {result.cell(row, best[0])})", soft_wrap=True)
 
 
 # ------------------------------------------------------------------------------------ sweeps
