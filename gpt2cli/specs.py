@@ -325,7 +325,7 @@ class ParallelSpec(_Spec):
     max_restarts: int = Field(0, ge=0, description="Elastic restarts after a worker fails (each resumes).")
     dist_timeout: float = Field(300.0, gt=0, description="Seconds a collective may wait before the job fails.")
     fsdp_reshard_after_forward: bool = Field(True, description="FSDP: free gathered weights after forward.")
-    fsdp_cpu_offload: bool = Field(False, description="FSDP: keep sharded parameters and optimizer state on CPU.")
+    fsdp_cpu_offload: bool = Field(False, description="FSDP on CUDA: keep sharded parameters and optimizer state in CPU memory.")
     activation_checkpointing: bool = Field(False, description="Recompute block activations in backward to save memory.")
 
     @model_validator(mode="after")
@@ -336,6 +336,16 @@ class ParallelSpec(_Spec):
             raise ValueError(f"nproc ({self.nproc}) and gpus ({self.gpus}) disagree; give one of them")
         if self.nnodes > 1 and not self.rdzv_endpoint:
             raise ValueError("nnodes > 1 needs rdzv_endpoint (host:port of the rendezvous)")
+        if self.strategy != "fsdp":
+            # FSDP settings would be silently ignored under another strategy.
+            if self.fsdp_cpu_offload:
+                raise ValueError(f"--fsdp-cpu-offload (fsdp_cpu_offload) is an FSDP setting and does nothing under "
+                                 f"--strategy {self.strategy}; use --strategy fsdp or --no-fsdp-cpu-offload")
+            if not self.fsdp_reshard_after_forward:
+                raise ValueError(
+                    f"--no-fsdp-reshard-after-forward (fsdp_reshard_after_forward) is an FSDP setting and does "
+                    f"nothing under --strategy {self.strategy}; use --strategy fsdp or --fsdp-reshard-after-forward"
+                )
         return self
 
     @property
@@ -408,6 +418,10 @@ class TrainSpec(_Spec):
                 f"--gpus needs CUDA GPUs, not --device {device}; for {p.gpus} processes on the CPU use "
                 f"--strategy ddp --nproc {p.gpus} --device cpu"
             )
+        if p.fsdp_cpu_offload and device in ("cpu", "mps"):
+            # --device auto is checked where the device is resolved (gpt2cli.parallel.check_cpu_offload).
+            raise ValueError(f"--fsdp-cpu-offload (parallel.fsdp_cpu_offload) needs a CUDA device, not --device "
+                             f"{device}: it moves FSDP's shards from GPU memory to the CPU; drop it")
         world = p.procs_per_node * p.nnodes
         if p.strategy == "single" and world > 1:
             given = [f"--gpus {p.gpus}" if p.gpus else f"--nproc {p.nproc}" if p.nproc else None,

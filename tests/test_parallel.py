@@ -85,6 +85,17 @@ def test_fsdp_checkpoint_resumes_on_one_process(runs, tmp_path):
     assert all(v == v and v < 11 for v in after.values())
 
 
+def test_fsdp_checkpoints_store_the_tied_embedding_once_like_ddp(runs):
+    # FSDP gathers lm_head.weight and transformer.wte.weight separately; saved as two tensors, the
+    # embedding (most of the tiny model) was stored twice and best.pt was twice DDP's size.
+    for name in ("best.pt", "ckpt.pt"):
+        model = ckpt.load_checkpoint(runs / "fsdp" / name)["model"]
+        lm_head, wte = model["lm_head.weight"], model["transformer.wte.weight"]
+        assert lm_head.untyped_storage().data_ptr() == wte.untyped_storage().data_ptr(), name
+        fsdp, ddp = (runs / "fsdp" / name).stat().st_size, (runs / "ddp" / name).stat().st_size
+        assert abs(fsdp - ddp) < 0.01 * ddp, (name, fsdp, ddp)
+
+
 def test_single_checkpoint_resumes_under_ddp_and_matches(runs, tmp_path):
     # single -> ddp: the same global batch continues the same data and the same losses.
     full = tmp_path / "single-full"

@@ -243,6 +243,30 @@ def test_gpus_on_the_cpu_says_gpus_needs_cuda_and_how_to_run_on_the_cpu():
     assert "takes --device auto or cuda, not cuda:1" in _parallel_error(gpus=2, device="cuda:1", strategy="ddp")
 
 
+@pytest.mark.parametrize("strategy", ["single", "ddp"])
+@pytest.mark.parametrize(("setting", "flag", "undo"), [
+    ({"fsdp_cpu_offload": True}, "--fsdp-cpu-offload", "--no-fsdp-cpu-offload"),
+    ({"fsdp_reshard_after_forward": False}, "--no-fsdp-reshard-after-forward", "--fsdp-reshard-after-forward"),
+])
+def test_fsdp_settings_under_another_strategy_are_refused_not_ignored(strategy, setting, flag, undo):
+    message = _parallel_error(strategy=strategy, device="cpu", **setting)
+    assert f"{flag} (" in message and f"does nothing under --strategy {strategy}" in message
+    assert f"use --strategy fsdp or {undo}" in message
+    # Their defaults, given explicitly, are fine anywhere; under fsdp every value is.
+    build_spec(TrainSpec, flags={"parallel": {"strategy": strategy, "fsdp_cpu_offload": False,
+                                              "fsdp_reshard_after_forward": True}})
+    build_spec(TrainSpec, flags={"parallel": {"strategy": "fsdp", **setting}, "train": {"device": "cuda"}})
+
+
+@pytest.mark.parametrize("device", ["cpu", "mps"])
+def test_fsdp_cpu_offload_needs_a_cuda_device(device):
+    message = _parallel_error(strategy="fsdp", nproc=2, fsdp_cpu_offload=True, device=device)
+    assert f"--fsdp-cpu-offload (parallel.fsdp_cpu_offload) needs a CUDA device, not --device {device}" in message
+    for accepted in ("auto", "cuda", "cuda:1"):  # auto: checked where the device is resolved (cli/train.py)
+        build_spec(TrainSpec, flags={"parallel": {"strategy": "fsdp", "fsdp_cpu_offload": True},
+                                     "train": {"device": accepted}})
+
+
 def test_gpus_without_a_strategy_also_says_what_to_do_without_cuda():
     message = _parallel_error(gpus=2)  # device auto: the spec cannot know whether CUDA is there
     assert "2 processes (--gpus 2) need --strategy ddp or --strategy fsdp" in message

@@ -2,6 +2,6 @@
 model. Only this package calls torch.distributed."""
 
 from gpt2cli.parallel.base import Strategy, resolve_device
-from gpt2cli.parallel.distributed import DDPStrategy, FSDPStrategy, make_strategy
+from gpt2cli.parallel.distributed import DDPStrategy, FSDPStrategy, check_cpu_offload, make_strategy
 
-__all__ = ["DDPStrategy", "FSDPStrategy", "Strategy", "make_strategy", "resolve_device"]
+__all__ = ["DDPStrategy", "FSDPStrategy", "Strategy", "check_cpu_offload", "make_strategy", "resolve_device"]

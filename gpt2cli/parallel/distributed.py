@@ -111,6 +111,8 @@ class FSDPStrategy(_ProcessGroupStrategy):
                  dist_timeout: float = 300.0, reshard_after_forward: bool = True,
                  cpu_offload: bool = False, mixed_precision: bool | None = None) -> None:
         super().__init__(device, activation_checkpointing, dist_timeout)
+        if cpu_offload:
+            check_cpu_offload(self.device, device)
         self.reshard_after_forward = reshard_after_forward
         self.cpu_offload = cpu_offload
         # bf16 parameters are a GPU speed feature; on CPU they only cost accuracy.
@@ -142,6 +144,18 @@ class FSDPStrategy(_ProcessGroupStrategy):
 
     def sum_over_shards(self, value: torch.Tensor) -> torch.Tensor:
         return self.all_reduce_sum(value)
+
+
+def check_cpu_offload(device: torch.device, asked: str = "auto") -> None:
+    """FSDP's CPU offload moves sharded parameters off a CUDA GPU; fully_shard raises a torch
+    error in every rank on any other device. The spec refuses --device cpu and mps; this is the
+    check of what ``asked`` (--device auto) resolved to, made by the launcher before it creates
+    the run folder and again by each worker."""
+    if device.type != "cuda":
+        raise UserError(
+            f"--fsdp-cpu-offload needs a CUDA device, and --device {asked} is {device.type} on this machine",
+            "drop --fsdp-cpu-offload, or train on a machine with CUDA GPUs",
+        )
 
 
 @contextlib.contextmanager

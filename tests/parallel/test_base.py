@@ -82,5 +82,22 @@ def test_freed_blocks_below_the_threshold_come_from_the_heap_larger_ones_from_th
     assert small >= 30 and large >= 80
 
 
+def test_retie_gives_the_names_of_a_tied_parameter_one_tensor():
+    """What FSDP's gather returns (two copies of the tied embedding) goes back to one tensor, as
+    one process and DDP give it; the 2-process check is in tests/test_parallel.py."""
+    from gpt2cli.model.gpt import GPT
+    from gpt2cli.parallel.base import retie
+    from gpt2cli.specs import ModelSpec
+
+    model = GPT(ModelSpec(preset="tiny"))
+    state = {k: v.clone() for k, v in model.state_dict().items()}  # every name its own copy
+    assert retie(model, state) is state
+    assert state["lm_head.weight"] is state["transformer.wte.weight"]
+    assert len({id(v) for v in state.values()}) == len(state) - 1  # nothing else was tied
+    whole = Strategy("cpu").model_state(model)
+    assert whole["lm_head.weight"] is whole["transformer.wte.weight"]
+    assert retie(model, {}) == {}  # FSDP ranks other than 0 hold no full state
+
+
 def test_fsdp_gives_large_freed_blocks_back_on_the_cpu():
     assert FSDPStrategy.cpu_keep_freed_below == 16 << 20 < Strategy.cpu_keep_freed_below
