@@ -1,6 +1,14 @@
 """`python -m gpt2cli` (torchrun re-runs the tool this way)."""
 
-from gpt2cli.cli import main
+import os
+import signal
+
+if __name__ == "__main__" and "RANK" in os.environ:
+    # A torchrun worker: a Ctrl-C that reaches it while it still imports torch ends it quietly
+    # (the launcher says once what happened); gpt2cli.train takes signals over once it runs.
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(128 + signum))
+
+from gpt2cli.cli import main  # noqa: E402  (after the handler: the import takes seconds)
 
 if __name__ == "__main__":
     main()

@@ -70,3 +70,47 @@ def remove_stale_staging(target: Path) -> list[Path]:
 def glob_escape(text: str) -> str:
     """``text`` with glob's special characters taken literally."""
     return re.sub(r"([*?\[])", r"[\1]", text)
+
+
+class FolderLock:
+    """An exclusive advisory lock on a folder: ``flock`` on the folder itself (no lock file to
+    leave behind), held until :meth:`release` or the end of the process, however it ends (the
+    kernel drops it on SIGKILL too, so a lock never goes stale). Not inherited by child processes.
+    Where ``flock`` does not exist or the filesystem refuses it, locking is skipped: it guards
+    against mistakes, and must not stop a run on such a system."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> bool:
+        """Take the lock if the folder exists; False only when another process holds it."""
+        if self._fd is not None:
+            return True
+        try:
+            import fcntl
+        except ImportError:  # not a Unix system
+            return True
+        try:
+            fd = os.open(self.folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except OSError:
+            return True  # no folder yet: nothing to guard
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        except OSError:
+            os.close(fd)
+            return True  # the filesystem does not lock
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the last descriptor drops the flock
+            self._fd = None

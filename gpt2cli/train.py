@@ -14,7 +14,9 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -26,6 +28,7 @@ from torch import nn
 from gpt2cli import checkpoint as ckpt
 from gpt2cli.errors import NonFiniteLossError, UserError
 from gpt2cli.evaluate import evaluate_loss
+from gpt2cli.fsutil import FolderLock
 from gpt2cli.metrics import (
     STATUS_NAME,
     MetricsWriter,
@@ -326,9 +329,70 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
+class _WorkerStartup:
+    """A torchrun worker from its start until its training loop takes over (:meth:`done`):
+
+    - its parent (the torchrun agent) is watched from a thread: a worker still connecting to the
+      rendezvous store, loading data or building the model when `gpt2 train` and torchrun are
+      killed outright would otherwise wait out the store's timeout (``--dist-timeout``) before it
+      noticed; the loop's own check covers the steps after;
+    - SIGINT/SIGTERM (what torchrun forwards when the run is stopped) end it at once and quietly:
+      there is nothing to checkpoint yet, and the launcher says what happened, once.
+
+    Off the main thread (tests) only the watch runs."""
+
+    POLL_S = 0.2
+
+    def __init__(self, rank: int) -> None:
+        from gpt2cli.torchrun import AGENT_PID_ENV
+
+        self.rank = rank
+        self.parent = int(os.environ.get(AGENT_PID_ENV) or os.getppid())
+        self._done = threading.Event()
+        self._previous: dict[int, Any] = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._stop_quietly)
+            except ValueError:  # not the main thread
+                pass
+        threading.Thread(target=self._watch, name="gpt2-orphan-watch", daemon=True).start()
+
+    def _watch(self) -> None:
+        while True:
+            if os.getppid() != self.parent:
+                _exit_orphaned(self.rank, self.parent)
+            if self._done.wait(self.POLL_S):
+                return
+
+    @staticmethod
+    def _stop_quietly(signum: int, frame: Any) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(128 + signum)
+
+    def done(self) -> None:
+        """The loop takes over: its checks and its signal handling (checkpoint, then stop)."""
+        self._done.set()
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
 def train(spec: TrainSpec, reporter: Reporter | None = None, strategy: Strategy | None = None) -> TrainResult:
     """Run (or resume) a training run described by ``spec``."""
     reporter = reporter or SilentReporter()
+    worker = int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ  # started by torchrun
+    startup = _WorkerStartup(int(os.environ["RANK"])) if worker else None
+    try:
+        return _train(spec, reporter, strategy, startup)
+    finally:
+        if startup is not None:
+            startup.done()
+
+
+def _train(spec: TrainSpec, reporter: Reporter, strategy: Strategy | None,
+           startup: _WorkerStartup | None) -> TrainResult:
     p = spec.parallel
     strategy = strategy or make_strategy(
         p.strategy, spec.train.device, activation_checkpointing=p.activation_checkpointing,
@@ -337,6 +401,8 @@ def train(spec: TrainSpec, reporter: Reporter | None = None, strategy: Strategy 
     )
     strategy.setup()
     trainer = _Trainer(spec, strategy, reporter)
+    if startup is not None:
+        trainer.startup_done = startup.done
     try:
         try:
             result = trainer.run()
@@ -349,6 +415,8 @@ def train(spec: TrainSpec, reporter: Reporter | None = None, strategy: Strategy 
     except Exception as exc:
         trainer.record_failure(exc)
         raise
+    finally:
+        trainer.release_run_folder()
     # Only a clean run tears the process group down: after a failure a peer may be gone, and
     # destroying a group with pending work can block; the process exit releases it instead.
     strategy.teardown()
@@ -368,6 +436,27 @@ class _Trainer:
         self.loss_chunk = resolve_loss_chunk(spec.train.loss_chunk, self.compiled, self.device)
         # (run folder, step being taken) once the folder says "running": where a failure is recorded.
         self.running_at: tuple[Path, int] | None = None
+        self.startup_done: Callable[[], None] = lambda: None  # called as the training loop begins
+        self.run_lock: FolderLock | None = None
+
+    def lock_run_folder(self, run_dir: Path) -> None:
+        """One run at a time in a folder: a second `gpt2 train` (a resume of a run still going, or
+        two new runs started together) would interleave metrics rows and overwrite checkpoints.
+        The process that writes the folder holds the lock: this one, or the launcher of a
+        multi-process run (which says so in the workers' environment). Before the folder exists
+        there is nothing to lock; called again once it is made."""
+        from gpt2cli.parallel.launch import RUN_LOCKED_ENV
+
+        if not self.strategy.is_main or os.environ.get(RUN_LOCKED_ENV) == str(run_dir.resolve()):
+            return
+        self.run_lock = self.run_lock or FolderLock(run_dir)
+        if not self.run_lock.acquire():
+            raise UserError(f"run folder {str(run_dir)!r} is in use by another gpt2 train",
+                            "wait for it to finish or stop it, or choose another --out")
+
+    def release_run_folder(self) -> None:
+        if self.run_lock is not None:
+            self.run_lock.release()
 
     def record_failure(self, exc: Exception) -> None:
         """status.json says "failed", with the error's line, rather than "running" forever."""
@@ -427,6 +516,7 @@ class _Trainer:
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 matmuls
         run_dir = resolve_run_dir(spec, strategy.world_size)
+        self.lock_run_folder(run_dir)
         folder, loader = self._open_data()
         resume_from = find_resume_checkpoint(spec, run_dir, reporter.message)
         refuse_existing_run(spec, run_dir)
@@ -459,6 +549,7 @@ class _Trainer:
         # Validation passed: only now does the run folder appear.
         if strategy.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
+            self.lock_run_folder(run_dir)
             resolved = spec.model_copy(update={"run": spec.run.model_copy(update={"out": str(run_dir)})})
             ckpt.atomic_write_bytes(run_dir / "spec.json", lambda f: f.write(spec_to_json(resolved).encode()))
             if spec.run.resume is not None:
@@ -562,6 +653,7 @@ class _Trainer:
         trained.train()
         # A worker whose launcher (the torchrun agent) was killed outright is re-parented: it stops.
         parent = os.getppid() if strategy.world_size > 1 else None
+        self.startup_done()
         with _StopRequest() as stop:
             while step < plan.total_steps:
                 self.running_at = (run_dir, step) if strategy.is_main else None
@@ -638,7 +730,9 @@ class _Trainer:
                     last_train = loss_value
                     row = {"kind": "train", "step": step, "tokens": tokens_seen, "loss": loss_value,
                            "lr": lr, "grad_norm": float(grad_norm.item()), "tokens_per_s": tok_s,
-                           "time_s": now - started}
+                           "time_s": now - started,
+                           # Per segment: a resume may change them (gpt2 compare shows ddp→fsdp).
+                           "strategy": strategy.name, "world_size": strategy.world_size}
                     utilisation = mfu(flops_per_token, tok_s, peak)
                     if utilisation is not None:
                         row["mfu"] = utilisation
@@ -647,11 +741,18 @@ class _Trainer:
                     reporter.step({**row, "total_steps": plan.total_steps})
 
                 is_eval = step % spec.eval.every == 0 or step == plan.total_steps
+                is_save = step % spec.save_every == 0 or step == plan.total_steps or stop_now
+                if (is_eval or is_save) and self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)  # the step's queued work is training time
+                paused_at = time.perf_counter()
                 if is_eval:
                     last_val = run_eval(step)
                     trained.train()
-                if step % spec.save_every == 0 or step == plan.total_steps or stop_now:
+                if is_save:
                     ckpt_path = save(step)
+                # Evaluation and checkpoints are not training: the window (tokens/s, MFU) skips
+                # their time; time_s stays wall-clock.
+                window_start += time.perf_counter() - paused_at
                 if stop_now:
                     status = "interrupted"
                     reporter.message(

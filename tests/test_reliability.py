@@ -101,7 +101,7 @@ def worker_pids(run: Path) -> dict[int, int]:
             continue
         try:
             cmd = (entry / "cmdline").read_bytes().split(b"\0")
-            if spec not in cmd or b"torch.distributed.run" in cmd:
+            if spec not in cmd or b"gpt2cli.torchrun" in cmd:
                 continue
             env = dict(e.split(b"=", 1) for e in (entry / "environ").read_bytes().split(b"\0") if b"=" in e)
             found[int(env[b"RANK"])] = int(entry.name)
@@ -555,6 +555,71 @@ def test_ddp_sigkill_of_the_writing_worker_then_resume(ddp_reference, root):
     TALLY["kills_survived"] += 1
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.skipif(not LINUX_PROC, reason="finds workers through /proc")
+@pytest.mark.timeout(300)
+def test_ddp_stopped_or_killed_during_start_up_leaves_no_worker_and_no_folder(root):
+    """While the workers still start (import torch, join the rendezvous): SIGINT to `gpt2 train`
+    ends the launch with one line and exit 130, no traceback and no run folder; SIGKILL of the
+    whole group leaves no worker waiting out --dist-timeout for an agent that is gone."""
+
+    def wait_for_workers(run: Path, proc: subprocess.Popen) -> None:
+        deadline = time.time() + 60
+        while len(worker_pids(run)) < 2:
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else "no workers"
+            time.sleep(0.02)
+
+    run = root / "startup-sigint"
+    proc = start(["train", *DDP, "--out", str(run)])
+    wait_for_workers(run, proc)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    TALLY["faults_injected"] += 1
+    assert proc.returncode == 130, stderr
+    assert stderr.splitlines()[-1] == "Stopped by SIGINT before the run began; nothing was written.", stderr
+    assert "Traceback" not in stderr and not run.exists()
+    wait_no_workers(run)
+
+    run = root / "startup-sigkill"
+    proc = start(["train", *DDP, "--dist-timeout", "600", "--out", str(run)], new_session=True)
+    wait_for_workers(run, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)  # the pipes close when the last worker is gone
+    TALLY["faults_injected"] += 1
+    wait_no_workers(run, timeout=5)
+    assert not (run / "spec.json").exists() or not (run / ckpt.CKPT_NAME).exists()
+    TALLY["signals_survived"] += 1
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+def test_a_run_folder_in_use_is_refused_to_a_second_train(root):
+    """While a run trains (one process, or a 2-process launch), a second `gpt2 train` into its
+    folder (a resume, or another launch) is refused with one line and writes nothing there."""
+    for name, args in (("in-use-single", [*BASE, "--steps", "4000"]),
+                       ("in-use-ddp", [*DDP[:-1], "4000"])):
+        run = root / name
+        proc = start(["train", *args, "--out", str(run)])
+        try:
+            wait_for_rows(run, 2, proc)
+            before = (run / "spec.json").read_bytes()
+            for second in (["train", "--out", str(run), "--resume", "auto", "--quiet"],
+                           ["train", *DDP[:-1], "4000", "--out", str(run), "--resume", "auto"]):
+                refused = run_gpt2(*second, timeout=120)
+                line = one_error_line(refused.stderr)
+                assert refused.returncode == 2 and "is in use by another gpt2 train" in line, refused.stderr
+                assert (run / "spec.json").read_bytes() == before and proc.poll() is None
+            steps = [r["step"] for r in train_rows(run)]
+            assert steps == list(range(1, len(steps) + 1))  # the first run's rows alone
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=60)
+        assert proc.returncode == 75
+        wait_no_workers(run)
+
+
 # -------------------------------------------------------------- 6. a NaN on one rank only
 
 
@@ -620,6 +685,17 @@ BAD_INPUTS: list[tuple[str, list[str], tuple[str, ...]]] = [
     ("train nproc 0", ["train", "--device", "cpu", "--nproc", "0"], ("--nproc",)),
     ("train single with 2 procs", ["train", "--device", "cpu", "--strategy", "single", "--nproc", "2"],
      ("strategy",)),
+    ("train cpu offload under ddp", ["train", "--device", "cpu", "--preset", "tiny", "--strategy", "ddp", "--nproc",
+                                     "2", "--fsdp-cpu-offload"], ("--fsdp-cpu-offload",)),
+    ("train cpu offload under single", ["train", "--device", "cpu", "--preset", "tiny", "--fsdp-cpu-offload"],
+     ("--fsdp-cpu-offload",)),
+    ("train no reshard under ddp", ["train", "--device", "cpu", "--preset", "tiny", "--strategy", "ddp",
+                                    "--no-fsdp-reshard-after-forward"], ("--no-fsdp-reshard-after-forward",)),
+    ("train cpu offload on the cpu", ["train", "--device", "cpu", "--preset", "tiny", "--strategy", "fsdp",
+                                      "--nproc", "2", "--fsdp-cpu-offload"], ("--fsdp-cpu-offload",)),
+    # device auto resolves to the CPU here (as "train cuda without GPU" assumes): refused before launching
+    ("train cpu offload on auto without GPU", ["train", "--preset", "tiny", "--strategy", "fsdp", "--nproc", "2",
+                                               "--fsdp-cpu-offload"], ("--fsdp-cpu-offload",)),
     ("train 2 nodes no endpoint", ["train", "--device", "cpu", "--strategy", "ddp", "--nnodes", "2"],
      ("rdzv_endpoint",)),
     ("train endpoint without port", ["train", "--device", "cpu", "--strategy", "ddp", "--nnodes", "2",
@@ -811,12 +887,13 @@ def test_torchrun_reinvocation_is_standalone_or_an_explicit_endpoint(tmp_path):
     nodes = torchrun_command(ParallelSpec(strategy="ddp", nproc=2, nnodes=2, rdzv_endpoint="10.0.0.1:29500"),
                              tmp_path / "spec.json")
     assert nodes[nodes.index("--rdzv-endpoint") + 1] == "10.0.0.1:29500" and "--standalone" not in nodes
-    assert one_node[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert one_node[:3] == [sys.executable, "-m", "gpt2cli.torchrun"]  # torch.distributed.run, quiet on signals
     assert one_node[-5:] == ["-m", "gpt2cli", "train", "--spec", str(tmp_path / "spec.json")]
     # No other place builds a torchrun command line, and none binds every interface.
     places = [(path.name, node.lineno) for path, tree in _package_trees() for node in ast.walk(tree)
               if isinstance(node, ast.Constant) and isinstance(node.value, str)
-              and (node.value in ("torch.distributed.run", "torchrun") or "0.0.0.0" in node.value)]
+              and (node.value in ("torch.distributed.run", "torchrun", "gpt2cli.torchrun")
+                   or "0.0.0.0" in node.value)]
     assert [name for name, _ in places] == ["launch.py"], places
 
 

@@ -58,9 +58,37 @@ def test_metrics_schema(tmp_path, cache_dir):
         assert {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "time_s"} <= r.keys()
         assert r["tokens"] == r["step"] * 4 * 32
         assert math.isfinite(r["loss"]) and r["tokens_per_s"] > 0
+        assert r["strategy"] == "single" and r["world_size"] == 1  # per segment: a resume may change them
     for r in eval_rows:
         assert {"step", "tokens", "val_loss", "val_ppl", "best"} <= r.keys()
         assert r["val_ppl"] == pytest.approx(math.exp(r["val_loss"]))
+
+
+def test_tokens_per_s_leaves_out_evaluation_and_checkpoint_time(tmp_path, cache_dir, monkeypatch):
+    """A slow eval and save at step 4 lengthen the wall clock (time_s) but not the window of
+    steps 5-6 that tokens/s is measured over."""
+    import gpt2cli.train as train_module
+
+    pause = 0.4
+    real_eval, real_save = train_module.evaluate_loss, ckpt.save_checkpoint
+
+    def slow_eval(*args, **kwargs):
+        time.sleep(pause)
+        return real_eval(*args, **kwargs)
+
+    def slow_save(*args, **kwargs):
+        time.sleep(pause)
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate_loss", slow_eval)
+    monkeypatch.setattr(ckpt, "save_checkpoint", slow_save)
+    train(tiny_spec(tmp_path / "run", train={"steps": 6, "log_every": 2}, eval={"every": 4},
+                    run={"save_every": 4}))
+    rows = {r["step"]: r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "train"}
+    wall = rows[6]["time_s"] - rows[4]["time_s"]  # wall-clock: holds the eval and the save (best.pt too)
+    assert wall >= 2 * pause
+    window = 2 * 4 * 32 / rows[6]["tokens_per_s"]  # the seconds tokens/s was measured over
+    assert window < wall - 1.5 * pause
 
 
 def test_resume_is_bit_exact(tmp_path, cache_dir, monkeypatch):
@@ -325,3 +353,64 @@ def test_loss_chunk_default_follows_what_measured_faster():
     assert resolve_loss_chunk(None, True, cuda) == 0
     assert resolve_loss_chunk(256, True, cuda) == 256
     assert resolve_loss_chunk(0, False, cpu) == 0
+
+
+@pytest.mark.parametrize(("text", "kind"), [
+    # gloo, when a peer process exits: at once, long before any timeout
+    ("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Read error [127.0.0.1]:29500: Connection reset by peer",
+     "peer died"),
+    ("[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:60085. This is "
+     "typically caused by a remote worker crashing.", "peer died"),
+    # a hung peer: the collective waited --dist-timeout
+    ("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 5000ms for recv operation "
+     "to complete", "timeout"),
+    ("Watchdog caught collective operation timeout: WorkNCCL(SeqNum=7, OpType=ALLREDUCE)", "timeout"),
+    ("mat1 and mat2 shapes cannot be multiplied (4x8 and 16x8)", None),
+])
+def test_a_failed_collective_says_whether_a_peer_died_or_timed_out(text, kind):
+    from gpt2cli.cli.train import collective_error, collective_failure
+
+    exc = RuntimeError(text)
+    assert collective_failure(exc) == kind
+    error = collective_error(exc, rank=0, dist_timeout=300)
+    if kind is None:
+        assert error is None
+        return
+    line = error.render()
+    assert error.exit_code == 1 and line.startswith("Error: [rank 0] ") and "\n" not in line
+    if kind == "peer died":
+        assert "another process died (connection reset" in line and "--dist-timeout" not in line
+    else:
+        assert "did not finish within --dist-timeout 300 s" in line
+
+
+def test_more_cpu_processes_than_cores_is_warned_about_not_refused(monkeypatch, capsys):
+    from gpt2cli.cli import train as cli_train
+
+    monkeypatch.setattr(cli_train.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    def warning(nproc: int, device: str = "cpu", **parallel) -> str:
+        spec = build_spec(TrainSpec, flags={"parallel": {"strategy": "ddp", "nproc": nproc, **parallel},
+                                            "train": {"device": device}})
+        cli_train._check_device(spec)
+        return capsys.readouterr().err
+
+    line = warning(3)
+    assert line.startswith("warning: --nproc 3 starts more processes than this machine has CPU cores (2)")
+    assert line.count("\n") == 1
+    assert warning(3, device="auto") == line  # auto without CUDA is the CPU
+    assert warning(2) == ""
+    assert warning(3, device="cuda") == ""  # one process per GPU, not per core
+
+
+def test_cli_warns_of_more_cpu_processes_than_cores_on_a_dry_run(tmp_path):
+    import os
+
+    nproc = (os.cpu_count() or 1) + 1
+    proc = run_gpt2("train", "--preset", "tiny", "--strategy", "ddp", "--nproc", str(nproc), "--device", "cpu",
+                    "--dry-run", "--out", str(tmp_path / "run"), check=True)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr  # one warning line, accepted
+    assert lines[0].startswith(f"warning: --nproc {nproc} starts more processes than this machine has CPU cores")
+    assert f"x {nproc} process(es)" in proc.stdout and not (tmp_path / "run").exists()

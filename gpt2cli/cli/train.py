@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -12,7 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from gpt2cli.cli.common import PRECEDENCE_HELP, ConfigOpt, SetOpt, err, out
-from gpt2cli.errors import EXIT_INTERRUPTED, UserError
+from gpt2cli.errors import EXIT_INTERRUPTED, StoppedBySignal, UserError
 from gpt2cli.specs import (
     DataSpec,
     EvalSpec,
@@ -264,6 +265,7 @@ def _stored_spec_for_resume(resume: str | None, out_dir: str | None) -> dict[str
 def run(spec: TrainSpec, dry_run: bool = False) -> None:
     # Imported here, not at the top: they import torch, which `--help` and flag errors do without.
     from gpt2cli.checkpoint import atomic_write_bytes
+    from gpt2cli.fsutil import FolderLock
     from gpt2cli.metrics import read_status
     from gpt2cli.parallel.launch import (
         LAUNCH_SPEC_NAME,
@@ -281,6 +283,7 @@ def run(spec: TrainSpec, dry_run: bool = False) -> None:
     if not under_torchrun():
         check_gpus(p)
         check_rendezvous(p)
+        _check_device(spec)
     plan = plan_batches(spec, int(os.environ.get("WORLD_SIZE", world)))
     if dry_run:
         _print_dry_run(spec, plan)
@@ -300,25 +303,73 @@ def run(spec: TrainSpec, dry_run: bool = False) -> None:
         # The outermost folder this launch creates (run_dir or a parent), to remove if refused.
         made_here = next((f for f in reversed([run_dir, *run_dir.parents]) if not f.exists()), None)
         run_dir.mkdir(parents=True, exist_ok=True)
+        # Held for the whole launch (see _Trainer.lock_run_folder); with several nodes rank 0 takes
+        # it, as only its node writes the folder.
+        lock = FolderLock(run_dir)
+        if p.nnodes == 1 and not lock.acquire():
+            raise UserError(f"run folder {str(run_dir)!r} is in use by another gpt2 train",
+                            "wait for it to finish or stop it, or choose another --out")
         spec_path = run_dir / LAUNCH_SPEC_NAME
+        before = spec_path.read_bytes() if spec_path.is_file() else None  # put back if this launch is refused
         # Atomic: on a shared filesystem every node's launcher writes this same file.
         atomic_write_bytes(spec_path, lambda f: f.write(spec_to_json(child).encode()))
-        if not spec.run.quiet:
-            err.print(f"launching {world} processes under torchrun ({p.strategy}) -> {run_dir}")
-        code = launch(p, spec_path, debug="--debug" in sys.argv)
-        error = take_worker_error(run_dir)
-        if error is not None:  # a worker's UserError (bad resume, non-finite loss, ...): once, with its code
-            if made_here is not None and p.nnodes == 1 and not (run_dir / "spec.json").exists():
-                # Refused before the run began (bad data, bad settings): like one process, leave no
-                # folder behind. With several nodes the others' launchers still read the reports.
+        if not spec.run.quiet and p.nnodes > 1:  # one node: rank 0's header says it ("ddp x2 on cpu")
+            err.print(f"launching {p.procs_per_node} processes under torchrun ({p.strategy}, {p.nnodes} nodes) "
+                      f"-> {run_dir}")
+        code, signum = launch(p, spec_path, debug="--debug" in sys.argv, run_locked=lock.held)
+        began = (run_dir / "spec.json").exists()  # the workers passed their checks and wrote it
+        # With several nodes the others' launchers still read the reports: they stay.
+        error = take_worker_error(run_dir, remove=p.nnodes == 1)
+        if error is not None or (signum is not None and not began):
+            # Refused, or stopped, before the run began: leave the folder as it was, and like one
+            # process no folder at all if this launch made it.
+            if made_here is not None and p.nnodes == 1 and not began:
                 shutil.rmtree(made_here, ignore_errors=True)
+            elif before is not None:
+                atomic_write_bytes(spec_path, lambda f: f.write(before))
+        if error is not None:  # a worker's UserError (bad resume, non-finite loss, ...): once, with its code
             sys.stderr.write(error["error"] + "\n")
             raise typer.Exit(int(error.get("exit_code", 2)))
         status = (read_status(run_dir) or {}).get("status")
         # Workers exit 0 after an interrupt (a non-zero exit would make torchrun restart them);
         # the launcher turns the recorded status into the documented exit code.
-        raise typer.Exit(EXIT_INTERRUPTED if status == "interrupted" else code)
+        if status == "interrupted":
+            raise typer.Exit(EXIT_INTERRUPTED)
+        if signum is not None:  # stopped, but no checkpoint was committed on the way out
+            name = signal.Signals(signum).name
+            if began:
+                message = f"Stopped by {name}; continue with --resume auto."
+            elif made_here is not None and p.nnodes == 1:
+                message = f"Stopped by {name} before the run began; nothing was written."
+            else:
+                message = f"Stopped by {name} before the run began; {run_dir} is as it was."
+            raise StoppedBySignal(message, 128 + signum)
+        raise typer.Exit(code)
     _train_here(spec)
+
+
+def _check_device(spec: TrainSpec) -> None:
+    """What needs the resolved device (--device auto), before the launcher creates anything:
+    --fsdp-cpu-offload refused off CUDA; more CPU processes than cores only warned about."""
+    p, device = spec.parallel, spec.train.device
+    oversubscribed = p.gpus is None and p.procs_per_node > (os.cpu_count() or 1) and device in ("cpu", "auto")
+    if not (p.fsdp_cpu_offload or oversubscribed):
+        return
+    from gpt2cli.parallel import check_cpu_offload, resolve_device
+
+    resolved = resolve_device(device)
+    if p.fsdp_cpu_offload:
+        check_cpu_offload(resolved, device)
+    if oversubscribed and resolved.type == "cpu":
+        from rich.text import Text
+
+        # A warning, not an error: oversubscribing works (and tests multi-process code on a laptop).
+        # Plain Text and soft_wrap, as TrainProgress.message: one line on stderr, even with --quiet.
+        cores = os.cpu_count() or 1
+        err.print(Text(
+            f"warning: --nproc {p.procs_per_node} starts more processes than this machine has CPU cores ({cores}); "
+            "they take turns on the cores, which works but is slow",
+            style="yellow"), soft_wrap=True)
 
 
 def _train_here(spec: TrainSpec) -> None:
@@ -344,13 +395,8 @@ def _train_here(spec: TrainSpec) -> None:
                 os._exit(0)
         raise
     except Exception as exc:
-        if world > 1 and _is_collective_timeout(exc):
-            error = UserError(
-                f"[rank {rank}] a collective did not finish within --dist-timeout "
-                f"{spec.parallel.dist_timeout:g} s: another process died or hung ({_first_line(exc)})",
-                "see the other ranks' messages; raise --dist-timeout only if steps are merely slow",
-                exit_code=1,
-            )
+        error = collective_error(exc, rank, spec.parallel.dist_timeout) if world > 1 else None
+        if error is not None:
             # Exit at once: interpreter shutdown would wait on the broken process group's pending work.
             sys.stderr.write(error.render() + "\n")
             sys.stderr.flush()
@@ -361,9 +407,39 @@ def _train_here(spec: TrainSpec) -> None:
         raise typer.Exit(EXIT_INTERRUPTED)
 
 
-def _is_collective_timeout(exc: BaseException) -> bool:
+# A peer's socket closed under a collective: that process is gone (crashed, killed), not slow.
+_PEER_DIED = ("connection reset", "connection closed", "broken pipe", "remote process exited")
+
+
+def collective_failure(exc: BaseException) -> str | None:
+    """Why a collective failed, from the backend's error text: "peer died" (gloo's "Connection
+    reset by peer" / "Connection closed by peer", at once when a peer exits), "timeout" (it waited
+    --dist-timeout: a peer hung), or None (not a failed collective)."""
     text = f"{type(exc).__name__} {exc}".lower()
-    return "timed out" in text or "timeout" in text or "connection closed by peer" in text or "connection reset" in text
+    if any(marker in text for marker in _PEER_DIED):
+        return "peer died"
+    if "timed out" in text or "timeout" in text:
+        return "timeout"
+    return None
+
+
+def collective_error(exc: BaseException, rank: int, dist_timeout: float) -> UserError | None:
+    """The one line (exit 1) for a worker whose collective failed, or None for any other error."""
+    failure = collective_failure(exc)
+    if failure == "peer died":
+        return UserError(
+            f"[rank {rank}] another process died (connection reset during a collective: {_first_line(exc)})",
+            "see the other ranks' messages for why it stopped",
+            exit_code=1,
+        )
+    if failure == "timeout":
+        return UserError(
+            f"[rank {rank}] a collective did not finish within --dist-timeout {dist_timeout:g} s: another "
+            f"process died or hung ({_first_line(exc)})",
+            "see the other ranks' messages; raise --dist-timeout only if steps are merely slow",
+            exit_code=1,
+        )
+    return None
 
 
 def _first_line(exc: BaseException) -> str:

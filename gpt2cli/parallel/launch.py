@@ -1,7 +1,8 @@
 """Re-invoking `gpt2 train` under torchrun when several processes are asked for.
 
 The parent validates the spec, writes it to the run folder and runs
-``python -m torch.distributed.run ... -m gpt2cli train --spec <run>/spec.json``; the workers get
+``python -m gpt2cli.torchrun ... -m gpt2cli train --spec <run>/spec.json`` (torchrun, quiet
+when stopped by a signal); the workers get
 exactly the validated spec. The parent streams their output (they inherit its stdout/stderr),
 forwards SIGINT/SIGTERM to torchrun (which forwards them to the workers) and exits with
 torchrun's exit code, or with a worker's UserError (printed once, its own exit code: 2 for bad
@@ -28,6 +29,9 @@ LAUNCH_SPEC_NAME = "launch-spec.json"  # spec.json is written by the workers the
 # exits with its code (a worker exiting non-zero would make torchrun print a traceback and exit 1).
 LAUNCH_DIR_ENV = "GPT2CLI_LAUNCH_DIR"
 WORKER_ERROR_PREFIX = ".worker-error-rank"
+# The launcher holds the run folder's lock (gpt2cli.fsutil.FolderLock) for its workers: the
+# resolved folder it locked, so that rank 0 does not try to take it again.
+RUN_LOCKED_ENV = "GPT2CLI_RUN_LOCKED"
 
 
 def under_torchrun() -> bool:
@@ -75,8 +79,12 @@ def check_rendezvous(p: ParallelSpec) -> None:
                         "check the name or use the IP address of node 0") from exc
 
 
+# torch.distributed.run, with a quiet exit when it is stopped by a signal (see that module).
+TORCHRUN_MODULE = "gpt2cli.torchrun"
+
+
 def torchrun_command(p: ParallelSpec, spec_path: Path) -> list[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(p.procs_per_node)]
+    cmd = [sys.executable, "-m", TORCHRUN_MODULE, "--nproc-per-node", str(p.procs_per_node)]
     if p.nnodes == 1:
         cmd += ["--standalone"]
     else:
@@ -89,9 +97,13 @@ def torchrun_command(p: ParallelSpec, spec_path: Path) -> list[str]:
     return [*cmd, "-m", "gpt2cli", "train", "--spec", str(spec_path)]
 
 
-def worker_env(p: ParallelSpec, spec_path: Path, base: Mapping[str, str]) -> dict[str, str]:
-    """The workers' environment: ``base`` plus our defaults (a value the user set wins)."""
+def worker_env(p: ParallelSpec, spec_path: Path, base: Mapping[str, str], run_locked: bool = False) -> dict[str, str]:
+    """The workers' environment: ``base`` plus our defaults (a value the user set wins), and
+    whether this launcher holds the run folder's lock for them."""
     env = dict(base)
+    env.pop(RUN_LOCKED_ENV, None)
+    if run_locked:
+        env[RUN_LOCKED_ENV] = str(spec_path.parent.resolve())
     # torchrun would set 1 thread per worker with a warning; say it ourselves, sized to the machine.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // p.procs_per_node)))
     env.setdefault("PYTHONUNBUFFERED", "1")
@@ -105,24 +117,36 @@ def worker_env(p: ParallelSpec, spec_path: Path, base: Mapping[str, str]) -> dic
     return env
 
 
-def launch(p: ParallelSpec, spec_path: Path, debug: bool = False) -> int:
-    """Run the workers under torchrun; return its exit code."""
+def launch(p: ParallelSpec, spec_path: Path, debug: bool = False, run_locked: bool = False) -> tuple[int, int | None]:
+    """Run the workers under torchrun (``run_locked``: this process holds the run folder's lock).
+    Returns torchrun's exit code (128 + N when a signal N ended it) and the signal (SIGINT or
+    SIGTERM) this launcher received and forwarded to it, if any."""
     cmd = torchrun_command(p, spec_path)
     if debug:
         cmd.append("--debug")
-    env = worker_env(p, spec_path, os.environ)
+    env = worker_env(p, spec_path, os.environ, run_locked)
     take_worker_error(spec_path.parent, remove=True)  # a previous launch's
-    proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+    received: list[int] = []
+    proc: subprocess.Popen | None = None
 
     def forward(signum: int, frame: object) -> None:
-        proc.send_signal(signum)
+        received.append(signum)
+        if proc is not None:
+            proc.send_signal(signum)
 
+    # The handlers go in before torchrun starts: a signal arriving while it starts is still
+    # forwarded, and torchrun does not inherit an ignored SIGINT (as a background job's is)
+    # that would make it deaf to the forwarded one.
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return proc.wait()
+        proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+        if received:  # arrived before proc existed
+            proc.send_signal(received[0])
+        code = proc.wait()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    return (128 - code if code < 0 else code), (received[0] if received else None)
 
 
 def _die_with_parent() -> None:
