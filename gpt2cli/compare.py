@@ -316,6 +316,21 @@ def _model_numbers(model: Any) -> tuple[int | None, int | None]:
     return _MODEL_CACHE[key]
 
 
+def _steady_windows(train_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The logged windows that throughput is taken from: without the first window of the run and
+    of every resumed segment (time_s restarts), which hold start-up and compile time. Runs too
+    short to spare them keep all."""
+    steady, last = [], None
+    for row in train_rows:
+        t = row.get("time_s")
+        starts_segment = last is None or (_finite(t) and t < last)
+        if _finite(t):
+            last = float(t)
+        if not starts_segment:
+            steady.append(row)
+    return steady if len(steady) >= 2 else train_rows
+
+
 def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
@@ -331,8 +346,7 @@ def _run_metrics(run: Run) -> dict[str, float | None]:
     params, kv = _model_numbers(run.spec.get("model"))
     rows = run.train_rows + run.eval_rows
     vals = [r["val_loss"] for r in run.eval_rows if _finite(r.get("val_loss"))]
-    # Throughput: median over logged windows; the first window holds start-up (and compile) time.
-    windows = run.train_rows[1:] if len(run.train_rows) > 2 else run.train_rows
+    windows = _steady_windows(run.train_rows)
     mem = [r.get(k) for r in run.train_rows for k in ("peak_mem_bytes", "peak_rss_bytes") if _finite(r.get(k))]
     best = min(vals) if vals else None
     final_val = _last(run.eval_rows, "val_loss")

@@ -102,6 +102,10 @@ def test_table_values_and_best_marking(tmp_path):
     assert stat(result, "learned", "final_train_loss").mean == 3.6
     assert stat(result, "learned", "tokens").mean == 4 * TOKENS_PER_STEP
     assert stat(result, "learned", "tokens_per_s").mean == 1100.0  # median without the start-up window
+    # A resumed run (time_s restarts): the first window of each segment is start-up, left out too.
+    resumed = make_run(tmp_path / "resumed", train=[5.0, 4.8, 4.6, 4.4, 4.2, 4.0],
+                       tokens_per_s=[10.0, 1000.0, 1100.0, 20.0, 1200.0, 1300.0], times=[1, 2, 3, 1, 2, 3])
+    assert stat(compare_paths([resumed]), "resumed", "tokens_per_s").mean == 1150.0
     assert stat(result, "learned", "wall_time_s").mean == 4.5  # the last row: eval after step 4
     assert stat(result, "learned", "peak_mem_bytes").mean == 100 * 2**20 + 4
     assert result.columns[0].status == "done"
