@@ -96,6 +96,22 @@ def test_fsdp_checkpoints_store_the_tied_embedding_once_like_ddp(runs):
         assert abs(fsdp - ddp) < 0.01 * ddp, (name, fsdp, ddp)
 
 
+def test_a_refused_ddp_resume_leaves_the_run_folder_as_it_was(runs, tmp_path):
+    """The workers refuse a resume with another seed; the launcher prints their line once, and the
+    folder keeps every file byte for byte: no worker-error reports left, launch-spec.json put back."""
+    import shutil
+
+    run = tmp_path / "ddp-copy"
+    shutil.copytree(runs / "ddp", run)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    proc = run_gpt2("train", "--out", str(run), "--resume", "auto", "--seed", "5", "--strategy", "ddp",
+                    "--nproc", "2", "--device", "cpu", timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("Error: [rank 0]"), proc.stderr
+    assert "seed" in lines[0]
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
 def test_single_checkpoint_resumes_under_ddp_and_matches(runs, tmp_path):
     # single -> ddp: the same global batch continues the same data and the same losses.
     full = tmp_path / "single-full"
