@@ -18,7 +18,15 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from gpt2cli.errors import UserError
 from gpt2cli.presets import DEFAULT_PRESET_CPU, FALLBACK_LR, PRESETS, RECOMMENDED_LR, preset_names
@@ -197,14 +205,23 @@ class DataSpec(_Spec):
 # ----------------------------------------------------------------------------------- optimizer
 
 
+# Adam moves each weight by about lr per step: far above any learning rate that trains (GPT-2
+# uses 6e-4), and low enough that the optimizer's arithmetic cannot overflow (lr 1e38 did).
+MAX_LR = 10.0
+
+
 class OptimSpec(_Spec):
     """Optimizer and learning-rate schedule."""
 
     name: Literal["adamw", "adam"] = Field("adamw", description="Optimizer (weight decay only on 2-D weights).")
     lr: float = Field(
-        6e-4, gt=0.0, description="Peak learning rate; in gpt2 train the default depends on the preset (nano 2e-3, gpt2 6e-4)."
+        6e-4, gt=0.0, le=MAX_LR, allow_inf_nan=False,
+        description=f"Peak learning rate, at most {MAX_LR:g}; in gpt2 train the default depends on the preset "
+        "(nano 2e-3, gpt2 6e-4).",
     )
-    min_lr: float | None = Field(None, ge=0.0, description="Final learning rate; default lr / 10.")
+    min_lr: float | None = Field(
+        None, ge=0.0, allow_inf_nan=False, description="Final learning rate, at most lr; default lr / 10."
+    )
     warmup: int | None = Field(None, ge=0, description="Linear warm-up steps; default: 5% of the steps.")
     schedule: Literal["cosine", "linear", "constant"] = Field(
         "cosine", description="Decay from lr to min_lr after warm-up."
@@ -246,7 +263,7 @@ class OptimSpec(_Spec):
 # Seeds are 32-bit, as in NumPy: the trainer derives per-step seeds from them (seed x 1,000,003 +
 # rank x 7,919 + step), which must stay within the 64 bits torch.manual_seed takes.
 MAX_SEED = 2**32 - 1
-DEFAULT_STEPS = 200  # the default run: nano on tiny Shakespeare in a few minutes on a laptop CPU
+DEFAULT_STEPS = 200  # the default run: nano on tiny Shakespeare, about 4 minutes on a 2-core CPU
 # Tokens per chunk of the output layer + loss when it runs eagerly (gpt2cli.model.loss): 512 x
 # 50,257 fp32 logits = 103 MB per chunk, large enough for efficient matmuls.
 DEFAULT_LOSS_CHUNK = 512
@@ -289,7 +306,9 @@ class TrainingSpec(_Spec):
         "stop", description="A NaN/inf loss or gradient: stop before the optimizer step, or skip the step."
     )
     max_nonfinite_skips: int = Field(
-        5, gt=0, description="With on_nonfinite=skip: stop after this many consecutive skipped steps."
+        5, gt=0,
+        description="With on_nonfinite=skip: skip at most this many non-finite steps in a row; the next one "
+        "in a row stops the run.",
     )
 
     @model_validator(mode="after")
@@ -472,7 +491,9 @@ class GenerateSpec(_Spec):
 
     max_new_tokens: int = Field(200, gt=0, description="Tokens to sample after the prompt.")
     temperature: float = Field(0.8, ge=0.0, allow_inf_nan=False, description="Softmax temperature; 0 = greedy.")
-    top_k: int | None = Field(200, gt=0, description="Sample from the k most likely tokens only.")
+    top_k: int | None = Field(
+        200, ge=0, description="Sample from the k most likely tokens only; 0 (or null) = no limit."
+    )
     top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False,
                                 description="Nucleus sampling: smallest set with this mass.")
     seed: int = Field(1337, ge=0, le=MAX_SEED, description="Sampling seed: same seed and settings give the same text.")
@@ -489,6 +510,19 @@ class GenerateSpec(_Spec):
         "streams in groups this long; a few steps past the end are computed, never shown). "
         "Default: 16 on a GPU, 1 on the CPU.",
     )
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k_zero_is_no_limit(cls, value: int | None) -> int | None:
+        """0 means no limit wherever it comes from (--top-k, --set, a config file): stored as None."""
+        return None if value == 0 else value
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings_not_empty(cls, value: list[str]) -> list[str]:
+        if any(s == "" for s in value):
+            raise ValueError("a stop string must not be empty; give the text that should end a sample")
+        return value
 
 
 class CompareSpec(_Spec):
@@ -563,13 +597,15 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def parse_set(assignment: str) -> tuple[list[str], Any]:
-    """Parse ``section.field=value``; the value is read as YAML (numbers, booleans, lists, null)."""
+    """Parse ``section.field=value`` (or ``field=value``); the value is read as YAML (numbers,
+    booleans, lists, null)."""
     import yaml
 
     key, sep, raw = assignment.partition("=")
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
-        raise UserError(f"--set {assignment!r} is not of the form section.field=value", "e.g. --set optim.lr=3e-4")
+        raise UserError(f"--set {assignment!r} is not of the form section.field=value (gpt2 train) or field=value",
+                        "e.g. --set optim.lr=3e-4, or --set top_k=50 for gpt2 generate")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
@@ -603,16 +639,18 @@ def build_spec(
     sets: list[str] | tuple[str, ...] = (),
     base: dict[str, Any] | None = None,
     flag_names: dict[str, str] | None = None,
+    set_prefix: str | None = None,
 ) -> SpecT:
     """Build and validate a spec: defaults < config file < flags < ``--set`` assignments.
 
     ``flags`` is nested like the spec (``{"optim": {"lr": 3e-4}}``); entries whose value is None
     count as "not given" and are dropped, so a flag's absence never overrides a file. ``base``
     (a stored spec, when resuming) sits under the file. ``flag_names`` maps dotted field paths to
-    the flags that set them, so errors name what the user typed.
+    the flags that set them, so errors name what the user typed. ``set_prefix``: for a spec
+    without sections (generate, eval, ...), ``--set PREFIX.field=value`` means ``field=value``.
     """
-    return validate_spec(spec_cls, layer_settings(config_file=config_file, flags=flags, sets=sets, base=base),
-                         flag_names)
+    layered = layer_settings(config_file=config_file, flags=flags, sets=sets, base=base, set_prefix=set_prefix)
+    return validate_spec(spec_cls, layered, flag_names)
 
 
 def layer_settings(
@@ -621,15 +659,19 @@ def layer_settings(
     flags: dict[str, Any] | None = None,
     sets: list[str] | tuple[str, ...] = (),
     base: dict[str, Any] | None = None,
+    set_prefix: str | None = None,
 ) -> dict[str, Any]:
     """The nested settings before validation: base < config file < flags < ``--set``. Without a
-    base, what the user set by any route (`gpt2 train` reads its resume and preset from this)."""
+    base, what the user set by any route (`gpt2 train` reads its resume and preset from this).
+    ``set_prefix``: a leading ``PREFIX.`` of a ``--set`` key is dropped (see :func:`build_spec`)."""
     layered: dict[str, Any] = dict(base or {})
     if config_file:
         layered = deep_merge(layered, read_config_file(config_file))
     layered = deep_merge(layered, drop_none(flags or {}))
     for assignment in sets:
         path, value = parse_set(assignment)
+        if set_prefix is not None and len(path) > 1 and path[0] == set_prefix:
+            path = path[1:]
         layered = deep_merge(layered, _nest(path, value))
     return layered
 

@@ -697,8 +697,10 @@ class _Trainer:
                 nonfinite, stop_now = _agree(strategy, ~torch.isfinite(grad_norm), stop.signal is not None, self.device)
                 if nonfinite and scaler is None:
                     optimizer.zero_grad(set_to_none=True)
-                    msg = f"non-finite loss or gradient at step {step}"
-                    if spec.train.on_nonfinite == "stop" or consecutive_skips + 1 >= spec.train.max_nonfinite_skips:
+                    # Counted from 1, as the logs and metrics rows count steps (step is the 0-based index).
+                    msg = f"non-finite loss or gradient at step {step + 1}"
+                    # --max-nonfinite-skips N: N steps in a row may be skipped; the (N+1)-th stops the run.
+                    if spec.train.on_nonfinite == "stop" or consecutive_skips >= spec.train.max_nonfinite_skips:
                         metrics.close()
                         where = f"; the last checkpoint {ckpt_path} holds finite values" if ckpt_path else ""
                         raise NonFiniteLossError(

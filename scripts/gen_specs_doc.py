@@ -21,8 +21,11 @@ Every setting of gpt2 with its default, generated from `gpt2cli/specs.py` by
 
 A spec is built as: field defaults < `--config FILE` (TOML, YAML or JSON, same nesting as below)
 < command-line flags < `--set section.field=value` (the value is read as YAML: `3e-4`, `true`,
-`[0.9, 0.95]`, `null`). Unknown keys are errors. The resolved spec is written to the run folder as
-`spec.json` and into every checkpoint; `gpt2 train --spec spec.json` runs one exactly.
+`[0.9, 0.95]`, `null`). The specs of `gpt2 data`, `eval`, `generate` and `compare` have no sections:
+there it is `--set field=value` (`--set generate.top_k=50` is taken as `top_k=50`). Unknown keys are
+errors. The spec is written to the run folder as `spec.json` and into every checkpoint (settings
+whose default is derived at start, such as `optim.warmup` or `train.seq_len`, stay `null` there);
+`gpt2 train --spec spec.json` runs one exactly.
 
 Example `run.toml`:
 

@@ -292,6 +292,21 @@ def test_jsonl_schema(ckpt, capsys):
         assert r["finish_reason"] in ("length", "eos", "stop") and r["tokens_per_s"] > 0
 
 
+def test_set_with_or_without_the_generate_prefix_and_top_k_zero(ckpt, capsys, tmp_path):
+    """--set generate.field=value (the form every help shows) and field=value set the same; top_k 0
+    is "no limit" from the flag, --set or a config file; the timing line counts 1 token, not 1 tokens."""
+    (tmp_path / "g.toml").write_text("top_k = 0\n")
+    outs = set()
+    for extra in (["--set", "generate.max_new_tokens=3", "--top-k", "0"], ["--set", "max_new_tokens=3", "--set",
+                  "top_k=0"], ["-n", "3", "--config", tmp_path / "g.toml"]):
+        code, out, err = cli(capsys, "generate", ckpt, "Hi", "--seed", "4", "--format", "jsonl", *extra)
+        assert code == 0, err
+        row = json.loads(out)
+        assert row["tokens"] <= 3 and row["prompt_tokens"] == 1 and "(prefill 1 token " in err
+        outs.add(row["completion"])
+    assert len(outs) == 1
+
+
 def test_prompt_from_stdin_and_file(ckpt, capsys, monkeypatch, tmp_path):
     import io
 
@@ -337,6 +352,8 @@ def test_bad_input_is_one_line_exit_2(ckpt, tmp_path, capsys):
         "--temperature": ["generate", ckpt, "Hi", "--temperature", "-0.5"],
         "--max-new-tokens": ["generate", ckpt, "Hi", "--max-new-tokens", "0"],
         "--sync-every": ["generate", ckpt, "Hi", "--sync-every", "0"],
+        "--top-k": ["generate", ckpt, "Hi", "--top-k", "-1"],
+        "--stop (stop): a stop string must not be empty": ["generate", ckpt, "Hi", "--stop", ""],
         "no room left": ["generate", ckpt, "word " * 70],
         "not both": ["generate", ckpt, "Hi", "--prompt-file", tmp_path / "notes.txt"],
     }

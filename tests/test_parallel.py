@@ -112,6 +112,21 @@ def test_a_refused_ddp_resume_leaves_the_run_folder_as_it_was(runs, tmp_path):
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
 
 
+def test_ddp_run_resumes_on_one_process_with_strategy_single(runs, tmp_path):
+    """As docs/training.md allows: --strategy single (no --nproc) with the same global batch; the
+    stored --nproc 2 is not carried over."""
+    import shutil
+
+    run = tmp_path / "ddp-to-single"
+    shutil.copytree(runs / "ddp", run)
+    proc = run_gpt2("train", "--out", str(run), "--resume", "auto", "--strategy", "single", "--batch-size", "4",
+                    "--steps", str(STEPS + 2), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"]
+    assert [r["step"] for r in rows][-2:] == [STEPS + 1, STEPS + 2]
+    assert {(r["strategy"], r["world_size"]) for r in rows if r["step"] > STEPS} == {("single", 1)}
+
+
 def test_single_checkpoint_resumes_under_ddp_and_matches(runs, tmp_path):
     # single -> ddp: the same global batch continues the same data and the same losses.
     full = tmp_path / "single-full"

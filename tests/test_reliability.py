@@ -596,21 +596,22 @@ def test_ddp_stopped_or_killed_during_start_up_leaves_no_worker_and_no_folder(ro
 @pytest.mark.distributed
 @pytest.mark.timeout(300)
 def test_a_run_folder_in_use_is_refused_to_a_second_train(root):
-    """While a run trains (one process, or a 2-process launch), a second `gpt2 train` into its
-    folder (a resume, or another launch) is refused with one line and writes nothing there."""
-    for name, args in (("in-use-single", [*BASE, "--steps", "4000"]),
-                       ("in-use-ddp", [*DDP[:-1], "4000"])):
+    """While a run trains, a second `gpt2 train` into its folder is refused with one line and writes
+    nothing there: a 2-process launch against a one-process run (the launcher's lock), and a
+    one-process resume against a 2-process run (its launcher holds the lock for the workers)."""
+    single_resume = ["train", "--resume", "auto", "--quiet"]
+    ddp_launch = ["train", *DDP[:-1], "4000", "--resume", "auto"]
+    for name, args, second in (("in-use-single", [*BASE, "--steps", "4000"], ddp_launch),
+                               ("in-use-ddp", [*DDP[:-1], "4000"], single_resume)):
         run = root / name
         proc = start(["train", *args, "--out", str(run)])
         try:
             wait_for_rows(run, 2, proc)
             before = (run / "spec.json").read_bytes()
-            for second in (["train", "--out", str(run), "--resume", "auto", "--quiet"],
-                           ["train", *DDP[:-1], "4000", "--out", str(run), "--resume", "auto"]):
-                refused = run_gpt2(*second, timeout=120)
-                line = one_error_line(refused.stderr)
-                assert refused.returncode == 2 and "is in use by another gpt2 train" in line, refused.stderr
-                assert (run / "spec.json").read_bytes() == before and proc.poll() is None
+            refused = run_gpt2(*second, "--out", str(run), timeout=120)
+            line = one_error_line(refused.stderr)
+            assert refused.returncode == 2 and "is in use by another gpt2 train" in line, refused.stderr
+            assert (run / "spec.json").read_bytes() == before and proc.poll() is None
             steps = [r["step"] for r in train_rows(run)]
             assert steps == list(range(1, len(steps) + 1))  # the first run's rows alone
         finally:
@@ -632,7 +633,8 @@ def test_ddp_nan_on_rank1_stops_every_rank_before_the_step(root):
     TALLY["faults_injected"] += 1
     assert proc.returncode == 3, proc.stderr[-2000:]
     line = one_error_line(proc.stderr)  # once, not per rank, and no torchrun report
-    assert "non-finite" in line and "step 5" in line and "[rank 0]" in line
+    # Fault steps count from 0, messages from 1 as the logs do: index 5 is "step 6".
+    assert "non-finite" in line and "step 6 " in line and "[rank 0]" in line
     assert max(losses(run)) == 5  # step index 5 (the 6th) was never completed on any rank
     record = ckpt.load_checkpoint(run / ckpt.CKPT_NAME)
     assert record["step"] == 4 and all_finite(record)
@@ -644,21 +646,24 @@ def test_ddp_nan_on_rank1_stops_every_rank_before_the_step(root):
 @pytest.mark.timeout(180)
 def test_ddp_nan_skip_mode_stops_at_the_consecutive_limit(root):
     run = root / "ddp-nan-skip"
-    faults = "nan_at_step:2:rank1,nan_at_step:5:rank1,nan_at_step:6:rank1"
+    # Step indices 2, 5, 6 and 7 (from 0): the 3rd step is skipped, then the 6th and 7th (2 in a
+    # row, the limit), and the 8th, a third in a row, stops the run.
+    faults = "nan_at_step:2:rank1,nan_at_step:5:rank1,nan_at_step:6:rank1,nan_at_step:7:rank1"
     proc = run_gpt2("train", *DDP, "--out", str(run), "--on-nonfinite", "skip", "--max-nonfinite-skips", "2",
                     env={"GPT2_FAULT": faults}, timeout=150)
-    TALLY["faults_injected"] += 3
+    TALLY["faults_injected"] += 4
     assert proc.returncode == 3, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert [ln for ln in lines if "skipped" in ln] == [
-        "non-finite loss or gradient at step 2: step skipped (1 in a row)",
-        "non-finite loss or gradient at step 5: step skipped (1 in a row)",
+        "non-finite loss or gradient at step 3: step skipped (1 in a row)",
+        "non-finite loss or gradient at step 6: step skipped (1 in a row)",
+        "non-finite loss or gradient at step 7: step skipped (2 in a row)",
     ]
     errors = [ln for ln in lines if ln.startswith("Error:")]
-    assert len(errors) == 1 and "step 6" in errors[0] and "Traceback" not in proc.stderr
+    assert len(errors) == 1 and "step 8 " in errors[0] and "Traceback" not in proc.stderr
     rows = losses(run)
-    assert sorted(rows) == [1, 2, 3, 4, 5, 6]
-    assert [s for s, v in rows.items() if math.isnan(v)] == [3, 6]  # the skipped steps, logged as NaN
+    assert sorted(rows) == [1, 2, 3, 4, 5, 6, 7]
+    assert [s for s, v in rows.items() if math.isnan(v)] == [3, 6, 7]  # the skipped steps, logged as NaN
     record = ckpt.load_checkpoint(run / ckpt.CKPT_NAME)
     assert record["step"] == 6 and all_finite(record)  # skipped steps never reached the weights
 
@@ -672,6 +677,8 @@ BAD_INPUTS: list[tuple[str, list[str], tuple[str, ...]]] = [
     ("train warmup negative", ["train", "--device", "cpu", "--warmup", "-1"], ("--warmup",)),
     ("train lr 0", ["train", "--device", "cpu", "--lr", "0"], ("--lr",)),
     ("train min-lr above lr", ["train", "--device", "cpu", "--lr", "0.001", "--min-lr", "0.01"], ("min_lr",)),
+    ("train lr overflowing adam", ["train", "--device", "cpu", "--preset", "tiny", "--lr", "1e38"], ("--lr",)),
+    ("train min-lr inf", ["train", "--device", "cpu", "--min-lr", "inf"], ("--min-lr",)),
     ("train steps and tokens", ["train", "--device", "cpu", "--steps", "10", "--tokens", "1000"], ("steps",)),
     ("train seq-len above context", ["train", "--device", "cpu", "--preset", "tiny", "--seq-len", "128"],
      ("seq_len",)),
@@ -739,6 +746,8 @@ BAD_INPUTS: list[tuple[str, list[str], tuple[str, ...]]] = [
     # generate
     ("generate max-new-tokens 0", ["generate", "{RUN}", "--max-new-tokens", "0"], ("--max-new-tokens",)),
     ("generate top-p 1.5", ["generate", "{RUN}", "--top-p", "1.5"], ("--top-p",)),
+    ("generate top-k -1", ["generate", "{RUN}", "--top-k", "-1"], ("--top-k",)),
+    ("generate empty stop", ["generate", "{RUN}", "--stop", ""], ("--stop",)),
     ("generate prompt twice", ["generate", "{RUN}", "hello", "--prompt-file", "{T}/prompt.txt"],
      ("--prompt-file",)),
     ("generate missing prompt file", ["generate", "{RUN}", "--prompt-file", "{T}/missing-prompt.txt"],

@@ -306,3 +306,43 @@ def test_seeds_are_32_bit(spec_cls, section):
 def test_sampling_settings_must_be_finite(field, value):
     with pytest.raises(UserError, match=f"{field}: Input should be a finite number"):
         build_spec(GenerateSpec, flags={field: float(value)})
+
+
+def test_top_k_zero_means_no_limit_by_every_route(tmp_path):
+    """--top-k 0 is "no limit"; --set top_k=0 and a config file's top_k = 0 say the same."""
+    config = tmp_path / "g.toml"
+    config.write_text("top_k = 0\n")
+    assert build_spec(GenerateSpec, flags={"top_k": 0}).top_k is None
+    assert build_spec(GenerateSpec, sets=["top_k=0"]).top_k is None
+    assert build_spec(GenerateSpec, config_file=config).top_k is None
+    assert build_spec(GenerateSpec, config_file=config, flags={"top_k": 40}).top_k == 40
+    with pytest.raises(UserError, match=r"--top-k \(top_k\): Input should be greater than or equal to 0"):
+        build_spec(GenerateSpec, flags={"top_k": -1}, flag_names={"top_k": "--top-k"})
+
+
+def test_an_empty_stop_string_is_refused():
+    with pytest.raises(UserError, match=r"--stop \(stop\): a stop string must not be empty"):
+        build_spec(GenerateSpec, flags={"stop": ["\n\n", ""]}, flag_names={"stop": "--stop"})
+    assert build_spec(GenerateSpec, flags={"stop": ["\n\n"]}).stop == ["\n\n"]
+
+
+@pytest.mark.parametrize("flag, value", [("lr", 1e38), ("lr", 11.0), ("lr", "inf"), ("min_lr", "inf")])
+def test_absurd_learning_rates_are_refused(flag, value):
+    """lr 1e38 overflowed inside Adam with a traceback; no learning rate above 10 trains anything."""
+    with pytest.raises(UserError, match=f"optim.{flag}"):
+        build_spec(TrainSpec, sets=[f"optim.{flag}={value}"])
+    assert build_spec(TrainSpec, flags={"optim": {"lr": 10.0}}).optim.lr == 10.0
+
+
+@pytest.mark.parametrize("spec_cls, prefix, assignment, field, value", [
+    (GenerateSpec, "generate", "generate.max_new_tokens=3", "max_new_tokens", 3),
+    (EvaluateSpec, "eval", "eval.batch_size=2", "batch_size", 2),
+    (CompareSpec, "compare", "compare.metric=val_ppl", "metric", "val_ppl"),
+    (PrepareSpec, "data", "data.val_fraction=0.2", "val_fraction", 0.2),
+])
+def test_set_takes_the_command_name_as_a_section_of_a_flat_spec(spec_cls, prefix, assignment, field, value):
+    """`--set section.field=value`, as every command's help says, works where the spec has no sections."""
+    assert getattr(build_spec(spec_cls, sets=[assignment], set_prefix=prefix), field) == value
+    assert getattr(build_spec(spec_cls, sets=[assignment.partition(".")[2]], set_prefix=prefix), field) == value
+    with pytest.raises(UserError, match="unknown setting"):
+        build_spec(spec_cls, sets=[f"other.{field}=1"], set_prefix=prefix)

@@ -140,8 +140,8 @@ def test_new_run_refuses_an_existing_run_folder(tmp_path, cache_dir):
 
 
 def test_nonfinite_loss_stops_before_the_step(tmp_path, cache_dir, monkeypatch):
-    monkeypatch.setenv("GPT2_FAULT", "nan_at_step:5")
-    with pytest.raises(NonFiniteLossError, match="step 5"):
+    monkeypatch.setenv("GPT2_FAULT", "nan_at_step:5")  # fault steps count from 0: the 6th step
+    with pytest.raises(NonFiniteLossError, match=r"at step 6 "):  # counted from 1, as the logs count
         train(tiny_spec(tmp_path / "run"))
     record = ckpt.load_checkpoint(tmp_path / "run" / "ckpt.pt")
     assert record["step"] == 4
@@ -154,6 +154,27 @@ def test_nonfinite_skip_mode_continues(tmp_path, cache_dir, monkeypatch):
     monkeypatch.setenv("GPT2_FAULT", "nan_at_step:5")
     result = train(tiny_spec(tmp_path / "run", train={"on_nonfinite": "skip"}))
     assert result.status == "completed" and result.step == 12
+
+
+def test_nonfinite_skip_limit_allows_that_many_skips_in_a_row(tmp_path, cache_dir, monkeypatch):
+    """--max-nonfinite-skips N: N non-finite steps in a row are skipped, the (N+1)-th stops."""
+    from gpt2cli.train import SilentReporter
+
+    class Messages(SilentReporter):
+        lines: list[str] = []
+
+        def message(self, text: str) -> None:
+            self.lines.append(text)
+
+    monkeypatch.setenv("GPT2_FAULT", "nan_at_step:2,nan_at_step:3")  # the 3rd and 4th steps
+    skip = {"on_nonfinite": "skip", "steps": 6}
+    reporter = Messages()
+    result = train(tiny_spec(tmp_path / "two", train={**skip, "max_nonfinite_skips": 2}), reporter=reporter)
+    assert result.status == "completed" and result.step == 6
+    assert [ln for ln in reporter.lines if "skipped" in ln] == ["non-finite loss or gradient at step 3: step skipped (1 in a row)",
+                       "non-finite loss or gradient at step 4: step skipped (2 in a row)"]
+    with pytest.raises(NonFiniteLossError, match=r"at step 4 "):
+        train(tiny_spec(tmp_path / "one", train={**skip, "max_nonfinite_skips": 1}))
 
 
 def test_batch_arithmetic():
@@ -247,6 +268,28 @@ def test_resume_of_a_multi_process_run_stopped_before_it_began_reads_the_launch_
     (tmp_path / LAUNCH_SPEC_NAME).write_text(spec_to_json(launched))
     spec = resolve_train_spec({"--out": str(tmp_path), "--resume": "auto"}, None, [])
     assert (spec.model, spec.parallel.strategy, spec.parallel.nproc) == (launched.model, "ddp", 2)
+
+
+def test_resume_under_strategy_single_does_not_carry_over_the_stored_process_count(tmp_path):
+    """docs/training.md allows resuming a DDP run on one process: --strategy single drops the
+    stored --nproc (it was refused as "2 processes need --strategy ddp"), unless it is given again.
+    (tests/test_parallel.py resumes a real DDP run this way.)"""
+    from gpt2cli.cli.train import resolve_train_spec
+    from gpt2cli.specs import spec_to_json
+
+    stored = build_spec(TrainSpec, flags={"model": {"preset": "tiny"}, "train": {"device": "cpu"},
+                                          "parallel": {"strategy": "fsdp", "nproc": 2, "fsdp_cpu_offload": False,
+                                                       "fsdp_reshard_after_forward": False}})
+    (tmp_path / "spec.json").write_text(spec_to_json(stored))
+    resume = {"--out": str(tmp_path), "--resume": "auto"}
+    single = resolve_train_spec({**resume, "--strategy": "single", "--batch-size": 32}, None, [])
+    assert (single.parallel.strategy, single.parallel.nproc, single.parallel.procs_per_node) == ("single", None, 1)
+    assert single.parallel.fsdp_reshard_after_forward is True  # FSDP's settings stay with FSDP
+    assert resolve_train_spec(resume, None, ["parallel.strategy=single"]).parallel.nproc is None
+    ddp = resolve_train_spec({**resume, "--strategy": "ddp"}, None, [])
+    assert (ddp.parallel.strategy, ddp.parallel.nproc) == ("ddp", 2)  # another multi-process strategy keeps it
+    with pytest.raises(UserError, match="need --strategy ddp"):  # given again, it is the user's contradiction
+        resolve_train_spec({**resume, "--strategy": "single", "--nproc": 2}, None, [])
 
 
 def test_cli_config_file_preset_reaches_the_run(tmp_path):

@@ -20,15 +20,28 @@ out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False)
 
 PRECEDENCE_HELP = "Settings precedence: defaults < --config FILE < flags < --set section.field=value."
+# generate, eval, data and compare: specs without sections.
+FLAT_PRECEDENCE_HELP = "Settings precedence: defaults < --config FILE < flags < --set field=value."
 
 ConfigOpt = Annotated[
     str | None,
-    typer.Option("--config", "-c", help="TOML, YAML or JSON spec file. " + PRECEDENCE_HELP, show_default=False),
+    typer.Option("--config", "-c", help="TOML, YAML or JSON spec file. Settings precedence: defaults < "
+                 "--config FILE < flags < --set.", show_default=False),
 ]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override any spec field: section.field=value (repeatable); wins over flags."),
 ]
+
+
+def flat_set_opt(command: str) -> Any:
+    """--set of a command whose spec has no sections: field=value, or COMMAND.field=value
+    (build_spec's set_prefix drops the redundant prefix)."""
+    return Annotated[
+        list[str] | None,
+        typer.Option("--set", help=f"Override any spec field: field=value, or {command}.field=value "
+                     "(repeatable); wins over flags."),
+    ]
 
 
 def field_help(spec_cls: type[BaseModel], field: str) -> str:

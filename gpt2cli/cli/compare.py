@@ -19,7 +19,7 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
-from gpt2cli.cli.common import PRECEDENCE_HELP, ConfigOpt, SetOpt, err, field_help, out
+from gpt2cli.cli.common import FLAT_PRECEDENCE_HELP, ConfigOpt, err, field_help, flat_set_opt, out
 from gpt2cli.errors import EXIT_INTERRUPTED, NonFiniteLossError, UserError
 from gpt2cli.specs import CompareSpec, build_spec
 
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from gpt2cli.sweep import Point, Sweep
 
 HELP = "Compare runs side by side: a table of metrics and a plot of loss curves."
+SetOpt = flat_set_opt("compare")
 
 FLAG_FOR_FIELD = {
     "runs": "RUN", "metric": "--metric", "target": "--target", "plot": "--plot", "plot_vs": "--plot-vs",
@@ -51,7 +52,7 @@ class Metric(str, Enum):
 
 
 def register(app: typer.Typer) -> None:
-    app.command("compare", help=HELP + " " + PRECEDENCE_HELP)(compare)
+    app.command("compare", help=HELP + " " + FLAT_PRECEDENCE_HELP)(compare)
 
 
 def _h(name: str) -> str:
@@ -88,7 +89,8 @@ def compare(
         "plot_vs": plot_vs, "format": output_format.value if output_format else None, "group_by": group_by,
         "group_seeds": group_seeds, "chart": chart,
     }
-    spec = build_spec(CompareSpec, config_file=config, flags=flags, sets=set_ or (), flag_names=FLAG_FOR_FIELD)
+    spec = build_spec(CompareSpec, config_file=config, flags=flags, sets=set_ or (), flag_names=FLAG_FOR_FIELD,
+                      set_prefix="compare")
     if not spec.runs:
         raise UserError("no runs to compare", "gpt2 compare RUN [RUN ...], or a sweep's folder")
     if spec.plot_vs and not spec.plot:

@@ -14,7 +14,7 @@ import typer
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from gpt2cli.cli.common import ConfigOpt, SetOpt, err, field_help, out, si
+from gpt2cli.cli.common import ConfigOpt, err, field_help, flat_set_opt, out, si
 from gpt2cli.errors import StoppedBySignal
 from gpt2cli.specs import PrepareSpec, build_spec
 
@@ -27,6 +27,7 @@ EXIT_SIGINT = 128 + signal.SIGINT
 EXIT_SIGTERM = 128 + signal.SIGTERM
 
 HELP = "Turn a text corpus (files, folders, JSONL, parquet, HF datasets) into GPT-2 token files."
+SetOpt = flat_set_opt("data")
 
 
 class ErrorsMode(str, Enum):
@@ -82,7 +83,8 @@ def data(
     }
     flag_names = {name: "--" + name.replace("_", "-") for name in flags if name != "sources"}
     flag_names["out"] = "--out"
-    spec = build_spec(PrepareSpec, config_file=config, flags=flags, sets=set_ or (), flag_names=flag_names)
+    spec = build_spec(PrepareSpec, config_file=config, flags=flags, sets=set_ or (), flag_names=flag_names,
+                      set_prefix="data")
 
     from gpt2cli.data.prepare import prepare_data
 

@@ -13,10 +13,18 @@ from typing import Annotated, Any
 
 import typer
 
-from gpt2cli.cli.common import PRECEDENCE_HELP, ConfigOpt, SetOpt, field_help, out, print_json
+from gpt2cli.cli.common import (
+    FLAT_PRECEDENCE_HELP,
+    ConfigOpt,
+    field_help,
+    flat_set_opt,
+    out,
+    print_json,
+)
 from gpt2cli.specs import EvaluateSpec, build_spec
 
 HELP = "Score checkpoints: loss, perplexity and bits per byte on the same token windows."
+SetOpt = flat_set_opt("eval")
 FLAG_FOR_FIELD = {
     "data": "--data", "split": "--split", "tokens": "--tokens", "batch_size": "--batch-size",
     "seq_len": "--seq-len", "device": "--device", "dtype": "--dtype", "format": "--format",
@@ -29,7 +37,7 @@ class OutputFormat(str, Enum):
 
 
 def register(app: typer.Typer) -> None:
-    app.command("eval", help=HELP + " " + PRECEDENCE_HELP, no_args_is_help=True)(evaluate)
+    app.command("eval", help=HELP + " " + FLAT_PRECEDENCE_HELP, no_args_is_help=True)(evaluate)
 
 
 def _h(field: str) -> str:
@@ -60,7 +68,8 @@ def evaluate(
         "tokens": tokens, "batch_size": batch_size, "seq_len": seq_len, "device": device, "dtype": dtype,
         "format": output_format.value if output_format else None,
     }
-    spec = build_spec(EvaluateSpec, config_file=config, flags=flags, sets=set_ or (), flag_names=FLAG_FOR_FIELD)
+    spec = build_spec(EvaluateSpec, config_file=config, flags=flags, sets=set_ or (), flag_names=FLAG_FOR_FIELD,
+                      set_prefix="eval")
 
     # Imported here: it imports torch, which flag errors do without.
     from gpt2cli.evaluate import evaluate_checkpoints

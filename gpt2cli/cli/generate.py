@@ -13,11 +13,12 @@ from typing import Annotated, Any
 
 import typer
 
-from gpt2cli.cli.common import PRECEDENCE_HELP, ConfigOpt, SetOpt, err, field_help
+from gpt2cli.cli.common import FLAT_PRECEDENCE_HELP, ConfigOpt, err, field_help, flat_set_opt
 from gpt2cli.errors import UserError
 from gpt2cli.specs import GenerateSpec, build_spec
 
 HELP = "Sample text from a checkpoint, a run folder or a GPT-2 model (KV-cached)."
+SetOpt = flat_set_opt("generate")
 
 # flag -> GenerateSpec field, so that errors name the flag the user typed.
 FLAG_FOR_FIELD = {
@@ -36,7 +37,7 @@ class OutputFormat(str, Enum):
 def register(app: typer.Typer) -> None:
     app.command(
         "generate",
-        help=HELP + " Text streams to stdout, timing goes to stderr. " + PRECEDENCE_HELP,
+        help=HELP + " Text streams to stdout, timing goes to stderr. " + FLAT_PRECEDENCE_HELP,
         no_args_is_help=True,
     )(generate)
 
@@ -68,7 +69,7 @@ def generate(
     ] = None,
     max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", "-n", help=_h("max_new_tokens"), show_default=False)] = None,
     temperature: Annotated[float | None, typer.Option("--temperature", "-t", help=_h("temperature"), show_default=False)] = None,
-    top_k: Annotated[int | None, typer.Option("--top-k", help=_h("top_k") + " 0 = no limit.", show_default=False)] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k", help=_h("top_k"), show_default=False)] = None,
     top_p: Annotated[float | None, typer.Option("--top-p", help=_h("top_p"), show_default=False)] = None,
     seed: Annotated[int | None, typer.Option("--seed", help=_h("seed"), show_default=False)] = None,
     num_samples: Annotated[int | None, typer.Option("--num-samples", help=_h("num_samples"), show_default=False)] = None,
@@ -92,11 +93,9 @@ def generate(
         "ignore_eos": True if ignore_eos else None, "device": device, "dtype": dtype,
         "compile": True if compile_ else None, "sync_every": sync_every,
     }
-    sets = list(set_ or [])
-    if top_k == 0:
-        flags["top_k"] = None
-        sets.append("top_k=null")  # explicit "no limit", above a config file's value
-    spec = build_spec(GenerateSpec, config_file=config, flags=flags, sets=sets, flag_names=FLAG_FOR_FIELD)
+    # --top-k 0 (no limit) is a value like any other: the spec stores it as None.
+    spec = build_spec(GenerateSpec, config_file=config, flags=flags, sets=set_ or (), flag_names=FLAG_FOR_FIELD,
+                      set_prefix="generate")
     text = _read_prompt(prompt, prompt_file)
     run(ckpt, text, spec, output_format=output_format.value, echo=echo, verbose=verbose)
 
@@ -178,8 +177,8 @@ def run(ckpt: str, prompt: str, spec: GenerateSpec, *, output_format: str = "tex
 
     reasons = ", ".join(f"{n} {r}" for r, n in _count(s.finish_reason for s in result.samples).items())
     sys.stderr.write(
-        f"{result.new_tokens:,} tokens in {result.total_s:.2f} s = {result.tokens_per_s:,.1f} tokens/s "
-        f"(prefill {len(result.prompt_tokens):,} tokens {result.prefill_s * 1e3:.0f} ms, decode "
+        f"{_tokens(result.new_tokens)} in {result.total_s:.2f} s = {result.tokens_per_s:,.1f} tokens/s "
+        f"(prefill {_tokens(len(result.prompt_tokens))} {result.prefill_s * 1e3:.0f} ms, decode "
         f"{result.decode_tokens_per_s:,.1f} tokens/s; {result.device}, {result.dtype}"
         f"{_compiled_note(result)}; finished: {reasons})\n"
     )
@@ -202,6 +201,10 @@ def _generate_with_progress(generator, prompt: str, spec: GenerateSpec):
                   TimeElapsedColumn(), console=err, transient=True) as progress:
         task = progress.add_task("sampling", total=spec.max_new_tokens)
         return generator.generate(prompt, spec, on_progress=lambda n: progress.update(task, completed=n))
+
+
+def _tokens(n: int) -> str:
+    return f"{n:,} token" if n == 1 else f"{n:,} tokens"
 
 
 def _compiled_note(result) -> str:

@@ -218,10 +218,31 @@ def resolve_train_spec(values: dict[str, Any], config: str | None, sets: list[st
     given = layer_settings(config_file=config, flags=flags, sets=sets)  # what the user set, by any route
     run_given, model_given = given.get("run", {}), given.get("model", {})
     base = _stored_spec_for_resume(run_given.get("resume"), run_given.get("out"))
+    if base is not None:
+        base = _drop_stored_layout(base, given.get("parallel", {}))
     if base is None and "preset" not in model_given:
         device, gpus = given.get("train", {}).get("device"), given.get("parallel", {}).get("gpus")
         base = {"model": {"preset": _default_preset(device, gpus)}}
     return build_spec(TrainSpec, config_file=config, flags=flags, sets=sets, base=base, flag_names=FLAG_FOR_FIELD)
+
+
+# How many processes a run had and where they met: not carried over to a one-process resume.
+_PROCESS_LAYOUT = ("nproc", "gpus", "nnodes", "node_rank", "rdzv_endpoint")
+_FSDP_ONLY = ("fsdp_cpu_offload", "fsdp_reshard_after_forward")
+
+
+def _drop_stored_layout(stored: dict[str, Any], parallel_given: dict[str, Any]) -> dict[str, Any]:
+    """A resume may change the strategy and the number of processes (docs/training.md). When the
+    user names another strategy, the stored spec's settings of the old one stay behind unless given
+    again: its process count under --strategy single (a 2-process DDP run resumes on one process,
+    not "2 processes need --strategy ddp"), FSDP's settings under any other strategy."""
+    strategy = parallel_given.get("strategy")
+    stored_parallel = stored.get("parallel")
+    if strategy is None or not isinstance(stored_parallel, dict):
+        return stored
+    drop = (_PROCESS_LAYOUT if strategy == "single" else ()) + (_FSDP_ONLY if strategy != "fsdp" else ())
+    kept = {k: v for k, v in stored_parallel.items() if k not in drop or k in parallel_given}
+    return {**stored, "parallel": kept}
 
 
 def _default_preset(device: str | None, gpus: int | None) -> str:
