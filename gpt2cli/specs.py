@@ -245,7 +245,9 @@ class OptimSpec(_Spec):
             except ValueError:
                 return data
             if math.isfinite(value) and value > 0:
-                return {**data, "min_lr": value / 10}
+                # Rounded to 15 significant digits: 3e-4 / 10 is 2.9999999999999997e-05 in binary,
+                # which spec.json and --dry-run would show as such.
+                return {**data, "min_lr": float(f"{value / 10:.15g}")}
         return data
 
     @model_validator(mode="after")

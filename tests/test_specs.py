@@ -12,6 +12,7 @@ from gpt2cli.specs import (
     EvaluateSpec,
     GenerateSpec,
     ModelSpec,
+    OptimSpec,
     PrepareSpec,
     TrainSpec,
     build_spec,
@@ -85,6 +86,8 @@ def test_precedence_defaults_file_flags_set(tmp_path):
     assert spec.train.steps == 60  # --set beats file
     assert spec.model.preset == "tiny" and spec.model.n_layer == 2
     assert spec.optim.min_lr == pytest.approx(0.0003)
+    # the derived min_lr prints as the user would write it (3e-05, not 2.9999999999999997e-05)
+    assert [repr(OptimSpec(lr=lr).min_lr) for lr in (3e-4, 6e-4, 7e-5)] == ["3e-05", "6e-05", "7e-06"]
 
 
 @pytest.mark.parametrize("suffix, text", [
