@@ -124,20 +124,32 @@ class PackedLinear(nn.Module):
         self.bias = linear.bias
         self.packed: torch.Tensor | None = None
         self.packed_rows = 0
+        self.packed_version = -1  # the weight's version counter when it was packed
 
     def pack(self, rows: int | None) -> None:
         """Pack the weight for inputs of ``rows`` rows (all leading dimensions flattened), or drop
-        the packed copy (None). Packing again for the same rows is free."""
+        the packed copy (None). Packing again for the same rows and unchanged weights is free."""
         if rows is None:
             self.packed, self.packed_rows = None, 0
-        elif rows != self.packed_rows:
+        elif rows != self.packed_rows or self.weight._version != self.packed_version:
             self.packed = torch.ops.mkl._mkl_reorder_linear_weight(self.weight.detach(), rows)
-            self.packed_rows = rows
+            self.packed_rows, self.packed_version = rows, self.weight._version
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is None or x.numel() // self.in_features != self.packed_rows:
-            return F.linear(x, self.weight, self.bias)
+        training = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        if self.packed is None or x.numel() // self.in_features != self.packed_rows or training:
+            return F.linear(x, self.weight, self.bias)  # the packed op has no backward
+        if self.weight._version != self.packed_version:
+            # Changed in place since it was packed (load_state_dict, an optimizer step): the copy is stale.
+            self.pack(self.packed_rows)
         return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, self.packed_rows)
+
+    def __getstate__(self) -> dict:
+        """Pickled and deep-copied without the packed copy (an MKL-opaque tensor, which neither
+        can handle); it is made again by the next :meth:`pack`."""
+        state = self.__dict__.copy()
+        state.update(packed=None, packed_rows=0, packed_version=-1)
+        return state
 
     def extra_repr(self) -> str:
         packed = f", packed for {self.packed_rows} rows" if self.packed is not None else ""

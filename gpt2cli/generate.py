@@ -256,19 +256,30 @@ def _frozen(compiled: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor
     return step
 
 
-def _rope_fp32(model: GPT) -> None:
-    """Keep the rotary frequencies in fp32 after a cast (a bf16 angle is off by radians)."""
-    if model.rope is not None and model.rope.inv_freq.dtype != torch.float32:
-        model.rope.inv_freq.data = model.rope.inv_freq.data.float()
-        if not model.spec.rope_learnable:
-            model.rope.reset_parameters()
+def _cast_keeping_rope_fp32(model: GPT, device: torch.device, dtype: torch.dtype) -> GPT:
+    """Move and cast the model, with the rotary frequencies kept in fp32 at their exact values:
+    in bf16 a learned frequency is off by 0.3%, and its angle by radians at position 1,000. They
+    are taken before the cast, which would round them first."""
+    inv_freq = model.rope.inv_freq.detach().float().clone() if model.rope is not None else None
+    model = model.to(device=device, dtype=dtype)
+    if inv_freq is not None and model.rope.inv_freq.dtype != torch.float32:
+        model.rope.inv_freq.data = inv_freq.to(device)
+    return model
 
 
 class Generator:
     """A model made ready for sampling: moved to ``device``, cast to ``dtype`` (weights and cache;
     ``auto`` = bf16 on CUDA with bf16 support, else fp32), optionally with a compiled decode step.
 
-    The model is changed in place (device, dtype, eval mode)."""
+    The model is changed in place: device, dtype (rotary frequencies stay fp32), eval mode, and on
+    the CPU its weights laid out for decoding and, in fp32, its ``nn.Linear`` layers replaced by
+    :class:`~gpt2cli.cpu_decoding.PackedLinear` (same parameters, same ``state_dict``). The model
+    stays usable as before: the packed copies are used only without gradients, are made again
+    when a weight changes in place (``load_state_dict``, an optimizer step; not writes through
+    ``.data``), and are left out when the model is pickled or deep-copied.
+
+    ``generate`` takes ``max_new_tokens``, sampling and stop settings from its spec; device,
+    dtype and compile are this object's (a spec's own are for :func:`generate`)."""
 
     def __init__(
         self,
@@ -283,8 +294,7 @@ class Generator:
 
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, self.device)
-        self.model = model.to(device=self.device, dtype=self.dtype).eval()
-        _rope_fp32(self.model)
+        self.model = _cast_keeping_rope_fp32(model, self.device, self.dtype).eval()
         on_cpu = self.device.type == "cpu"
         self._weights_mapping = lay_out_weights_for_decoding(self.model) if on_cpu else None
         # MKL-packed weights for batches of 2+ rows (eager fp32 only: inductor cannot lower the

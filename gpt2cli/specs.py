@@ -405,8 +405,10 @@ class TrainSpec(_Spec):
     @classmethod
     def _default_preset(cls, data: Any) -> Any:
         """A model section without a preset starts from the default training preset, so that
-        `--n-layer 2` means "nano with two layers", not "GPT-2 124M with two layers". Without an
-        explicit learning rate, the preset's recommended one is written into the spec."""
+        `--n-layer 2` means "nano with two layers", not "GPT-2 124M with two layers". A ModelSpec
+        object is taken as built (on its own, a ModelSpec without a preset is GPT-2's shape).
+        Without an explicit learning rate, the preset's recommended one is written into the spec,
+        for a dict and an object alike."""
         if not isinstance(data, dict):
             return data
         model = data.get("model", {})
@@ -414,8 +416,11 @@ class TrainSpec(_Spec):
             model = {"preset": DEFAULT_PRESET_CPU, **model}
             data = {**data, "model": model}
         optim = data.get("optim", {})
-        if isinstance(model, dict) and isinstance(optim, dict) and optim.get("lr") is None:
-            lr = RECOMMENDED_LR.get(model.get("preset") or "", FALLBACK_LR)
+        if isinstance(optim, OptimSpec):
+            return data  # built with its own lr
+        preset = model.preset if isinstance(model, ModelSpec) else model.get("preset") if isinstance(model, dict) else None
+        if isinstance(optim, dict) and optim.get("lr") is None:
+            lr = RECOMMENDED_LR.get(preset or "", FALLBACK_LR)
             data = {**data, "optim": {**optim, "lr": lr}}
         return data
 

@@ -124,3 +124,52 @@ def test_available_memory_is_read_from_the_system():
     assert available is None or available > 0
     if sys.platform == "linux":  # /proc/meminfo's MemAvailable
         assert available is not None
+
+
+def test_a_packed_model_stays_correct_after_its_weights_change_and_can_be_copied():
+    """Generator wraps the caller's model: a weight changed in place afterwards (an optimizer step,
+    load_state_dict) must not be served from a stale packed copy, gradients must flow, and the
+    model must still deep-copy and pickle."""
+    import copy
+    import io
+
+    from gpt2cli.generate import Generator
+    from gpt2cli.model import GPT
+    from gpt2cli.specs import GenerateSpec, ModelSpec
+
+    if not mkl_packing_available():
+        pytest.skip("no MKL packed GEMM in this torch build")
+    model = GPT(ModelSpec(vocab_size=256, block_size=32, n_layer=2, n_head=2, n_embd=32))
+    gen = Generator(model, device="cpu", dtype="fp32")
+    gen.generate([1, 2, 3], GenerateSpec(max_new_tokens=3, num_samples=2, temperature=0))  # packs for 2 rows
+    assert any(m.packed is not None for m in gen._packed_linears)
+    idx = torch.randint(0, 256, (2, 1))
+    reference = GPT(model.spec)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.5)
+    reference.load_state_dict(model.state_dict())
+    with torch.inference_mode():
+        torch.testing.assert_close(model(idx), reference.eval()(idx))
+    model.train()
+    loss = model(torch.randint(0, 256, (2, 8)), targets=torch.randint(0, 256, (2, 8)))
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    clone = copy.deepcopy(model)
+    torch.save(model, io.BytesIO())
+    assert all(m.packed is None for m in clone.modules() if hasattr(m, "packed"))
+
+
+def test_learned_rope_frequencies_keep_their_fp32_values_through_a_bf16_cast():
+    from gpt2cli.generate import Generator
+    from gpt2cli.model import GPT
+    from gpt2cli.specs import ModelSpec
+
+    model = GPT(ModelSpec(vocab_size=256, block_size=1024, n_layer=1, n_head=2, n_embd=32, pos="rope",
+                          rope_learnable=True))
+    with torch.no_grad():
+        model.rope.inv_freq.mul_(1.0123)  # trained away from the closed form
+    before = model.rope.inv_freq.detach().clone()
+    Generator(model, device="cpu", dtype="bf16")
+    assert model.rope.inv_freq.dtype == torch.float32 and torch.equal(model.rope.inv_freq.detach(), before)
+    assert model.transformer.wte.weight.dtype == torch.bfloat16

@@ -349,3 +349,11 @@ def test_set_takes_the_command_name_as_a_section_of_a_flat_spec(spec_cls, prefix
     assert getattr(build_spec(spec_cls, sets=[assignment.partition(".")[2]], set_prefix=prefix), field) == value
     with pytest.raises(UserError, match="unknown setting"):
         build_spec(spec_cls, sets=[f"other.{field}=1"], set_prefix=prefix)
+
+
+def test_a_model_spec_object_gets_its_presets_learning_rate_like_a_dict():
+    assert TrainSpec(model=ModelSpec(preset="tiny")).optim.lr == TrainSpec(model={"preset": "tiny"}).optim.lr
+    assert TrainSpec(model=ModelSpec(preset="gpt2")).optim.lr == TrainSpec(model={"preset": "gpt2"}).optim.lr
+    # an object is taken as built: without a preset it is GPT-2's shape (a dict would start from nano)
+    assert TrainSpec(model=ModelSpec(n_layer=2)).model.n_embd == 768
+    assert TrainSpec(model={"n_layer": 2}).model.n_embd == ModelSpec(preset="nano").n_embd
