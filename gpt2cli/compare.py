@@ -81,6 +81,7 @@ METRIC_ROWS: tuple[RowDef, ...] = (
 )
 METRIC_KEYS = tuple(r.key for r in METRIC_ROWS)
 TARGET_KEYS = ("tokens_to_target", "time_to_target_s")
+PPL_KEYS = ("best_val_ppl", "final_val_ppl")
 
 
 # ------------------------------------------------------------------------------------ runs
@@ -244,7 +245,8 @@ def _segments(train_rows: list[dict[str, Any]]) -> list[tuple[str, int, int]]:
         if not isinstance(strategy, str) or not isinstance(world, int) or isinstance(world, bool):
             continue
         if not segments or segments[-1][:2] != (strategy, world):
-            segments.append((strategy, world, int(row.get("step", 0))))
+            start = _start_step(row)  # the first trained step is start_step + 1
+            segments.append((strategy, world, start + 1 if start is not None else int(row.get("step", 0))))
     return segments
 
 
@@ -262,16 +264,36 @@ def load_runs(paths: Sequence[str | Path]) -> list[Run]:
     return [load_run(p, status) for p, status in find_runs(paths)]
 
 
+def _start_step(row: Mapping[str, Any]) -> int | None:
+    """The step the row's process started (or resumed) at, where the row records it."""
+    value = row.get("start_step")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _new_segment(row: Mapping[str, Any], prev_start: int | None, last_t: float | None) -> bool:
+    """Whether ``row`` is the first of a resumed segment, after a row of ``prev_start`` whose
+    time_s was ``last_t``: the start step changed, or (rows written before they recorded it)
+    time_s went down, as it restarts at 0 on a resume."""
+    start = _start_step(row)
+    if start is not None or prev_start is not None:
+        return start != prev_start
+    t = row.get("time_s")
+    return last_t is not None and _finite(t) and t < last_t
+
+
 def _with_elapsed(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Add ``elapsed_s``: time_s restarts at 0 when a run is resumed, so the wall time of a
-    resumed run is the sum of its segments."""
-    offset, last = 0.0, 0.0
+    resumed run is the sum of its segments (each ending at its last time_s)."""
+    offset, last, prev_start, first = 0.0, 0.0, None, True
     out = []
     for row in rows:
         t = row.get("time_s")
+        if not first and _new_segment(row, prev_start, last):
+            offset += last
+            last = 0.0
+        first = False
+        prev_start = _start_step(row)
         if _finite(t):
-            if t < last:
-                offset += last
             last = float(t)
             row = {**row, "elapsed_s": offset + float(t)}
         out.append(row)
@@ -318,12 +340,16 @@ def _model_numbers(model: Any) -> tuple[int | None, int | None]:
 
 def _steady_windows(train_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The logged windows that throughput is taken from: without the first window of the run and
-    of every resumed segment (time_s restarts), which hold start-up and compile time. Runs too
+    of every resumed segment (start_step changes; for older rows, time_s restarts), which hold
+    start-up and compile time. Runs too
     short to spare them keep all."""
-    steady, last = [], None
-    for row in train_rows:
+    steady: list[dict[str, Any]] = []
+    last: float | None = None
+    prev_start: int | None = None
+    for i, row in enumerate(train_rows):
         t = row.get("time_s")
-        starts_segment = last is None or (_finite(t) and t < last)
+        starts_segment = i == 0 or _new_segment(row, prev_start, last)
+        prev_start = _start_step(row)
         if _finite(t):
             last = float(t)
         if not starts_segment:
@@ -387,6 +413,9 @@ class Stat:
 
     values: list[float]
     total: int
+    # Perplexities: the mean is exp(mean of the losses), the geometric mean, so that a perplexity
+    # row ranks the columns as its loss row does; no std is given (the loss row has the spread).
+    geometric: bool = False
 
     @property
     def n(self) -> int:
@@ -394,10 +423,16 @@ class Stat:
 
     @property
     def mean(self) -> float | None:
-        return statistics.fmean(self.values) if self.values else None
+        if not self.values:
+            return None
+        if self.geometric and all(v > 0 for v in self.values):
+            return math.exp(statistics.fmean(math.log(v) for v in self.values))
+        return statistics.fmean(self.values)
 
     @property
     def std(self) -> float | None:
+        if self.geometric:
+            return None
         return statistics.stdev(self.values) if len(self.values) > 1 else None
 
     def to_dict(self) -> dict[str, Any]:
@@ -451,6 +486,7 @@ class Comparison:
     target: float | None
     group_by: list[str] | None
     runs: list[Run]
+    notes: list[str] = field(default_factory=list)  # one line each, for stderr (duplicate runs)
 
     # ----------------------------------------------------------------- cells
     def cell(self, row: Row, index: int) -> str:
@@ -607,22 +643,28 @@ def compare_runs(
         names = [g.strip() for g in (group_by.split(",") if isinstance(group_by, str) else group_by) if g.strip()]
         paths = [resolve_field(g, known, aliases) for g in names]
 
+    notes: list[str] = []
+    if paths is not None or group_seeds:
+        runs, notes = _drop_duplicates(runs)
     groups: dict[str, list[Run]] = {}
     for i, run in enumerate(runs):
         key = _group_key(run, paths) if paths is not None or group_seeds else str(i)
         groups.setdefault(key, []).append(run)
     columns = [Column(label="", runs=members) for members in groups.values()]
 
-    # Spec rows: the fields whose values differ between columns.
-    spec_fields = []
-    if len(columns) > 1:
-        for key in known:
-            if key.split(".")[0] in IGNORED_SECTIONS:
-                continue
-            shown = [json.dumps(c.field_values(key), default=str) for c in columns]
-            if len(set(shown)) > 1:
-                spec_fields.append(key)
-    _label_columns(columns, spec_fields, names, paths)
+    # Spec rows: the fields whose values differ between columns, and (their cells show the mixed
+    # values) those that vary within a column; seeds within a column of seeds go without saying.
+    spec_fields, between = [], []
+    for key in known:
+        if key.split(".")[0] in IGNORED_SECTIONS:
+            continue
+        shown = [json.dumps(c.field_values(key), default=str) for c in columns]
+        if len(set(shown)) > 1:
+            between.append(key)
+            spec_fields.append(key)
+        elif (paths is not None or key != SEED_FIELD) and any(len(c.field_values(key)) > 1 for c in columns):
+            spec_fields.append(key)
+    _label_columns(columns, between, names, paths)
 
     for col in columns:
         for key in METRIC_KEYS:
@@ -637,14 +679,21 @@ def compare_runs(
                     value = run.metrics.get(key)
                 if _finite(value):
                     values.append(float(value))  # type: ignore[arg-type]
-            col.stats[key] = Stat(values, len(col.runs))
+            col.stats[key] = Stat(values, len(col.runs), geometric=key in PPL_KEYS)
 
     rank_key = METRICS[metric]
     rank_kind = next(d.kind for d in METRIC_ROWS if d.key == rank_key)
     means = [c.stats[rank_key].mean for c in columns]
-    for col, mean in zip(columns, means, strict=True):
-        if mean is not None:  # ties share a rank: 1, 1, 3
-            col.rank = 1 + sum(1 for m in means if m is not None and m < mean and not tied(m, mean, rank_kind))
+    # A mean over only some runs of a group (no eval yet) ranks after every complete column.
+    full = [c.stats[rank_key].n == len(c.runs) for c in columns]
+    any_full = any(ok and m is not None for ok, m in zip(full, means, strict=True))
+    for col, mean, ok in zip(columns, means, full, strict=True):
+        if mean is None:
+            continue
+        peers = [m for m, o in zip(means, full, strict=True) if m is not None and (o == ok or not any_full)]
+        ahead = 0 if ok or not any_full else sum(1 for m, o in zip(means, full, strict=True) if m is not None and o)
+        # ties share a rank: 1, 1, 3
+        col.rank = 1 + ahead + sum(1 for m in peers if m < mean and not _tied_row(m, mean, rank_kind))
 
     rows: list[Row] = [Row(k, k, None, "text", spec=True) for k in spec_fields]
     if any(len(c.runs) > 1 for c in columns):
@@ -678,7 +727,7 @@ def compare_runs(
             if len(present) < 2:
                 continue
             extreme = min(present) if row.better == "min" else max(present)
-            if all(tied(s, extreme, row.kind) for s in present):
+            if all(_tied_row(s, extreme, row.kind) for s in present):
                 continue  # all equal: nothing to mark
             if row.key != "rank":
                 # A mean over only some runs of a group (the others never reached the target, or
@@ -688,9 +737,29 @@ def compare_runs(
                     scores = [sc if ok else None for ok, sc in zip(complete, scores, strict=True)]
                     present = [s for s in scores if s is not None]
             top = min(present) if row.better == "min" else max(present)
-            best[row.key] = [i for i, s in enumerate(scores) if s is not None and tied(s, top, row.kind)]
+            best[row.key] = [i for i, s in enumerate(scores) if s is not None and _tied_row(s, top, row.kind)]
     return Comparison(columns=columns, rows=rows, best=best, metric=metric, target=target,
-                      group_by=paths, runs=list(runs))
+                      group_by=paths, runs=list(runs), notes=notes)
+
+
+def _drop_duplicates(runs: Sequence[Run]) -> tuple[list[Run], list[str]]:
+    """Runs with the same settings and seed (copies of one run, say in two folders) are one run:
+    keep the most complete (the first of equals) in the place of the first, and a note for each
+    set of duplicates. Seeds of a group are then distinct, so n counts independent runs."""
+    sets: dict[str, list[Run]] = {}
+    for run in runs:
+        sets.setdefault(_group_key(run, None) + json.dumps(run.fields.get(SEED_FIELD), default=str), []).append(run)
+    kept: dict[int, Run] = {}
+    notes: list[str] = []
+    for members in sets.values():
+        chosen = max(members, key=lambda r: r.step)  # max keeps the first of equals
+        kept[id(members[0])] = chosen
+        if len(members) > 1:
+            names = [str(r.path) for r in members]
+            listed = " and ".join(names) if len(names) == 2 else ", ".join(names[:-1]) + " and " + names[-1]
+            notes.append(f"note: runs {listed} have the same settings and seed; counted once "
+                         f"(kept {chosen.path})")
+    return [kept[id(r)] for r in runs if id(r) in kept], notes
 
 
 def compare_paths(paths: Sequence[str | Path], **kwargs: Any) -> Comparison:
@@ -743,7 +812,13 @@ def sweep_lines(result: Comparison, name: str, aliases: Mapping[str, str] | None
             continue  # no eval rows yet: nothing to plot
         label = ", ".join(f"{key.split('.')[-1]}={', '.join(format_field(v) for v in col.field_values(key))}"
                           for key in splitting)
-        lines.setdefault(label, []).append((x, stat))
+        points = lines.setdefault(label, [])
+        same = next((i for i, (px, _) in enumerate(points) if px == x), None)
+        if same is None:
+            points.append((x, stat))
+        else:  # runs not grouped (--no-group-seeds): one point of the line, mean ± std of them all
+            old = points[same][1]
+            points[same] = (x, Stat(old.values + stat.values, old.total + stat.total, geometric=stat.geometric))
     for points in lines.values():
         points.sort(key=lambda point: point[0])
     return SweepLines(field=path, metric=metric, lines=lines)
@@ -800,6 +875,14 @@ def tied(a: float, b: float, kind: str) -> bool:
     """Equal for ranking: the same as printed (``format_value``), or within TIE_REL_TOL relative,
     so that float noise (9.8640 against 9.8640 + 2e-7) never ranks one run above another."""
     return a == b or math.isclose(a, b, rel_tol=TIE_REL_TOL) or format_value(a, kind) == format_value(b, kind)
+
+
+def _tied_row(a: float, b: float, kind: str) -> bool:
+    """:func:`tied` for ranking and marks; perplexities (exp of a mean loss) compare as their
+    losses, so that a perplexity row always marks the same columns as its loss row."""
+    if kind == "ppl" and a > 0 and b > 0:
+        return tied(math.log(a), math.log(b), "loss")
+    return tied(a, b, kind)
 
 
 def format_field(value: Any) -> str:

@@ -107,7 +107,9 @@ def write_plot(columns: Sequence[Any], path: str | Path, *, metric: str = "val_l
             continue
         line = _target_line(which, metric, target)
         if line is not None:
-            ax.axhline(line, color="0.3", ls="--", lw=1, label=f"target {target:g}")
+            # The axis is loss: a perplexity target is drawn at its loss, and says both.
+            text = f"target ppl {target:g} (loss {line:.3f})" if metric == "val_ppl" else f"target {target:g}"
+            ax.axhline(line, color="0.3", ls="--", lw=1, label=text)
         top = _zoom_top(drawn)
         bottom = min(y for s in drawn for _, y in s)
         if top is not None and top > bottom:
@@ -141,7 +143,8 @@ def _sweep_panel(ax: Any, sweep: Any) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted(xs_all), [f"{x:g}" for x in sorted(xs_all)])
         ax.minorticks_off()
-    ax.set_title(f"{sweep.metric.replace('_', ' ')} vs {sweep.field} (mean ± std)")
+    spread = "geometric mean" if sweep.metric.endswith("_ppl") else "mean ± std"
+    ax.set_title(f"{sweep.metric.replace('_', ' ')} vs {sweep.field} ({spread})")
     ax.set_xlabel(sweep.field)
     ax.set_ylabel(sweep.metric.replace("_", " "))
     ax.grid(alpha=0.3)

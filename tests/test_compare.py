@@ -22,6 +22,7 @@ from gpt2cli.compare import (
     strategy_history,
     sweep_lines,
     tied,
+    time_to_target,
 )
 from gpt2cli.errors import UserError
 from gpt2cli.modelinfo import model_stats
@@ -477,3 +478,149 @@ def test_real_command_table_plot_and_not_a_run(tmp_path):
     assert bad.returncode == 2 and bad.stdout == ""
     lines = bad.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error:") and "notarun" in lines[0]
+
+
+# ------------------------------------------------------------------ review fixes (ranks, seeds, ppl, segments)
+
+
+def test_a_group_without_all_its_evals_ranks_after_complete_groups(tmp_path, capsys):
+    """A sweep in progress: one run of a group has no eval rows yet. Its 1-of-2 mean is lower, but
+    the complete group is ranked first and named best, as the best val loss row marks it."""
+    a1 = make_run(tmp_path / "a" / "s1", val=[7.0, 6.6261], train=[8, 7, 6, 5], seed=1)
+    make_run(tmp_path / "a" / "s2", train=[8, 7], seed=2)  # no eval rows yet
+    make_run(tmp_path / "b" / "s1", val=[7.0, 6.8], train=[8, 7, 6, 5], seed=1, pos="rope")
+    make_run(tmp_path / "b" / "s2", val=[7.0, 6.9], train=[8, 7, 6, 5], seed=2, pos="rope")
+    result = compare_paths([tmp_path / "a", tmp_path / "b"])
+    assert [len(c.runs) for c in result.columns] == [2, 2] and a1.exists()
+    assert [c.rank for c in result.columns] == [2, 1]
+    assert result.best["best_val_loss"] == [1] and result.best["rank"] == [1]
+    assert result.best_columns() == [1]
+    code, out, _ = cli(capsys, "compare", str(tmp_path / "a"), str(tmp_path / "b"), "--no-chart")
+    assert code == 0
+    best_line = next(line for line in out.splitlines() if line.startswith("best:"))
+    assert "(1 of 2)" not in best_line and "6.8500" in best_line
+
+
+def test_copies_of_the_same_run_count_once(tmp_path, capsys):
+    for folder in ("x", "y"):
+        make_run(tmp_path / folder / "seed1337", val=[4.0, 3.5], train=[5, 4, 3, 2], seed=1337)
+        make_run(tmp_path / folder / "seed1338", val=[4.0, 3.7], train=[5, 4, 3, 2], seed=1338)
+    result = compare_paths([tmp_path / "x", tmp_path / "y"])
+    assert len(result.columns) == 1 and len(result.columns[0].runs) == 2
+    s = result.columns[0].stats["best_val_loss"]
+    assert s.n == 2 and s.std == pytest.approx(statistics.stdev([3.5, 3.7]))
+    assert sorted(r.fields["train.seed"] for r in result.columns[0].runs) == [1337, 1338]
+    assert len(result.notes) == 2 and all("counted once" in n for n in result.notes)
+    code, out, err = cli(capsys, "compare", str(tmp_path / "x"), str(tmp_path / "y"), "--no-chart")
+    assert code == 0 and "(2)" in out and "(4)" not in out
+    assert "have the same settings and seed; counted once" in err
+
+
+def test_group_perplexity_is_exp_of_the_mean_loss_and_marks_as_the_loss_row(tmp_path):
+    # Means of losses: a 3.30 < b 3.31; arithmetic means of perplexities would flip it (28.3 > 27.4).
+    make_run(tmp_path / "a" / "s1", val=[4.0, 3.0], train=[5, 4, 3, 2], seed=1)
+    make_run(tmp_path / "a" / "s2", val=[4.0, 3.6], train=[5, 4, 3, 2], seed=2)
+    make_run(tmp_path / "b" / "s1", val=[4.0, 3.31], train=[5, 4, 3, 2], seed=1, pos="rope")
+    make_run(tmp_path / "b" / "s2", val=[4.0, 3.31], train=[5, 4, 3, 2], seed=2, pos="rope")
+    for metric in ("val_loss", "val_ppl"):
+        result = compare_paths([tmp_path / "a", tmp_path / "b"], metric=metric)
+        ppl = result.columns[0].stats["best_val_ppl"]
+        assert ppl.mean == pytest.approx(math.exp(3.3)) and ppl.std is None
+        assert "±" not in format_stat(ppl, "ppl")
+        assert result.best["best_val_loss"] == result.best["best_val_ppl"] == [0]
+        assert result.best["final_val_loss"] == result.best["final_val_ppl"] == [0]
+        assert [c.rank for c in result.columns] == [1, 2]
+
+
+def test_loss_and_perplexity_rows_always_mark_the_same_columns(tmp_path):
+    import random
+
+    rng = random.Random(0)
+    runs = []
+    for trial in range(4):
+        for g in range(3):
+            for seed in (1, 2):
+                v = round(rng.uniform(3.0, 3.05), rng.choice([3, 4, 6]))
+                runs.append(make_run(tmp_path / str(trial) / f"g{g}_s{seed}", val=[4.0, v], train=[5, 4, 3, 2],
+                                     seed=seed, n_layer=g + 1))
+    for trial in range(4):
+        result = compare_paths([tmp_path / str(trial)])
+        assert result.best["best_val_loss"] == result.best["best_val_ppl"]
+
+
+def _with_start_steps(path: Path, starts: dict[int, int], strategies: dict[int, tuple[str, int]] | None = None,
+                      drop_steps: tuple[int, ...] = ()) -> None:
+    """Rewrite a run's rows as a resumed run writes them: start_step (and strategy) by segment."""
+    rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+    out = []
+    for row in rows:
+        start = max(s for s in starts if s < row["step"])
+        if row["kind"] == "train" and row["step"] in drop_steps:
+            continue
+        row["start_step"] = starts[start]
+        if strategies and row["kind"] == "train":
+            row["strategy"], row["world_size"] = strategies[start]
+        out.append(row)
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in out), encoding="utf-8")
+
+
+def test_resume_segments_from_start_step_when_time_does_not_go_down(tmp_path):
+    """Segment 2 (resumed at step 3) logs time_s 5, 6, 7: above segment 1's last 3, so only the
+    start_step field shows the resume."""
+    path = make_run(tmp_path / "run", val=[4.0, 3.5, 3.0], train=[5.0, 4.8, 4.6, 4.4, 4.2, 4.0], steps=6,
+                    tokens_per_s=[10.0, 1000.0, 1100.0, 20.0, 1200.0, 1300.0], times=[1, 2, 3, 5, 6, 7])
+    before = load_run(path)
+    assert before.metrics["wall_time_s"] == 7.5  # the time_s heuristic sees one segment
+    _with_start_steps(path, {0: 0, 3: 3}, {0: ("single", 1), 3: ("ddp", 2)})
+    run = load_run(path)
+    assert run.metrics["wall_time_s"] == 3 + 7.5  # each segment's last time_s, added up
+    assert run.metrics["tokens_per_s"] == 1150.0  # first window of each segment left out
+    assert [s[2] for s in run.segments] == [1, 4]
+    assert time_to_target(run, "val_loss", 3.5) == (4 * TOKENS_PER_STEP, 3 + 5.5)
+    assert time_to_target(run, "val_loss", 4.0) == (2 * TOKENS_PER_STEP, 2.5)
+    # The first trained step of a segment is start_step + 1, whether or not that step was logged.
+    other = make_run(tmp_path / "other", val=[4.0], train=[5.0, 4.8, 4.6, 4.4, 4.2, 4.0], steps=6,
+                     times=[1, 2, 3, 5, 6, 7])
+    _with_start_steps(other, {0: 0, 3: 3}, {0: ("single", 1), 3: ("ddp", 2)}, drop_steps=(4,))
+    assert load_run(other).to_dict()["segments"] == [
+        {"strategy": "single", "world_size": 1, "first_step": 1},
+        {"strategy": "ddp", "world_size": 2, "first_step": 4},
+    ]
+
+
+def test_group_by_shows_fields_that_vary_within_a_column(tmp_path):
+    for pos in ("learned", "rope"):
+        for lr in (1e-3, 4e-3):
+            make_run(tmp_path / f"{pos}_lr{lr:g}", val=[4.0, 3.5], train=[5, 4, 3, 2], pos=pos, lr=lr)
+    result = compare_paths([tmp_path], group_by="model.pos")
+    spec_rows = [r.key for r in result.rows if r.spec]
+    assert spec_rows == ["model.pos", "optim.lr", "optim.min_lr"]
+    lr_row = next(r for r in result.rows if r.key == "optim.lr")
+    assert [result.cell(lr_row, i) for i in range(2)] == ["0.001, 0.004", "0.001, 0.004"]
+    data = result.to_dict()
+    assert data["columns"][0]["spec"]["optim.lr"] == [0.001, 0.004]
+    assert "| optim.lr | 0.001, 0.004 | 0.001, 0.004 |" in result.to_markdown()
+    rows = list(csv.DictReader(io.StringIO(result.to_csv())))
+    assert rows[0]["optim.lr"] == "0.001;0.004"
+    # Seeds of a column of seeds are not a row: n says it.
+    make_run(tmp_path / "s" / "a1", val=[4.0], train=[5, 4], seed=1)
+    make_run(tmp_path / "s" / "a2", val=[4.0], train=[5, 4], seed=2)
+    assert not [r for r in compare_paths([tmp_path / "s"]).rows if r.spec]
+
+
+def test_plot_vs_without_grouped_seeds_makes_one_point_per_x(tmp_path, capsys):
+    runs = []
+    for lr in (1e-3, 2e-3):
+        for seed in (1, 2):
+            runs.append(make_run(tmp_path / f"lr{lr:g}-s{seed}", val=[5.0, 3.0 + lr * 100 + seed / 10],
+                                 train=[5, 4, 3, 2], seed=seed, lr=lr))
+    result = compare_paths(runs, group_seeds=False)
+    assert len(result.columns) == 4
+    points = sweep_lines(result, "lr").lines[""]
+    assert [x for x, _ in points] == [1e-3, 2e-3]  # the seeds of one lr are one point, not a zigzag
+    assert points[0][1].n == 2 and points[0][1].mean == pytest.approx(3.25)
+    code, _, _ = cli(capsys, "compare", *map(str, runs), "--no-group-seeds", "--plot", str(tmp_path / "p.svg"),
+                     "--plot-vs", "lr", "--metric", "val_ppl", "--target", "1000", "--format", "json")
+    assert code == 0
+    svg = (tmp_path / "p.svg").read_text()
+    assert "target ppl 1000 (loss 6.908)" in svg and "geometric mean" in svg

@@ -118,6 +118,8 @@ def flag_aliases() -> dict[str, str]:
 
 def show_comparison(result: Comparison, spec: CompareSpec) -> None:
     """Print ``result`` in the spec's format and write the plot; a terminal chart under a table."""
+    for note in result.notes:
+        err.print(note, soft_wrap=True, markup=False, highlight=False)
     sweep = None
     if spec.plot and spec.plot_vs:  # refused, if it must be, before anything is printed
         from gpt2cli.compare import sweep_lines
