@@ -56,14 +56,16 @@ def evaluate_sums(model, tokens, *, seq_len, batch_size, max_tokens=None, strate
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
-    for x, y, weight in eval_batches(tokens, batch_size=batch_size, seq_len=seq_len, max_tokens=max_tokens,
-                                     rank=rank, world_size=world, device=device):
-        with autocast() if autocast else contextlib.nullcontext():
-            loss = model(x, targets=y, reduction="sum", loss_chunk=loss_chunk)
-        loss_sum += loss.double() * weight  # padding batches (weight 0): same collectives, no count
-        count += y.numel() * weight
-    if was_training:
-        model.train()
+    try:
+        for x, y, weight in eval_batches(tokens, batch_size=batch_size, seq_len=seq_len, max_tokens=max_tokens,
+                                         rank=rank, world_size=world, device=device):
+            with autocast() if autocast else contextlib.nullcontext():
+                loss = model(x, targets=y, reduction="sum", loss_chunk=loss_chunk)
+            loss_sum += loss.double() * weight  # padding batches (weight 0): same collectives, no count
+            count += y.numel() * weight
+    finally:  # an error (a bad batch, out of memory) leaves the model as it came
+        if was_training:
+            model.train()
     totals = torch.stack([loss_sum, count])
     if strategy is not None:
         totals = strategy.all_reduce_sum(totals)

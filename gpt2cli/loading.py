@@ -53,7 +53,11 @@ class LoadedModel(NamedTuple):
 
 def load_model(source: str | os.PathLike, device: torch.device | str = "cpu") -> LoadedModel:
     """Load CKPT (checkpoint file, run folder, HF GPT-2 folder or hub name, safetensors export)
-    as an fp32 :class:`GPT` in eval mode on ``device``."""
+    as an fp32 :class:`GPT` in eval mode on ``device`` (auto, cpu, cuda, cuda:N, mps or a
+    torch.device; one this machine lacks is a UserError, found before anything is read)."""
+    from gpt2cli.parallel.base import resolve_device
+
+    device = resolve_device(device)
     text = str(source)
     if not text.strip():
         raise UserError("no checkpoint given", "pass a checkpoint file, a run folder or a GPT-2 model")
@@ -217,6 +221,9 @@ def _is_our_safetensors(path: Path) -> bool:
 
 def load_safetensors(path: str | os.PathLike, device: torch.device | str = "cpu") -> LoadedModel:
     """Load a file written by :func:`save_safetensors`."""
+    from gpt2cli.parallel.base import resolve_device
+
+    device = resolve_device(device)
     path = Path(path)
     where = repr(str(path))
     meta = _read_metadata(path)

@@ -40,7 +40,15 @@ from gpt2cli.metrics import (
 from gpt2cli.model import GPT
 from gpt2cli.parallel import Strategy, make_strategy
 from gpt2cli.profiling import StepProfiler
-from gpt2cli.specs import DEFAULT_LOSS_CHUNK, DEFAULT_STEPS, TrainSpec, spec_from_json, spec_to_json
+from gpt2cli.specs import (
+    DEFAULT_LOSS_CHUNK,
+    DEFAULT_STEPS,
+    ParallelSpec,
+    TrainSpec,
+    spec_from_json,
+    spec_to_json,
+    validate_spec,
+)
 
 # --------------------------------------------------------------------------------- reporting
 
@@ -170,12 +178,18 @@ def _fault_at(kind: str, step: int, rank: int) -> bool:
 # ------------------------------------------------------------------------------ precision
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto -> bf16 on a CUDA GPU that has it, else fp32; fp32, bf16, fp16 as named; else UserError."""
     if name == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype {name!r}", f"use auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 def resolve_loss_chunk(loss_chunk: int | None, compiled: bool, device: torch.device) -> int:
@@ -380,7 +394,15 @@ class _WorkerStartup:
 
 
 def train(spec: TrainSpec, reporter: Reporter | None = None, strategy: Strategy | None = None) -> TrainResult:
-    """Run (or resume) a training run described by ``spec``."""
+    """Run (or resume) a training run described by ``spec``.
+
+    The spec is validated again (one built with ``model_copy(update=...)`` skipped validation).
+    Several processes (parallel.nproc, gpus or nnodes) need torchrun's workers, a process group
+    of that size made by the caller, or a ``strategy`` given here. The global torch RNG and
+    float32 matmul precision are as they were when this returns."""
+    spec = _revalidate(spec)
+    if strategy is None:
+        _check_launched(spec.parallel)
     reporter = reporter or SilentReporter()
     worker = int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ  # started by torchrun
     startup = _WorkerStartup(int(os.environ["RANK"])) if worker else None
@@ -391,6 +413,31 @@ def train(spec: TrainSpec, reporter: Reporter | None = None, strategy: Strategy 
             startup.done()
 
 
+def _revalidate(spec: TrainSpec) -> TrainSpec:
+    """The spec as validation leaves it (a no-op for one that was validated): every resolved
+    value round-trips, as spec.json does; a bad value is a UserError, not a run of -3 steps."""
+    return validate_spec(type(spec), spec.model_dump())
+
+
+def _check_launched(p: ParallelSpec) -> None:
+    """Several processes asked for, but this is one process that no launcher started: training
+    here would be one process of a run whose spec says several."""
+    from gpt2cli.parallel.launch import under_torchrun
+
+    world = p.procs_per_node * p.nnodes
+    if world <= 1 or under_torchrun():
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() == world:
+        return  # the caller made a process group of that size (e.g. torch.multiprocessing.spawn)
+    given = f"{'gpus' if p.gpus else 'nproc'} {p.procs_per_node}" + (f" x nnodes {p.nnodes}" if p.nnodes > 1 else "")
+    raise UserError(
+        f"{given} ({world} processes) needs the launcher, and train() was called in one process",
+        "run `gpt2 train` (it starts torchrun), start this under torchrun, or pass a strategy",
+    )
+
+
 def _train(spec: TrainSpec, reporter: Reporter, strategy: Strategy | None,
            startup: _WorkerStartup | None) -> TrainResult:
     p = spec.parallel
@@ -399,6 +446,18 @@ def _train(spec: TrainSpec, reporter: Reporter, strategy: Strategy | None,
         dist_timeout=p.dist_timeout, fsdp_reshard_after_forward=p.fsdp_reshard_after_forward,
         fsdp_cpu_offload=p.fsdp_cpu_offload,
     )
+    # The run seeds the global RNG (model init, every step, a resume's saved state) and sets TF32
+    # matmuls on CUDA: the caller's process gets both back as they were, whatever happens.
+    precision = torch.get_float32_matmul_precision()
+    try:
+        with torch.random.fork_rng(devices=[strategy.device] if strategy.device.type == "cuda" else []):
+            return _train_with(spec, reporter, strategy, startup)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
+def _train_with(spec: TrainSpec, reporter: Reporter, strategy: Strategy,
+                startup: _WorkerStartup | None) -> TrainResult:
     strategy.setup()
     trainer = _Trainer(spec, strategy, reporter)
     if startup is not None:
@@ -626,7 +685,9 @@ class _Trainer:
             )
             row = {"kind": "eval", "step": step_now, "tokens": tokens_seen, "val_loss": val,
                    "val_ppl": perplexity(val), "eval_s": time.perf_counter() - t0,
-                   "time_s": time.perf_counter() - started}
+                   "time_s": time.perf_counter() - started,
+                   # The step this process started (or resumed) at: gpt2 compare's segment boundary.
+                   "start_step": int(saved_state["step"]) if saved_state is not None else 0}
             improved = val < best_val
             if improved:
                 best_val = val
@@ -734,7 +795,8 @@ class _Trainer:
                            "lr": lr, "grad_norm": float(grad_norm.item()), "tokens_per_s": tok_s,
                            "time_s": now - started,
                            # Per segment: a resume may change them (gpt2 compare shows ddp→fsdp).
-                           "strategy": strategy.name, "world_size": strategy.world_size}
+                           "strategy": strategy.name, "world_size": strategy.world_size,
+                           "start_step": int(saved_state["step"]) if saved_state is not None else 0}
                     utilisation = mfu(flops_per_token, tok_s, peak)
                     if utilisation is not None:
                         row["mfu"] = utilisation
@@ -770,7 +832,8 @@ class _Trainer:
             run_dir=run_dir, status=status, step=step, total_steps=plan.total_steps,
             tokens_seen=tokens_seen, train_loss=last_train, val_loss=last_val,
             best_val_loss=None if math.isinf(best_val) else best_val,
-            wall_s=time.perf_counter() - started, checkpoint=ckpt_path or (run_dir / ckpt.CKPT_NAME),
+            wall_s=time.perf_counter() - started,
+            checkpoint=next((p for p in (ckpt_path, run_dir / ckpt.CKPT_NAME) if p and p.exists()), None),
             best=best_path,
         )
         reporter.end(result)

@@ -171,3 +171,17 @@ def test_latest_checkpoint_skips_damaged(tmp_path: Path):
     warnings = []
     assert ckpt.latest_checkpoint(tmp_path, warnings.append) == tmp_path / ckpt.step_checkpoint_name(4)
     assert warnings and "damaged" in warnings[0]
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda", "cuda:0", torch.device("cuda")])
+def test_load_model_on_a_device_this_machine_lacks_is_a_user_error(tmp_path: Path, monkeypatch, device):
+    from gpt2cli.loading import load_model, save_safetensors
+    from gpt2cli.model import GPT
+    from gpt2cli.specs import ModelSpec
+
+    path = save_safetensors(GPT(ModelSpec(preset="tiny")), tmp_path / "model.safetensors")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError) as info:
+        load_model(path, device=device)
+    assert ("unknown device 'tpu'" if device == "tpu" else "no CUDA GPU") in info.value.message
+    assert load_model(path, device="cpu").model.lm_head.weight.device.type == "cpu"

@@ -150,3 +150,18 @@ def test_fresh_training_run_generates_and_evaluates(tmp_path, cache_dir, capsys)
     assert code == 0, err
     rows = json.loads(out)["results"]
     assert rows[0]["loss"] == rows[1]["loss"]  # best.pt and ckpt.pt hold the same step-2 weights
+
+
+def test_an_error_during_evaluation_leaves_the_model_in_training_mode():
+    from gpt2cli.evaluate import evaluate_sums
+    from gpt2cli.model import GPT
+    from gpt2cli.specs import ModelSpec
+
+    model = GPT(ModelSpec(preset="tiny")).train()
+
+    def failing_autocast():
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        evaluate_sums(model, np.arange(200, dtype=np.uint16), seq_len=16, batch_size=2, autocast=failing_autocast)
+    assert model.training and all(m.training for m in model.modules())

@@ -62,6 +62,11 @@ def test_metrics_schema(tmp_path, cache_dir):
     for r in eval_rows:
         assert {"step", "tokens", "val_loss", "val_ppl", "best"} <= r.keys()
         assert r["val_ppl"] == pytest.approx(math.exp(r["val_loss"]))
+    assert {r["start_step"] for r in rows} == {0}  # the segment: the step this process started from
+    # A resume starts a new segment: its rows say where it started (gpt2 compare adds segments up).
+    train(tiny_spec(tmp_path / "run", train={"steps": 9, "log_every": 3}, eval={"every": 3}, run={"resume": "auto"}))
+    resumed = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["step"] > 6]
+    assert resumed and {r["start_step"] for r in resumed} == {6}
 
 
 def test_tokens_per_s_leaves_out_evaluation_and_checkpoint_time(tmp_path, cache_dir, monkeypatch):
@@ -457,3 +462,63 @@ def test_cli_warns_of_more_cpu_processes_than_cores_on_a_dry_run(tmp_path):
     assert len(lines) == 1, proc.stderr  # one warning line, accepted
     assert lines[0].startswith(f"warning: --nproc {nproc} starts more processes than this machine has CPU cores")
     assert f"x {nproc} process(es)" in proc.stdout and not (tmp_path / "run").exists()
+
+
+def test_an_unknown_dtype_is_a_user_error_naming_the_choices():
+    from gpt2cli.train import resolve_dtype
+
+    with pytest.raises(UserError, match="unknown dtype 'int8'") as info:
+        resolve_dtype("int8", torch.device("cpu"))
+    assert "fp32" in info.value.hint and "bf16" in info.value.hint
+    assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+
+
+@pytest.mark.parametrize("parallel", [{"nproc": 2}, {"nproc": 2, "strategy": "fsdp"}])
+def test_several_processes_without_a_launcher_are_refused_before_anything_is_made(tmp_path, monkeypatch,
+                                                                                    parallel):
+    """One process training a run whose spec.json says two would be a silent lie."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    spec = tiny_spec(tmp_path / "run", parallel={"strategy": "ddp", **parallel})
+    with pytest.raises(UserError, match=r"nproc 2 \(2 processes\) needs the launcher") as info:
+        train(spec)
+    assert "gpt2 train" in info.value.hint and "torchrun" in info.value.hint
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_gives_back_the_global_rng_and_matmul_precision(tmp_path, cache_dir):
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        torch.manual_seed(1234)
+        before = torch.get_rng_state()
+        result = train(tiny_spec(tmp_path / "run", train={"steps": 2}, eval={"every": 2, "tokens": 256}))
+        assert result.status == "completed"
+        assert torch.equal(torch.get_rng_state(), before)
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
+def test_a_spec_changed_without_validation_is_validated_again(tmp_path):
+    spec = tiny_spec(tmp_path / "run")
+    bad = spec.model_copy(update={"train": spec.train.model_copy(update={"steps": -3})})
+    with pytest.raises(UserError, match="steps"):
+        train(bad)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("sections", [
+    {},
+    {"model": {"preset": "nano", "attn": "gqa", "pos": "rope"}},
+    {"model": {"preset": "gpt2", "attn": "mqa", "dropout": 0.1}, "optim": {"lr": 1e-3, "schedule": "linear"}},
+    {"model": {"preset": "mini"}, "train": {"steps": None, "tokens": 100_000, "batch_tokens": 1024},
+     "parallel": {"strategy": "fsdp", "nproc": 2}},
+    {"model": {"n_layer": 2, "n_embd": 96, "n_head": 6, "attn": "gqa"}},
+])
+def test_validating_again_keeps_every_resolved_value(tmp_path, sections):
+    from gpt2cli.train import _revalidate
+
+    spec = tiny_spec(tmp_path / "run", **sections)
+    again = _revalidate(spec)
+    assert again.model_dump() == spec.model_dump() and again == spec

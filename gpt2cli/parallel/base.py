@@ -24,12 +24,17 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from gpt2cli.errors import UserError
+from gpt2cli.specs import _DEVICE_RE
 
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """auto -> cuda (this process's GPU) if present, else mps, else cpu. Unavailable -> UserError."""
+def resolve_device(name: str | torch.device, local_rank: int = 0) -> torch.device:
+    """auto -> cuda (this process's GPU) if present, else mps, else cpu. Unavailable or unknown
+    (anything but auto, cpu, cuda, cuda:N, mps) -> UserError."""
+    name = str(name)
+    if not _DEVICE_RE.match(name):  # the check of every spec's device field, for direct callers
+        raise UserError(f"unknown device {name!r}", "use auto, cpu, cuda, cuda:N or mps")
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank % torch.cuda.device_count())
@@ -66,6 +71,7 @@ class Strategy:
         self.rank = int(os.environ.get("RANK", 0))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.asked_device = str(device)  # as given (auto, cuda, ...): resolved again if the rank changes
         self.device = resolve_device(device, self.local_rank)
         self.activation_checkpointing = activation_checkpointing
 

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from gpt2cli.errors import UserError
-from gpt2cli.parallel.base import Strategy
+from gpt2cli.parallel.base import Strategy, resolve_device
 
 
 class _ProcessGroupStrategy(Strategy):
@@ -23,23 +23,35 @@ class _ProcessGroupStrategy(Strategy):
                  dist_timeout: float = 300.0) -> None:
         super().__init__(device, activation_checkpointing)
         self.dist_timeout = dist_timeout
+        self.owns_group = False  # whether setup made the process group (and teardown destroys it)
 
     def setup(self) -> None:
-        super().setup()
+        self.owns_group = False
         if dist.is_initialized():
+            # A group the caller made (e.g. under torch.multiprocessing.spawn): this process's place
+            # in it is the group's, not the environment's, which such callers need not set.
+            self.rank = dist.get_rank()
+            self.world_size = dist.get_world_size()
+            self.local_rank = int(os.environ.get("LOCAL_RANK", self.rank))
+            self.device = resolve_device(self.asked_device, self.local_rank)
+            super().setup()
             return
+        super().setup()
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         timeout = datetime.timedelta(seconds=self.dist_timeout)
         kwargs = {"backend": backend, "timeout": timeout, **_attempt_store(timeout)}
         if backend == "nccl":
             kwargs["device_id"] = self.device
         dist.init_process_group(**kwargs)
+        self.owns_group = True
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
 
     def teardown(self) -> None:
-        if dist.is_initialized():
+        """Destroy the process group if setup made it; one the caller made stays theirs."""
+        if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+        self.owns_group = False
 
     def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
         value = value.detach().clone()

@@ -101,3 +101,59 @@ def test_retie_gives_the_names_of_a_tied_parameter_one_tensor():
 
 def test_fsdp_gives_large_freed_blocks_back_on_the_cpu():
     assert FSDPStrategy.cpu_keep_freed_below == 16 << 20 < Strategy.cpu_keep_freed_below
+
+
+def _join_a_group_made_by_the_caller(rank: int, store_path: str, out_dir: str) -> None:
+    """One process of test_a_process_group_made_by_the_caller_...: the caller (this function, as
+    under torch.multiprocessing.spawn) makes the group and sets no RANK/WORLD_SIZE."""
+    import json
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from gpt2cli.parallel.distributed import make_strategy
+
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
+    strategy = make_strategy("ddp", "cpu")
+    strategy.setup()
+    total = strategy.all_reduce_sum(torch.tensor(float(rank + 1)))
+    strategy.teardown()
+    result = {"rank": strategy.rank, "world_size": strategy.world_size, "is_main": strategy.is_main,
+              "sum": float(total), "group_left": dist.is_initialized()}
+    Path(out_dir, f"{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+def test_a_process_group_made_by_the_caller_gives_the_ranks_and_is_left_to_the_caller(tmp_path, monkeypatch):
+    import json
+
+    import torch.multiprocessing as mp
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    mp.spawn(_join_a_group_made_by_the_caller, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    results = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(2)]
+    assert results == [{"rank": rank, "world_size": 2, "is_main": rank == 0, "sum": 3.0, "group_left": True}
+                       for rank in range(2)]
+
+
+def test_a_strategy_destroys_only_the_process_group_it_made(monkeypatch):
+    import torch.distributed as dist
+
+    from gpt2cli.parallel.distributed import make_strategy
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    own = make_strategy("ddp", "cpu")
+    own.setup()
+    assert dist.is_initialized() and (own.rank, own.world_size) == (0, 1)
+    own.teardown()
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        theirs = make_strategy("ddp", "cpu")
+        theirs.setup()
+        theirs.teardown()
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
