@@ -270,29 +270,37 @@ def _start_step(row: Mapping[str, Any]) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _new_segment(row: Mapping[str, Any], prev_start: int | None, last_t: float | None) -> bool:
-    """Whether ``row`` is the first of a resumed segment, after a row of ``prev_start`` whose
-    time_s was ``last_t``: the start step changed, or (rows written before they recorded it)
-    time_s went down, as it restarts at 0 on a resume."""
-    start = _start_step(row)
-    if start is not None or prev_start is not None:
-        return start != prev_start
-    t = row.get("time_s")
-    return last_t is not None and _finite(t) and t < last_t
+def _segment_starts(rows: Sequence[Mapping[str, Any]]) -> list[bool]:
+    """For each row, whether it opens a segment: the first row, and the first of every resume,
+    where start_step changes or (rows written before they recorded it) time_s goes down, as it
+    restarts at 0 in a resumed process."""
+    starts: list[bool] = []
+    prev_start: int | None = None
+    last_t: float | None = None
+    for i, row in enumerate(rows):
+        start, t = _start_step(row), row.get("time_s")
+        if i == 0:
+            opens = True
+        elif start is not None or prev_start is not None:
+            opens = start != prev_start
+        else:
+            opens = last_t is not None and _finite(t) and t < last_t
+        starts.append(opens)
+        prev_start = start
+        if _finite(t):
+            last_t = float(t)
+    return starts
 
 
 def _with_elapsed(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Add ``elapsed_s``: time_s restarts at 0 when a run is resumed, so the wall time of a
     resumed run is the sum of its segments (each ending at its last time_s)."""
-    offset, last, prev_start, first = 0.0, 0.0, None, True
+    offset = last = 0.0
     out = []
-    for row in rows:
+    for row, opens in zip(rows, _segment_starts(rows), strict=True):
+        if opens:
+            offset, last = offset + last, 0.0
         t = row.get("time_s")
-        if not first and _new_segment(row, prev_start, last):
-            offset += last
-            last = 0.0
-        first = False
-        prev_start = _start_step(row)
         if _finite(t):
             last = float(t)
             row = {**row, "elapsed_s": offset + float(t)}
@@ -340,20 +348,9 @@ def _model_numbers(model: Any) -> tuple[int | None, int | None]:
 
 def _steady_windows(train_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The logged windows that throughput is taken from: without the first window of the run and
-    of every resumed segment (start_step changes; for older rows, time_s restarts), which hold
-    start-up and compile time. Runs too
-    short to spare them keep all."""
-    steady: list[dict[str, Any]] = []
-    last: float | None = None
-    prev_start: int | None = None
-    for i, row in enumerate(train_rows):
-        t = row.get("time_s")
-        starts_segment = i == 0 or _new_segment(row, prev_start, last)
-        prev_start = _start_step(row)
-        if _finite(t):
-            last = float(t)
-        if not starts_segment:
-            steady.append(row)
+    of every resumed segment, which hold start-up and compile time. Runs too short to spare them
+    keep all."""
+    steady = [row for row, opens in zip(train_rows, _segment_starts(train_rows), strict=True) if not opens]
     return steady if len(steady) >= 2 else train_rows
 
 

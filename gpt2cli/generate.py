@@ -420,10 +420,9 @@ class Generator:
           their order, probabilities and cumulative sums (measured peaks, CPU, 4,000 samples:
           1.2 MB per sample with top-k, 2.2 MB with top-p, for a vocabulary of 50,257);
         - the token buffer."""
-        dtype_bytes = torch.empty((), dtype=self.dtype).element_size()
         total_len = prompt_len + spec.max_new_tokens
-        cache = kv_cache_bytes_per_token(self.spec, dtype_bytes) * cache_len
-        activations = 16 * min(self.spec.block_size, total_len) * self.spec.n_embd * dtype_bytes
+        cache = kv_cache_bytes_per_token(self.spec, self.dtype.itemsize) * cache_len
+        activations = 16 * min(self.spec.block_size, total_len) * self.spec.n_embd * self.dtype.itemsize
         if spec.temperature == 0:
             copies = 3
         elif spec.top_p is not None and spec.top_p < 1.0:
@@ -451,10 +450,8 @@ class Generator:
             available = None  # no portable way to ask (mps): the allocator's own error stands
         if available is None:
             return ids
-        per_sample = self.bytes_per_sample(len(ids), spec, cache_len)
-        if self._cache_key == (batch, cache_len):  # the last call's cache is reused, not new
-            dtype_bytes = torch.empty((), dtype=self.dtype).element_size()
-            per_sample -= kv_cache_bytes_per_token(self.spec, dtype_bytes) * cache_len
+        reused = self._cache_key == (batch, cache_len)  # the last call's cache is reused: nothing new
+        per_sample = self.bytes_per_sample(len(ids), spec, 0 if reused else cache_len)
         if batch * per_sample <= available:
             return ids
         fit = available // per_sample
@@ -509,8 +506,7 @@ class Generator:
             return torch.rand(noise_shape, generator=rng, device=device)
 
         states = [TextStream(i, spec.stop, spec.ignore_eos, on_text) for i in range(B)]
-        dtype_bytes = torch.empty((), dtype=self.dtype).element_size()
-        per_token = kv_cache_bytes_per_token(self.spec, dtype_bytes)
+        per_token = kv_cache_bytes_per_token(self.spec, self.dtype.itemsize)
         pos_buf = torch.zeros(1, dtype=torch.long, device=device)
 
         if use_cache:

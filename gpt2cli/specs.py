@@ -38,15 +38,15 @@ class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
-_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps."
 
 
 def _check_device(value: str) -> str:
     """The one device check of every spec with a device field (train, eval, generate), so that a
     typo like ``tpu`` is a one-line settings error, never a torch traceback."""
-    if not _DEVICE_RE.match(value):
-        raise ValueError(f"must be auto, cpu, cuda, cuda:N or mps, got {value!r}")
+    if not DEVICE_RE.match(value):
+        raise ValueError(f"must be {DEVICE_HELP.rstrip('.')}, got {value!r}")
     return value
 
 

@@ -249,6 +249,13 @@ def resolve_run_dir(spec: TrainSpec, world_size: int) -> Path:
     return Path(spec.run.runs_dir) / auto_run_name(spec)
 
 
+def take_run_folder(lock: FolderLock) -> None:
+    """Hold ``lock`` (on a run folder), or refuse: another gpt2 train is writing that folder."""
+    if not lock.acquire():
+        raise UserError(f"run folder {str(lock.folder)!r} is in use by another gpt2 train",
+                        "wait for it to finish or stop it, or choose another --out")
+
+
 def refuse_existing_run(spec: TrainSpec, run_dir: Path) -> None:
     """A new run never writes into a folder that holds another run's metrics or checkpoints."""
     if spec.run.resume is None and any((run_dir / n).exists() for n in ("metrics.jsonl", ckpt.CKPT_NAME)):
@@ -509,9 +516,7 @@ class _Trainer:
         if not self.strategy.is_main or os.environ.get(RUN_LOCKED_ENV) == str(run_dir.resolve()):
             return
         self.run_lock = self.run_lock or FolderLock(run_dir)
-        if not self.run_lock.acquire():
-            raise UserError(f"run folder {str(run_dir)!r} is in use by another gpt2 train",
-                            "wait for it to finish or stop it, or choose another --out")
+        take_run_folder(self.run_lock)
 
     def release_run_folder(self) -> None:
         if self.run_lock is not None:
@@ -604,6 +609,10 @@ class _Trainer:
             tokens_seen = int(saved_state["tokens_seen"])
             best_val = float(saved_state["best_val_loss"])
             _restore_rng(saved_state.get("rng", {}), self.device)
+        # The step this process starts (or resumes) at: every metrics row carries it, as gpt2
+        # compare's segment boundary. The checkpoint's tensors are in the model and optimizer now.
+        start_step = step
+        saved_state = None
 
         # Validation passed: only now does the run folder appear.
         if strategy.is_main:
@@ -633,7 +642,7 @@ class _Trainer:
             "dtype": str(self.dtype).replace("torch.", ""), "strategy": strategy.name,
             "world_size": strategy.world_size, "params": stats["params"], "batch_size": plan.batch_size,
             "seq_len": plan.seq_len, "grad_accum": plan.grad_accum, "global_batch": plan.global_batch,
-            "tokens_per_step": plan.tokens_per_step, "total_steps": plan.total_steps, "start_step": step,
+            "tokens_per_step": plan.tokens_per_step, "total_steps": plan.total_steps, "start_step": start_step,
             "resumed_from": str(resume_from) if resume_from else None, "data": str(folder.path),
         })
         warmup = warmup_steps(spec, plan.total_steps)
@@ -686,8 +695,7 @@ class _Trainer:
             row = {"kind": "eval", "step": step_now, "tokens": tokens_seen, "val_loss": val,
                    "val_ppl": perplexity(val), "eval_s": time.perf_counter() - t0,
                    "time_s": time.perf_counter() - started,
-                   # The step this process started (or resumed) at: gpt2 compare's segment boundary.
-                   "start_step": int(saved_state["step"]) if saved_state is not None else 0}
+                   "start_step": start_step}
             improved = val < best_val
             if improved:
                 best_val = val
@@ -796,7 +804,7 @@ class _Trainer:
                            "time_s": now - started,
                            # Per segment: a resume may change them (gpt2 compare shows ddp→fsdp).
                            "strategy": strategy.name, "world_size": strategy.world_size,
-                           "start_step": int(saved_state["step"]) if saved_state is not None else 0}
+                           "start_step": start_step}
                     utilisation = mfu(flops_per_token, tok_s, peak)
                     if utilisation is not None:
                         row["mfu"] = utilisation

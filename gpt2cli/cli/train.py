@@ -297,7 +297,7 @@ def run(spec: TrainSpec, dry_run: bool = False) -> None:
         take_worker_error,
         under_torchrun,
     )
-    from gpt2cli.train import plan_batches, refuse_existing_run
+    from gpt2cli.train import plan_batches, refuse_existing_run, take_run_folder
 
     p = spec.parallel
     world = p.procs_per_node * p.nnodes
@@ -327,9 +327,8 @@ def run(spec: TrainSpec, dry_run: bool = False) -> None:
         # Held for the whole launch (see _Trainer.lock_run_folder); with several nodes rank 0 takes
         # it, as only its node writes the folder.
         lock = FolderLock(run_dir)
-        if p.nnodes == 1 and not lock.acquire():
-            raise UserError(f"run folder {str(run_dir)!r} is in use by another gpt2 train",
-                            "wait for it to finish or stop it, or choose another --out")
+        if p.nnodes == 1:
+            take_run_folder(lock)
         spec_path = run_dir / LAUNCH_SPEC_NAME
         before = spec_path.read_bytes() if spec_path.is_file() else None  # put back if this launch is refused
         # Atomic: on a shared filesystem every node's launcher writes this same file.

@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from gpt2cli.errors import UserError
-from gpt2cli.specs import _DEVICE_RE
+from gpt2cli.specs import DEVICE_HELP, DEVICE_RE
 
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -33,8 +33,8 @@ def resolve_device(name: str | torch.device, local_rank: int = 0) -> torch.devic
     """auto -> cuda (this process's GPU) if present, else mps, else cpu. Unavailable or unknown
     (anything but auto, cpu, cuda, cuda:N, mps) -> UserError."""
     name = str(name)
-    if not _DEVICE_RE.match(name):  # the check of every spec's device field, for direct callers
-        raise UserError(f"unknown device {name!r}", "use auto, cpu, cuda, cuda:N or mps")
+    if not DEVICE_RE.match(name):  # the check of every spec's device field, for direct callers
+        raise UserError(f"unknown device {name!r}", "use " + DEVICE_HELP.rstrip("."))
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank % torch.cuda.device_count())
