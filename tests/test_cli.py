@@ -35,6 +35,24 @@ def test_unknown_command_and_option_are_one_line_errors():
         assert len(lines) == 1 and lines[0].startswith("Error:"), (args, proc.stderr)
 
 
+def test_tables_into_a_closed_pipe_end_quietly_like_a_sigpipe():
+    """Rich and Click each turn a broken pipe into a quiet exit 1; the command reports what a
+    process killed by SIGPIPE does (141), and the interpreter's last flush prints nothing."""
+    import os
+    import subprocess
+
+    from tests.conftest import gpt2_command
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first write
+    try:
+        proc = subprocess.run([*gpt2_command(), "info", "--preset", "tiny"], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141 and proc.stderr == "", (proc.returncode, proc.stderr)
+
+
 def test_debug_shows_the_traceback():
     proc = run_gpt2("train", "--steps", "0", "--debug")
     assert proc.returncode == 2 and "Traceback" in proc.stderr and "Error:" in proc.stderr

@@ -400,6 +400,27 @@ def test_real_command_ctrl_c_says_aborted_and_exits_130(ckpt):
     assert proc.returncode == 130 and err == "Aborted.\n", (proc.returncode, err)
 
 
+def test_real_command_into_a_closed_pipe_stops_quietly_like_a_sigpipe(ckpt):
+    """`gpt2 generate ... | head`: the reader goes away, sampling stops at the next token, and the
+    command ends as a process killed by SIGPIPE would (141), with nothing on stderr."""
+    import os
+    import subprocess
+
+    from tests.conftest import gpt2_command
+
+    proc = subprocess.Popen([*gpt2_command(), "generate", str(ckpt), "Hi", "-n", "100000", "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert proc.stdout.read(2) == "Hi"
+        proc.stdout.close()
+        err = proc.stderr.read()
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 141 and err == "", (proc.returncode, err)
+
+
 def test_real_command_bad_input_has_no_traceback(tmp_path):
     proc = run_gpt2("generate", str(tmp_path / "nope.pt"), "Hi")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import importlib
+import os
 import sys
 import traceback
 from typing import Annotated
@@ -73,6 +74,10 @@ def main(argv: list[str] | None = None) -> None:
     args = [a for a in args if a != "--debug"]
     try:
         result = app(args=args, standalone_mode=False, prog_name="gpt2")
+    except (SystemExit, BrokenPipeError) as exc:
+        if _ended_by_closed_output(exc):
+            _exit_for_closed_output()
+        raise
     except StoppedBySignal as exc:
         sys.stderr.write(exc.message + "\n")
         sys.exit(exc.exit_code)
@@ -104,6 +109,29 @@ def main(argv: list[str] | None = None) -> None:
     if result == 130:  # Typer's answer to a Ctrl-C (commands that stop on a signal raise StoppedBySignal)
         sys.stderr.write("Aborted.\n")
     sys.exit(result if isinstance(result, int) else 0)
+
+
+# What a process ended by SIGPIPE reports (128 + 13): `gpt2 generate ... | head` stops sampling at
+# the next token and ends the way `seq ... | head` does, with no message.
+EXIT_OUTPUT_CLOSED = 128 + 13
+
+
+def _ended_by_closed_output(exc: BaseException) -> bool:
+    """True when this exit comes from writing to a pipe whose reader is gone. Click and rich turn
+    that BrokenPipeError into a quiet exit 1; the error stays in the exit's context."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, BrokenPipeError):
+            return True
+        seen = seen.__context__
+    return False
+
+
+def _exit_for_closed_output() -> None:
+    # Point stdout at /dev/null so the interpreter's final flush of buffered text cannot fail again.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.__stdout__.fileno())
+    sys.exit(EXIT_OUTPUT_CLOSED)
 
 
 # A path that cannot be written or read as asked: the user can change the path or its rights.
