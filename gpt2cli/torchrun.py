@@ -12,6 +12,7 @@ escape before :func:`main` could catch it.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -37,6 +38,23 @@ def _stop_workers_with_sigterm(api: object, signal_exception: type[Exception]) -
     api._terminate_process_handler = terminate
 
 
+class _DropShutdownNotices(logging.Filter):
+    """torchrun logs a warning per worker when it stops them ("Received 15 death signal, shutting
+    down workers", "Sending process N closing signal SIGTERM"). The launcher already says, once,
+    that the run was stopped and where its checkpoint is; these lines only repeat it."""
+
+    NOTICES = ("death signal, shutting down workers", "closing signal")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(notice in message for notice in self.NOTICES)
+
+
+# Where torch logs those notices (agent/server/api.py, multiprocessing/api.py in torch 2.4-2.13).
+_SHUTDOWN_NOTICE_LOGGERS = ("torch.distributed.elastic.agent.server.api",
+                            "torch.distributed.elastic.multiprocessing.api")
+
+
 def main() -> None:
     os.environ[AGENT_PID_ENV] = str(os.getpid())
     try:
@@ -45,6 +63,8 @@ def main() -> None:
         from torch.distributed.run import main as torchrun_main
 
         _stop_workers_with_sigterm(multiprocessing_api, SignalException)
+        for name in _SHUTDOWN_NOTICE_LOGGERS:
+            logging.getLogger(name).addFilter(_DropShutdownNotices())
         try:
             torchrun_main()
         except SignalException as exc:

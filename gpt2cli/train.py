@@ -828,7 +828,8 @@ class _Trainer:
                 if stop_now:
                     status = "interrupted"
                     reporter.message(
-                        f"stopped by signal {stop.signal or 'on another rank'} after step {step}; "
+                        f"stopped by {signal.Signals(stop.signal).name if stop.signal else 'another rank'} "
+                        f"after step {step}; "
                         f"checkpoint written, continue with --resume auto"
                     )
                     break

@@ -527,6 +527,9 @@ def test_ddp_sigterm_to_the_parent_then_sigkill_of_the_group_then_resume(ddp_ref
     TALLY["faults_injected"] += 1
     assert proc.returncode == 75, stderr
     assert time.time() - sent < 30  # well before torchrun's own SIGKILL grace
+    # One line says it (rank 0's); torchrun's own per-worker shutdown warnings are left out.
+    assert "closing signal" not in stderr and "death signal" not in stderr, stderr
+    assert "stopped by SIGTERM after step" in stderr, stderr
     wait_no_workers(run)
     status = json.loads((run / "status.json").read_text())
     record = ckpt.load_checkpoint(run / ckpt.CKPT_NAME)

@@ -375,7 +375,7 @@ def test_cli_sigterm_checkpoints_and_resumes(tmp_path, cache_dir):
     record = ckpt.load_checkpoint(run / "ckpt.pt")
     stopped_at = record["step"]
     assert 3 <= stopped_at < 400
-    assert "--resume auto" in stdout
+    assert "--resume auto" in stdout and f"stopped by SIGTERM after step {stopped_at};" in stderr
     done = run_gpt2("train", "--out", str(run), "--resume", "auto", "--steps", str(stopped_at + 3), check=True)
     assert done.returncode == 0
     assert max(train_losses(run)) == stopped_at + 3
