@@ -78,7 +78,7 @@ class ModelSpec(_Spec):
         None,
         gt=0,
         description="Key/value heads; divides n_head. Defaults: mha -> n_head, mqa -> 1, "
-        "gqa -> the divisor of n_head closest to n_head/4.",
+        "gqa -> the divisor of n_head between 1 and n_head closest to n_head/4 (gqa with 1 is mqa).",
     )
     pos: Literal["learned", "rope"] = Field(
         "learned", description="Positions: learned absolute embeddings (GPT-2) or rotary (RoFormer)."
@@ -102,6 +102,10 @@ class ModelSpec(_Spec):
                 raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(preset_names())}")
             data = {**PRESETS[name], **data}
         if data.get("n_kv_head") is not None:
+            if data.get("attn") == "gqa" and data["n_kv_head"] == 1:
+                # One group of all query heads is multi-query attention: named so, whether a user
+                # asked for it or a checkpoint of an older version stored it under gqa.
+                return {**data, "attn": "mqa"}
             return data
         n_head = data.get("n_head", cls.model_fields["n_head"].default)
         attn = data.get("attn", "mha")
@@ -110,7 +114,10 @@ class ModelSpec(_Spec):
         if attn == "mqa":
             kv = 1
         elif attn == "gqa":
-            divisors = [d for d in range(1, n_head) if n_head % d == 0] or [1]
+            # Groups of several query heads and more than one group (1 < K < H): K = 1 is mqa.
+            divisors = [d for d in range(2, n_head) if n_head % d == 0]
+            if not divisors:
+                return data  # no such K (n_head prime or < 4): the check below says what to use
             kv = min(divisors, key=lambda d: (abs(d - n_head / 4), -d))
         else:
             kv = n_head
@@ -123,7 +130,11 @@ class ModelSpec(_Spec):
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
             )
         kv = self.n_kv_head
-        assert kv is not None
+        if kv is None:  # attn=gqa and no K with 1 < K < n_head divides n_head
+            raise ValueError(
+                f"attn=gqa needs a kv-head count between 1 and n_head that divides n_head ({self.n_head}), "
+                f"and {self.n_head} has none; use attn=mqa (one kv head) or attn=mha"
+            )
         if self.n_head % kv:
             raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({kv})")
         if self.attn == "mha" and kv != self.n_head:

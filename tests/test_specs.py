@@ -56,6 +56,8 @@ def test_default_train_spec_is_nano_gpt2_shape():
         ({"n_layer": 0}, "greater than 0"),
         ({"preset": "gpt5"}, "unknown preset"),
         ({"rope_learnable": True}, "needs pos=rope"),
+        ({"attn": "gqa", "n_head": 5, "n_embd": 80}, "5 has none; use attn=mqa"),
+        ({"attn": "gqa", "n_head": 2, "n_embd": 64}, "2 has none; use attn=mqa"),
     ],
 )
 def test_model_validation_messages(fields, message):
@@ -69,6 +71,15 @@ def test_kv_heads_are_resolved_into_the_spec():
     assert ModelSpec(preset="nano", attn="gqa").n_kv_head == 2
     assert ModelSpec(preset="nano", attn="mqa").n_kv_head == 1
     assert ModelSpec(preset="nano", attn="gqa", n_kv_head=4).n_kv_head == 4
+    assert ModelSpec(preset="tiny", attn="gqa").n_kv_head == 2  # 1 < K < H: 4 heads -> 2, never 1
+
+
+def test_gqa_with_one_kv_head_is_named_mqa():
+    """One group of all query heads is MQA: a user's --attn gqa --kv-heads 1, and a checkpoint of
+    an older version that stored tiny's default (gqa, 1), both load as mqa, the same computation."""
+    for spec in (ModelSpec(preset="tiny", attn="gqa", n_kv_head=1),
+                 ModelSpec.model_validate({**ModelSpec(preset="tiny").model_dump(), "attn": "gqa", "n_kv_head": 1})):
+        assert (spec.attn, spec.n_kv_head) == ("mqa", 1)
 
 
 def test_unknown_setting_is_refused():

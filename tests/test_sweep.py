@@ -90,8 +90,8 @@ def test_grid_times_seeds_goes_seed_by_seed_with_derived_defaults(tmp_path):
         "pos=rope_attn=mha_seed=7", "pos=rope_attn=gqa_seed=7"]
     assert [p.seed for p in sweep.points] == [7] * 4 + [8] * 4 + [9] * 4
     gqa = sweep.points[1].spec
-    # The swept value goes in before validation: kv heads are derived for gqa (tiny: 4 heads -> 1).
-    assert gqa.model.attn == "gqa" and gqa.model.n_kv_head == 1 and gqa.train.seed == 7
+    # The swept value goes in before validation: kv heads are derived for gqa (tiny: 4 heads -> 2).
+    assert gqa.model.attn == "gqa" and gqa.model.n_kv_head == 2 and gqa.train.seed == 7
     assert gqa.run.out == str(tmp_path / "sweep" / "pos=learned_attn=gqa_seed=7")
     lr = plan_sweep(tmp_path / "lr", parse_axes(["lr=1e-3,1e-2"], flag_aliases()), 1, 0, build_tiny)
     assert [p.name for p in lr.points] == ["lr=1e-3", "lr=1e-2"]
