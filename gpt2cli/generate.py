@@ -152,7 +152,10 @@ def sample_next(
         return logits.argmax(dim=-1)
     if uniform is None:
         raise ValueError("sampling with temperature > 0 needs uniform noise")
-    logits = logits.float() / temperature
+    # Shift the best logit to 0 before dividing: a tiny temperature (1e-40) then sends the others
+    # to -inf and the draw tends to greedy, where logits / T alone overflowed to a row of +inf ties.
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     vocab = logits.size(-1)
     if top_k is not None and top_k < vocab:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]

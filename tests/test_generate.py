@@ -134,6 +134,16 @@ def test_top_k_and_top_p_restrict_the_draw():
         sample_next(logits, 1.0)
 
 
+@pytest.mark.parametrize("temperature", [1e-3, 1e-38, 1e-45])
+def test_a_tiny_temperature_tends_to_greedy(temperature):
+    """logits / T overflowed for T below about 1e-38: every positive logit became +inf and the
+    lowest token id won. As T goes to 0 the draw must become the argmax."""
+    logits = torch.tensor([[1.0, 3.0, 2.0, -1.0], [0.5, -2.0, 4.0, 4.5]])
+    uniform = torch.rand(logits.shape, generator=torch.Generator().manual_seed(0))
+    for top_k, top_p in ((None, None), (2, None), (None, 0.9)):
+        assert sample_next(logits, temperature, top_k, top_p, uniform).tolist() == [1, 3]
+
+
 @pytest.mark.parametrize("temperature,top_k", [(1.0, None), (0.5, None), (2.0, 3)])
 def test_gumbel_draw_follows_the_tempered_softmax(temperature, top_k):
     """The Gumbel-max draw has the distribution softmax(logits / T) over the kept tokens: observed
