@@ -15,6 +15,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import tempfile
 import time
 from importlib import resources
@@ -48,7 +49,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=float, default=24.0, help="corpus size in MB (default 24)")
     parser.add_argument("--num-proc", type=int, default=None, help="tokenizer threads (default: all cores)")
-    parser.add_argument("--repeat", type=int, default=3, help="timed runs; the best is reported")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs; the best and the median are reported")
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="gpt2-data-bench-"))
@@ -57,7 +58,7 @@ def main() -> None:
         size, records = build_corpus(corpus, int(args.mb * 1e6))
         print(f"corpus: {size / 1e6:.1f} MB, {records:,} JSONL records, in {workdir}")
         print(f"cores: {os.cpu_count()}, tokenizer threads: {args.num_proc or default_workers()}")
-        best = None
+        rates = []
         for run in range(args.repeat):
             out = workdir / f"out{run}"
             spec = PrepareSpec(sources=[str(corpus)], out=str(out), num_proc=args.num_proc)
@@ -69,10 +70,13 @@ def main() -> None:
             rate = tokens / seconds
             print(f"run {run + 1}: {tokens:,} tokens in {seconds:.2f} s = {rate / 1e6:.2f} M tokens/s "
                   f"({size / 1e6 / seconds:.1f} MB/s)")
-            best = max(best or 0.0, rate)
+            rates.append(rate)
             shutil.rmtree(out)
-        print(f"best: {best / 1e6:.2f} M tokens/s end to end (read JSONL, tokenize, write, fingerprint)")
-        print(json.dumps({"corpus_mb": round(size / 1e6, 1), "tokens": tokens, "best_tokens_per_s": best}))
+        best, median = max(rates), statistics.median(rates)
+        print(f"best: {best / 1e6:.2f} M tokens/s, median {median / 1e6:.2f} M tokens/s of {len(rates)} runs, "
+              "end to end (read JSONL, tokenize, write, fingerprint)")
+        print(json.dumps({"corpus_mb": round(size / 1e6, 1), "tokens": tokens, "runs": len(rates),
+                          "best_tokens_per_s": best, "median_tokens_per_s": median}))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

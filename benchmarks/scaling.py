@@ -5,9 +5,10 @@ that configuration's alone): AdamW, clipping, 3 warm-up and --steps (10) timed s
 around one centre (nano, T=128, B=8): sequence length, batch size, model size. Besides time and
 memory, each row gives the step's FLOPs (6N + 12LTd per token, x tokens) and the achieved
 GFLOP/s, which shows whether time grows as the arithmetic does. A markdown table on stdout, the
-rows as JSON (--out) and a figure (--figure).
+rows as JSON (--out) and, when --figure names a PNG, a figure (never by default, so that a run
+does not overwrite the figures committed in docs/figures/).
 
-    .venv/bin/python benchmarks/scaling.py                                   # CPU, fp32
+    .venv/bin/python benchmarks/scaling.py --figure bench-out/scaling_cpu.png     # CPU, fp32
     python benchmarks/scaling.py --device cuda --dtype bf16 --compile --centre gpt2:1024:16 \\
         --seqs 256,512,1024,2048 --batches 4,8,16,32 --presets mini,gpt2,gpt2-medium
 """
@@ -52,7 +53,7 @@ def main() -> None:
     ap.add_argument("--presets", default="tiny,nano,mini,gpt2")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--out", default="bench-out/scaling.json")
-    ap.add_argument("--figure", default=None, help="PNG (default docs/figures/scaling_<device>.png)")
+    ap.add_argument("--figure", default=None, help="PNG to write (default: no figure)")
     a = ap.parse_args()
     preset, seq, batch = a.centre.split(":")
     seq, batch = int(seq), int(batch)
@@ -73,7 +74,8 @@ def main() -> None:
                   f"{r['gflop_per_step']:.2f} | {r['gflop_per_s']:.1f} | {r['peak_gb']:.2f} |", flush=True)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"args": vars(a), "rows": rows}, indent=2))
-    plot(rows, a, Path(a.figure) if a.figure else REPO / "docs" / "figures" / f"scaling_{a.device.split(':')[0]}.png")
+    if a.figure:
+        plot(rows, a, Path(a.figure))
 
 
 def plot(rows: dict[str, list[dict]], a: argparse.Namespace, path: Path) -> None:

@@ -40,7 +40,8 @@ GPT2_VOCAB = 50257
 def measure(a: argparse.Namespace, batch: int, vocab: int) -> dict:
     device = torch.device(a.device)
     if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")
+        # TF32 ("high") by default, as `gpt2 train` runs; run_all passes the same value to the peer.
+        torch.set_float32_matmul_precision(a.matmul_precision)
     spec = ModelSpec(preset=a.preset, attn=a.attn, pos=a.pos, block_size=max(a.seq, 1), vocab_size=vocab)
     torch.manual_seed(0)
     model = GPT(spec).to(device)
@@ -79,6 +80,8 @@ def measure(a: argparse.Namespace, batch: int, vocab: int) -> dict:
     stats = model_stats(spec.model_copy(update={"vocab_size": min(vocab, GPT2_VOCAB)}), seq_len=a.seq)
     tps = batch * a.seq * a.steps / dt
     out = {"peer": "gpt2cli", "job": "train", "device": str(device), "dtype": a.dtype, "compile": a.compile, "compile_mode": a.compile_mode or "default",
+           "warmup": a.warmup, "steps": a.steps,
+           "matmul_precision": a.matmul_precision if device.type == "cuda" else "highest",
            "preset": a.preset, "attn": a.attn, "pos": a.pos, "layers": spec.n_layer, "heads": spec.n_head,
            "dim": spec.n_embd, "params": model.num_params(), "vocab": vocab, "loss_chunk": loss_chunk, "sdpa": a.sdpa, "seq": a.seq, "batch": batch, "ms_per_step": 1000 * dt / a.steps,
            "tokens_per_s": tps, "flops_per_token": stats["flops_per_token"],
@@ -137,6 +140,9 @@ def main() -> None:
                    help="torch.compile mode (default: torch's default); max-autotune tries Triton matmul "
                         "templates with fused epilogues, at minutes of compilation")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--matmul-precision", default="high", choices=["highest", "high", "medium"],
+                   help="torch.set_float32_matmul_precision on CUDA (default high: TF32 for fp32 matmuls); "
+                        "the CPU always runs full fp32")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--loss-chunk", type=int, default=None,
                    help="tokens per chunk of the output layer + loss (0 = off); default: gpt2 train's rule")
