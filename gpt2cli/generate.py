@@ -78,8 +78,8 @@ class Sample:
     index: int
     completion: str
     tokens: list[int]
-    finish_reason: str  # "length" | "eos" | "stop"
-    elapsed_s: float  # from the start of the prefill to this sample's last token
+    finish_reason: str  # "length" | "eos" | "stop" | "interrupted" (Ctrl-C)
+    elapsed_s: float  # from the start of the call to this sample's last token
 
     @property
     def num_tokens(self) -> int:
@@ -113,6 +113,11 @@ class Generation:
     @property
     def new_tokens(self) -> int:
         return sum(s.num_tokens for s in self.samples)
+
+    @property
+    def interrupted(self) -> bool:
+        """A Ctrl-C (KeyboardInterrupt) stopped the decoding: the samples hold what was sampled."""
+        return any(s.finish_reason == "interrupted" for s in self.samples)
 
     @property
     def total_s(self) -> float:
@@ -177,8 +182,8 @@ class TextStream:
     """Turns one sample's token ids into text as they arrive: incremental UTF-8 decoding, stop
     strings, and ``on_text`` calls that never split a character or show part of a stop string.
 
-    ``add(token)`` per sampled id; ``end_of_length()`` when the budget is spent. ``text`` is the
-    completion so far, ``finish_reason`` None until the sample has ended."""
+    ``add(token)`` per sampled id; ``end("length")`` when the budget is spent (``"interrupted"``
+    on a Ctrl-C). ``text`` is the completion so far, ``finish_reason`` None until it has ended."""
 
     def __init__(self, index: int, stops: Sequence[str], ignore_eos: bool, on_text: TextCallback | None):
         self.index = index
@@ -214,9 +219,10 @@ class TextStream:
                 return
         self._emit(self._safe_end())
 
-    def end_of_length(self) -> None:
+    def end(self, reason: str) -> None:
+        """End a sample that no token ended: its text so far is final (held-back text included)."""
         if not self.done:
-            self._finish("length")
+            self._finish(reason)
 
     def _finish(self, reason: str) -> None:
         if reason != "stop":
@@ -391,6 +397,20 @@ class Generator:
                     state.elapsed_s = now - t0
         return all(s.done for s in states)
 
+    @staticmethod
+    def _hand_over_rest(buf: torch.Tensor, prompt_len: int, end: int, states: list[TextStream], t0: float) -> None:
+        """Give each unfinished stream the tokens of ``buf`` up to ``end`` it has not taken yet
+        (it has taken ``len(state.tokens)`` after the prompt)."""
+        rows = buf[:, prompt_len:end].tolist()
+        now = time.perf_counter()
+        for state, row in zip(states, rows, strict=True):
+            for token in row[len(state.tokens):]:
+                if state.done:
+                    break
+                state.add(token)
+                if state.done:
+                    state.elapsed_s = now - t0
+
     def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
         """Token ids of a prompt (text, or ids as they are); the empty prompt is <|endoftext|>,
         GPT-2's start of a document. Refuses what the model cannot take."""
@@ -482,7 +502,11 @@ class Generator:
 
         ``use_cache=False`` recomputes the whole window at every step (the reference the cached
         path is tested against; same window rule, same results). ``on_progress(n)`` is told the
-        tokens sampled per sample so far at every hand-over (no extra device sync)."""
+        tokens sampled per sample so far at every hand-over (no extra device sync).
+
+        A Ctrl-C (KeyboardInterrupt) during decoding returns what was sampled so far, each sample
+        unfinished by then with ``finish_reason == "interrupted"`` (``Generation.interrupted``);
+        during the prefill it propagates, as nothing was sampled yet."""
         spec = spec or GenerateSpec()
         ids = self.check_call(prompt, spec, use_cache=use_cache)
         # Reading a token back waits for the device, which then idles while Python prepares the
@@ -530,39 +554,46 @@ class Generator:
             buf[:, P] = next_ids
             end = P + 1  # tokens in buf
             seen = P  # tokens in buf already handed to the streams
-            while True:
-                if end == P + new or end - seen >= sync_every:
-                    finished = self._hand_over(buf[:, seen:end], states, t0)
-                    seen = end
-                    if on_progress is not None:
-                        on_progress(end - P)
-                    if finished or end == P + new:
-                        break
-                steps += 1
-                slid = end - start > block  # the window is full: slide it
-                if slid:
-                    start += shift
-                    slides += 1
-                if not use_cache or slid:
-                    logits = self._full(buf[:, start:end])  # re-prefill the cache from position 0
-                    next_ids = sample_next(logits, *sampling, noise())
-                else:
-                    pos_buf.fill_(end - 1 - start)
-                    # clone: a CUDA graph's output is overwritten by its next replay
-                    kv_len = end - start if self._attend_filled_slots_only else None
-                    compiles = self.compiled and compile_key not in self._compiled_for
-                    if compiles:
-                        sync()
-                        t_compile = time.perf_counter()
-                    next_ids = self._decode(next_ids[:, None], pos_buf, noise(), *sampling, kv_len).clone()
-                    if compiles:
-                        sync()
-                        compile_s = time.perf_counter() - t_compile
-                        t0 += compile_s  # every time and rate leaves the compilation out
-                        t_prefill += compile_s
-                        self._compiled_for.add(compile_key)
-                buf[:, end] = next_ids
-                end += 1
+            interrupted = False
+            try:
+                while True:
+                    if end == P + new or end - seen >= sync_every:
+                        finished = self._hand_over(buf[:, seen:end], states, t0)
+                        seen = end
+                        if on_progress is not None:
+                            on_progress(end - P)
+                        if finished or end == P + new:
+                            break
+                    steps += 1
+                    slid = end - start > block  # the window is full: slide it
+                    if slid:
+                        start += shift
+                        slides += 1
+                    if not use_cache or slid:
+                        logits = self._full(buf[:, start:end])  # re-prefill the cache from position 0
+                        next_ids = sample_next(logits, *sampling, noise())
+                    else:
+                        pos_buf.fill_(end - 1 - start)
+                        # clone: a CUDA graph's output is overwritten by its next replay
+                        kv_len = end - start if self._attend_filled_slots_only else None
+                        compiles = self.compiled and compile_key not in self._compiled_for
+                        if compiles:
+                            sync()
+                            t_compile = time.perf_counter()
+                        next_ids = self._decode(next_ids[:, None], pos_buf, noise(), *sampling, kv_len).clone()
+                        if compiles:
+                            sync()
+                            compile_s = time.perf_counter() - t_compile
+                            t0 += compile_s  # every time and rate leaves the compilation out
+                            t_prefill += compile_s
+                            self._compiled_for.add(compile_key)
+                    buf[:, end] = next_ids
+                    end += 1
+            except KeyboardInterrupt:
+                # Ctrl-C keeps what was sampled: every sample gets the tokens up to `end` it has not
+                # seen (a hand-over may have been cut short), then ends as "interrupted".
+                interrupted = True
+                self._hand_over_rest(buf, P, end, states, t0)
             sync()
             t_end = time.perf_counter()
         finally:
@@ -570,7 +601,7 @@ class Generator:
                 self.model.clear_kv_cache()
         for state in states:
             if not state.done:
-                state.end_of_length()
+                state.end("interrupted" if interrupted else "length")
                 state.elapsed_s = t_end - t0
         samples = [Sample(s.index, s.text, s.tokens, s.finish_reason or "length", s.elapsed_s) for s in states]
         return Generation(

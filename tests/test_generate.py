@@ -214,7 +214,7 @@ def test_streaming_never_splits_a_character_nor_shows_a_partial_stop():
         stream.add(t)
     assert pieces == []
     stream.add(emoji[-1])
-    stream.end_of_length()
+    stream.end("length")
     assert pieces == ["🙂"] and stream.finish_reason == "length"
 
 
@@ -399,15 +399,63 @@ def test_real_command_ctrl_c_says_aborted_and_exits_130(ckpt):
     from tests.conftest import gpt2_command
 
     proc = subprocess.Popen([*gpt2_command(), "generate", str(ckpt), "Hi", "-n", "100000", "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        # os.read: a buffered read could take text past "Hi" that communicate() then never sees
+        assert os.read(proc.stdout.fileno(), 2) == b"Hi"  # echoed once decoding is under way
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and err == b"Aborted.\n", (proc.returncode, err)
+    assert out.endswith(b"\n")  # the text so far, ended: "Aborted." starts its own line
+
+
+def test_ctrl_c_while_decoding_keeps_what_was_sampled():
+    """A KeyboardInterrupt mid-decoding (here from inside a hand-over, the worst place) returns
+    the samples so far, ended as "interrupted", each with every token sampled before the stop."""
+    gen = Generator(random_model(), device="cpu", dtype="fp32")
+    spec = GenerateSpec(max_new_tokens=40, num_samples=2, seed=3, ignore_eos=True)
+    full = gen.generate([5, 6], spec)
+    pieces = []
+
+    def on_text(index: int, piece: str) -> None:
+        pieces.append(piece)
+        if len(pieces) == 9:
+            raise KeyboardInterrupt
+
+    cut = gen.generate([5, 6], spec, on_text)
+    assert cut.interrupted and not full.interrupted
+    assert {s.finish_reason for s in cut.samples} == {"interrupted"}
+    for short, whole in zip(cut.samples, full.samples, strict=True):
+        assert 0 < short.num_tokens < whole.num_tokens
+        assert short.tokens == whole.tokens[: short.num_tokens]  # the same draws, cut off
+
+
+def test_real_command_ctrl_c_in_jsonl_writes_the_rows_so_far(ckpt):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from tests.conftest import gpt2_command
+
+    proc = subprocess.Popen([*gpt2_command(), "generate", str(ckpt), "Hi", "-n", "100000", "--device", "cpu",
+                             "--format", "jsonl", "--num-samples", "2", "-v"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
-        assert proc.stdout.read(2) == "Hi"  # the prompt is echoed once decoding is under way
+        assert proc.stderr.readline().startswith("model: ")  # loaded; the prefill takes milliseconds
+        time.sleep(1.0)
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
     assert proc.returncode == 130 and err == "Aborted.\n", (proc.returncode, err)
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["index"] for r in rows] == [0, 1]
+    assert all(r["finish_reason"] == "interrupted" and 0 < r["tokens"] < 100000 for r in rows), rows
 
 
 def test_real_command_into_a_closed_pipe_stops_quietly_like_a_sigpipe(ckpt):
@@ -435,6 +483,26 @@ def test_real_command_bad_input_has_no_traceback(tmp_path):
     proc = run_gpt2("generate", str(tmp_path / "nope.pt"), "Hi")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("Error: checkpoint")
+
+
+def test_real_command_refuses_a_prompt_that_is_not_utf8(ckpt):
+    """Bytes that are not UTF-8, on stdin or in the argument (which Python turns into lone
+    surrogates), are one line and exit 2, like a --prompt-file of them, not a traceback or
+    mangled text and invalid JSON."""
+    import os
+    import subprocess
+
+    from tests.conftest import gpt2_command
+
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}  # strict, as under an ordinary UTF-8 locale
+    stdin = subprocess.run([*gpt2_command(), "generate", str(ckpt), "-", "-n", "2"], input=b"\xff\xfe bad",
+                           capture_output=True, env=env, timeout=120)
+    argv = subprocess.run([*gpt2_command(), "generate", str(ckpt), os.fsdecode(b"a\xffb"), "-n", "2",
+                           "--format", "jsonl"], capture_output=True, env=env, timeout=120)
+    for proc, what in ((stdin, "the prompt on stdin"), (argv, "the prompt argument")):
+        err = proc.stderr.decode()
+        assert proc.returncode == 2 and proc.stdout == b"" and err.count("\n") == 1, err
+        assert err.startswith(f"Error: {what} is not UTF-8 text"), err
 
 
 def test_real_command_unknown_device_is_one_line_exit_2(ckpt):

@@ -6,6 +6,7 @@ Text goes to stdout as it is sampled; timing (and with --verbose the model and c
 from __future__ import annotations
 
 import json
+import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -107,13 +108,21 @@ def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
         path = Path(prompt_file).expanduser()
         if not path.is_file():
             raise UserError(f"prompt file {prompt_file!r} does not exist", "check the --prompt-file path")
-        try:
-            return path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise UserError(f"prompt file {prompt_file!r} is not UTF-8 text ({exc.reason})", "save it as UTF-8") from exc
+        return _utf8(path.read_bytes(), f"prompt file {prompt_file!r}")
     if prompt == "-":
-        return sys.stdin.read()
-    return prompt or ""
+        stdin_bytes = getattr(sys.stdin, "buffer", None)  # absent where stdin was replaced by text (tests)
+        return _utf8(stdin_bytes.read(), "the prompt on stdin") if stdin_bytes else sys.stdin.read()
+    # Python hands undecodable argv bytes over as lone surrogates (PEP 383): text the tokenizer
+    # would mangle and stdout could not write back as UTF-8, so refuse them like a bad file.
+    return _utf8(os.fsencode(prompt), "the prompt argument") if prompt else ""
+
+
+def _utf8(data: bytes, what: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{what} is not UTF-8 text (byte {exc.start}: {exc.reason})",
+                        "give UTF-8 text, or convert it first with iconv -t UTF-8") from exc
 
 
 def _write(text: str) -> None:
@@ -152,8 +161,13 @@ def run(ckpt: str, prompt: str, spec: GenerateSpec, *, output_format: str = "tex
             pending.setdefault(index, []).append(piece)
 
     if text_mode:
-        header(0)
-        result = generator.generate(prompt, spec, on_text)
+        try:
+            header(0)
+            result = generator.generate(prompt, spec, on_text)
+        except KeyboardInterrupt:  # during the prefill: nothing sampled, the echoed prompt ends its line
+            if several or (echo and prompt):
+                _write("\n")
+            raise
     else:
         result = _generate_with_progress(generator, prompt, spec)
 
@@ -161,7 +175,7 @@ def run(ckpt: str, prompt: str, spec: GenerateSpec, *, output_format: str = "tex
         for sample in result.samples[1:]:
             header(sample.index)
             _write("".join(pending.get(sample.index, [])))
-        _write("\n")
+        _write("\n")  # also after a Ctrl-C: "Aborted." then starts a line of its own
     else:
         for sample in result.samples:
             record = {
@@ -175,11 +189,16 @@ def run(ckpt: str, prompt: str, spec: GenerateSpec, *, output_format: str = "tex
             }
             _write(json.dumps(record, ensure_ascii=False) + "\n")
 
+    if result.interrupted:
+        # What was sampled is out (jsonl rows say "interrupted"); the command ends as any Ctrl-C.
+        raise KeyboardInterrupt
     reasons = ", ".join(f"{n} {r}" for r, n in _count(s.finish_reason for s in result.samples).items())
     sys.stderr.write(
         f"{_tokens(result.new_tokens)} in {result.total_s:.2f} s = {result.tokens_per_s:,.1f} tokens/s "
-        f"(prefill {_tokens(len(result.prompt_tokens))} {result.prefill_s * 1e3:.0f} ms, decode "
-        f"{result.decode_tokens_per_s:,.1f} tokens/s; {result.device}, {result.dtype}"
+        f"(prefill {_tokens(len(result.prompt_tokens))} {result.prefill_s * 1e3:.0f} ms"
+        # one new token per sample comes from the prefill alone: no decode step to rate
+        f"{f', decode {result.decode_tokens_per_s:,.1f} tokens/s' if result.decode_steps else ''}"
+        f"; {result.device}, {result.dtype}"
         f"{_compiled_note(result)}; finished: {reasons})\n"
     )
     if verbose:
