@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -46,9 +46,11 @@ def evaluate_loss(
 
 @torch.no_grad()
 def evaluate_sums(model, tokens, *, seq_len, batch_size, max_tokens=None, strategy=None, autocast=None,
-                  loss_chunk=DEFAULT_LOSS_CHUNK):
+                  loss_chunk=DEFAULT_LOSS_CHUNK, on_windows: Callable[[int], None] | None = None):
     """(summed loss, token count) over the evaluation windows, reduced over ranks. ``loss_chunk``:
-    see GPT.forward (0 for a compiled model, whose compiler fuses the loss)."""
+    see GPT.forward (0 for a compiled model, whose compiler fuses the loss). ``on_windows`` gets
+    this rank's windows handed to the model so far, after every batch (no device sync: on a GPU it
+    can run a few batches ahead of the arithmetic)."""
     rank = strategy.rank if strategy is not None else 0
     world = strategy.world_size if strategy is not None else 1
     device = next(model.parameters()).device
@@ -56,6 +58,7 @@ def evaluate_sums(model, tokens, *, seq_len, batch_size, max_tokens=None, strate
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
+    windows_done = 0
     try:
         for x, y, weight in eval_batches(tokens, batch_size=batch_size, seq_len=seq_len, max_tokens=max_tokens,
                                          rank=rank, world_size=world, device=device):
@@ -63,6 +66,9 @@ def evaluate_sums(model, tokens, *, seq_len, batch_size, max_tokens=None, strate
                 loss = model(x, targets=y, reduction="sum", loss_chunk=loss_chunk)
             loss_sum += loss.double() * weight  # padding batches (weight 0): same collectives, no count
             count += y.numel() * weight
+            if on_windows is not None:
+                windows_done += y.shape[0] if weight else 0
+                on_windows(windows_done)
     finally:  # an error (a bad batch, out of memory) leaves the model as it came
         if was_training:
             model.train()
@@ -87,12 +93,24 @@ class EvalRow:
     tokens: int
     tokens_per_s: float
     seconds: float
+    # Why loss, perplexity and bits per byte are not usable (a NaN/inf loss); None when they are.
+    # A diverged model still gets its row, so the other models' finished scores are never lost.
+    error: str | None = None
 
 
-def evaluate_checkpoints(spec: EvaluateSpec) -> dict[str, Any]:
+class EvalProgress(Protocol):
+    """What evaluate_checkpoints tells its caller while it works (the CLI draws it on stderr)."""
+
+    def start(self, header: dict[str, Any]) -> None: ...  # the report less its results, after every check
+    def model(self, index: int, checkpoint: str, windows: int) -> None: ...  # before scoring model ``index``
+    def windows_done(self, windows: int) -> None: ...  # the current model's windows scored so far
+
+
+def evaluate_checkpoints(spec: EvaluateSpec, progress: EvalProgress | None = None) -> dict[str, Any]:
     """Score every checkpoint of ``spec`` on the same windows; returns the report (the JSON that
     ``--format json`` prints): data, split, seq_len, windows, tokens, bytes and one row per
-    checkpoint."""
+    checkpoint. A model whose loss is not finite does not stop the others: its row holds the
+    NaN/inf values and says so in ``error``; the caller decides how to end."""
     from gpt2cli.data import TokenFolder, default_data_dir
     from gpt2cli.loading import load_model
     from gpt2cli.parallel.base import resolve_device
@@ -132,33 +150,7 @@ def evaluate_checkpoints(spec: EvaluateSpec) -> dict[str, Any]:
                 "evaluate on data made with the model's tokenizer",
             )
 
-    rows: list[EvalRow] = []
-    for name, loaded in zip(spec.checkpoints, models, strict=True):
-        model = loaded.model.to(device)
-        t0 = time.perf_counter()
-        loss_sum, count = evaluate_sums(
-            model, tokens, seq_len=seq_len, batch_size=spec.batch_size, max_tokens=spec.tokens,
-            autocast=lambda: autocast_context(device, dtype),
-        )
-        seconds = time.perf_counter() - t0
-        loaded.model.to("cpu")
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        loss = loss_sum / count
-        if not math.isfinite(loss):
-            raise UserError(f"the loss of {name!r} is not finite ({loss})", "the weights hold NaN or inf")
-        rows.append(EvalRow(
-            checkpoint=name,
-            source=loaded.source,
-            params=sum(p.numel() for p in loaded.model.parameters()),
-            loss=loss,
-            perplexity=math.exp(loss) if loss < 700 else math.inf,
-            bits_per_byte=loss_sum / math.log(2) / n_bytes if n_bytes else math.nan,
-            tokens=int(count),
-            tokens_per_s=count / seconds if seconds > 0 else 0.0,
-            seconds=seconds,
-        ))
-    return {
+    header = {
         "data": str(folder.path),
         "split": spec.split,
         "seq_len": seq_len,
@@ -167,5 +159,42 @@ def evaluate_checkpoints(spec: EvaluateSpec) -> dict[str, Any]:
         "bytes": n_bytes,
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
-        "results": [asdict(r) for r in rows],
     }
+    if progress is not None:
+        progress.start(header)
+
+    rows: list[EvalRow] = []
+    for index, (name, loaded) in enumerate(zip(spec.checkpoints, models, strict=True)):
+        if progress is not None:
+            progress.model(index, name, windows)
+        model = loaded.model.to(device)
+        t0 = time.perf_counter()
+        loss_sum, count = evaluate_sums(
+            model, tokens, seq_len=seq_len, batch_size=spec.batch_size, max_tokens=spec.tokens,
+            autocast=lambda: autocast_context(device, dtype),
+            on_windows=progress.windows_done if progress is not None else None,
+        )
+        seconds = time.perf_counter() - t0
+        loaded.model.to("cpu")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        loss = loss_sum / count
+        rows.append(EvalRow(
+            checkpoint=name,
+            source=loaded.source,
+            params=sum(p.numel() for p in loaded.model.parameters()),
+            loss=loss,
+            perplexity=_perplexity(loss),
+            bits_per_byte=loss_sum / math.log(2) / n_bytes if n_bytes else math.nan,
+            tokens=int(count),
+            tokens_per_s=count / seconds if seconds > 0 else 0.0,
+            seconds=seconds,
+            error=None if math.isfinite(loss) else f"the loss is not finite ({loss})",
+        ))
+    return {**header, "results": [asdict(r) for r in rows]}
+
+
+def _perplexity(loss: float) -> float:
+    if math.isnan(loss):
+        return math.nan  # honest: a NaN loss has no perplexity, not an infinite one
+    return math.exp(loss) if loss < 700 else math.inf  # math.exp overflows (raises) past ~709.8

@@ -3,20 +3,26 @@ loss equal to the one transformers computes for an imported GPT-2 folder."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import os
+import pty
+import re
+import subprocess
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from rich.console import Console
 
 from gpt2cli.data import TokenFolder
 from gpt2cli.data.prepare import prepare_data
 from gpt2cli.specs import PrepareSpec
 from gpt2cli.tokenizer import token_byte_lengths
-from tests.conftest import random_hf_gpt2, run_gpt2
+from tests.conftest import gpt2_command, random_hf_gpt2, run_gpt2
 from tests.test_generate import cli, one_error_line, one_thread, random_model, save_model, tiny_gpt2  # noqa: F401
 
 
@@ -108,10 +114,21 @@ def test_eval_bad_input(checkpoints, data_dir, tmp_path, capsys):
         "no split": ["eval", checkpoints[1], "--data", data_dir, "--split", "test"],
         "--batch-size": ["eval", checkpoints[1], "--data", data_dir, "--batch-size", 0],
         "not a prepared data folder": ["eval", checkpoints[1], "--data", tmp_path],
+        "missing' does not exist": ["eval", checkpoints[1], "--data", tmp_path / "missing"],
     }
     for needle, args in cases.items():
         code, out, err = cli(capsys, *args)
         assert needle in one_error_line(code, err), (needle, err)
+
+
+def test_a_text_file_as_data_is_called_a_file_with_the_command_that_prepares_it(checkpoints, tmp_path, capsys):
+    text = tmp_path / "my notes.txt"
+    text.write_text("to be or not to be\n", encoding="utf-8")
+    code, out, err = cli(capsys, "eval", checkpoints[1], "--data", text)
+    line = one_error_line(code, err)
+    assert out == "" and "does not exist" not in line
+    assert f"{str(text)!r} is a file, not a prepared data folder" in line
+    assert f"gpt2 data '{text}' --out DIR" in line  # quoted: copy-pastable despite the space
 
 
 def test_tokens_below_one_window_still_score_one_full_window(checkpoints, data_dir, capsys):
@@ -123,6 +140,106 @@ def test_tokens_below_one_window_still_score_one_full_window(checkpoints, data_d
         report = json.loads(out)
         assert (report["windows"], report["tokens"], report["results"][0]["tokens"]) == (windows, 16 * windows,
                                                                                          16 * windows)
+    code, out, err = cli(capsys, "eval", checkpoints[1], "--data", data_dir, "--seq-len", 16, "--tokens", 10)
+    assert code == 0, err
+    assert ": 1 window x 16 tokens = 16 tokens, " in out.splitlines()[0]  # not "1 windows"
+
+
+def _nan_checkpoint(path: Path) -> Path:
+    model = tiny_gpt2(seed=3)
+    with torch.no_grad():
+        model.transformer.ln_f.weight.fill_(float("nan"))
+    return save_model(model, path)
+
+
+def _refuse_nan_and_infinity(constant: str):
+    raise AssertionError(f"not valid JSON: {constant}")
+
+
+def test_a_nonfinite_model_keeps_every_other_row_and_exits_3(checkpoints, data_dir, tmp_path, capsys):
+    """A model that turns out NaN while scored: the finished and later rows are still printed
+    (valid JSON: null for NaN), one Error: line names it, and the exit status is 3."""
+    nan_ckpt = _nan_checkpoint(tmp_path / "nan.pt")
+    args = ["eval", checkpoints[1], nan_ckpt, checkpoints[0], "--data", data_dir, "--tokens", 128, "--device", "cpu"]
+
+    code, out, err = cli(capsys, *args, "--format", "json")
+    assert code == 3, err
+    report = json.loads(out, parse_constant=_refuse_nan_and_infinity)
+    good, bad, later = report["results"]
+    assert good["error"] is None and later["error"] is None and good["loss"] > 0 and later["loss"] > 0
+    assert bad["checkpoint"] == str(nan_ckpt) and bad["error"] == "the loss is not finite (nan)"
+    assert bad["loss"] is None and bad["perplexity"] is None and bad["bits_per_byte"] is None
+    assert bad["tokens"] == good["tokens"] == 128
+    assert err == (f"Error: the loss of {str(nan_ckpt)!r} (nan) is not finite; the other rows are valid "
+                   "(its weights hold NaN or inf)\n")
+
+    code, table, err = cli(capsys, *args)  # the table: the same three rows, NaN shown as it is
+    assert code == 3 and err.startswith("Error: the loss of") and err.count("\n") == 1, err
+    nan_row = next(line for line in table.splitlines() if "nan.pt" in line)
+    assert nan_row.split("│")[3].strip() == "nan" and nan_row.split("│")[4].strip() == "nan"
+    assert f"{good['loss']:.4f}" in table and f"{later['loss']:.4f}" in table
+
+
+def test_progress_goes_to_a_terminal_stderr_after_the_header_and_before_the_table(checkpoints, data_dir,
+                                                                                  monkeypatch, capsys):
+    from gpt2cli.cli import evaluate as eval_cli
+
+    screen = io.StringIO()  # stdout and stderr on one terminal, as a user sees them
+    monkeypatch.setattr(eval_cli, "out", Console(file=screen, force_terminal=True, width=200, highlight=False))
+    monkeypatch.setattr(eval_cli, "err", Console(file=screen, force_terminal=True, width=200, highlight=False))
+    code, _, _ = cli(capsys, "eval", *checkpoints, "--data", data_dir, "--tokens", 640, "--batch-size", 2,
+                     "--device", "cpu")
+    assert code == 0
+    seen = _plain(screen.getvalue())
+    header = seen.index(f"{data_dir}, split val: 10 windows x 64 tokens = 640 tokens")
+    first = seen.index(f"scoring 1/2 {checkpoints[0]}")
+    second = seen.index(f"scoring 2/2 {checkpoints[1]}")
+    assert header < first < second < seen.index("bits/byte")
+    assert re.search(r"scoring 2/2 .*?10/10 windows", seen)  # the bar counts windows
+
+
+def test_json_stdout_holds_only_the_json_while_a_terminal_stderr_shows_progress(checkpoints, data_dir, monkeypatch,
+                                                                               capsys):
+    from gpt2cli.cli import evaluate as eval_cli
+
+    screen = io.StringIO()
+    monkeypatch.setattr(eval_cli, "err", Console(file=screen, force_terminal=True, width=200, highlight=False))
+    code, out, err = cli(capsys, "eval", checkpoints[1], "--data", data_dir, "--tokens", 128, "--format", "json",
+                         "--device", "cpu")
+    assert code == 0 and json.loads(out)["windows"] == 2
+    seen = _plain(screen.getvalue())
+    assert "2 windows x 64 tokens" in seen and f"scoring {checkpoints[1]}" in seen
+
+
+def _plain(terminal_text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", terminal_text)
+
+
+def test_real_command_on_a_terminal_shows_progress_and_piped_shows_none(checkpoints, data_dir):
+    args = [*gpt2_command(), "eval", str(checkpoints[1]), "--data", str(data_dir), "--tokens", "128", "--device",
+            "cpu", "--format", "json"]
+    env = {**os.environ, "TERM": "xterm", "COLUMNS": "200"}
+    primary, secondary = pty.openpty()
+    with subprocess.Popen(args, stdout=subprocess.PIPE, stderr=secondary, env=env) as proc:
+        os.close(secondary)
+        stderr = b""
+        while True:
+            try:
+                chunk = os.read(primary, 4096)
+            except OSError:  # the terminal closed: the command has ended
+                break
+            if not chunk:
+                break
+            stderr += chunk
+        stdout = proc.stdout.read()
+    os.close(primary)
+    assert proc.returncode == 0, stderr
+    assert json.loads(stdout)["results"][0]["checkpoint"] == str(checkpoints[1])
+    seen = _plain(stderr.decode())
+    assert "2 windows x 64 tokens" in seen and f"scoring {checkpoints[1]}" in seen
+
+    piped = run_gpt2(*args[len(gpt2_command()):])
+    assert piped.returncode == 0 and piped.stderr == "" and json.loads(piped.stdout)["windows"] == 2
 
 
 def test_real_command_unknown_device_is_one_line_exit_2(checkpoints, data_dir):

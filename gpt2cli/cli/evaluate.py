@@ -4,10 +4,16 @@ Every checkpoint is scored on the same windows (:mod:`gpt2cli.evaluate`: the spl
 ``tokens // seq_len`` non-overlapping windows, at least one, in order), so the rows of one table
 compare like with like. All checkpoints are loaded (on CPU) and checked before any is scored, so a bad third
 argument fails at once rather than after minutes of work.
+
+The table's header line goes out before the first model is scored; while they are scored, a terminal's
+stderr shows which model and how many of its windows are done. A model whose loss is not finite still
+gets its row (NaN/inf as they are; null in JSON, which has no NaN), and then the command ends with one
+``Error:`` line and exit 3, as training does on a non-finite loss.
 """
 
 from __future__ import annotations
 
+import math
 from enum import Enum
 from typing import Annotated, Any
 
@@ -16,11 +22,13 @@ import typer
 from gpt2cli.cli.common import (
     FLAT_PRECEDENCE_HELP,
     ConfigOpt,
+    err,
     field_help,
     flat_set_opt,
     out,
     print_json,
 )
+from gpt2cli.errors import NonFiniteLossError
 from gpt2cli.specs import EvaluateSpec, build_spec
 
 HELP = "Score checkpoints: loss, perplexity and bits per byte on the same token windows."
@@ -74,21 +82,115 @@ def evaluate(
     # Imported here: it imports torch, which flag errors do without.
     from gpt2cli.evaluate import evaluate_checkpoints
 
-    report = evaluate_checkpoints(spec)
+    with _ScoringDisplay(models=len(spec.checkpoints), header_on_stdout=spec.format == "table") as display:
+        report = evaluate_checkpoints(spec, progress=display)
     if spec.format == "json":
-        print_json(report)
+        print_json(_json_numbers(report))
     else:
         _print_table(report)
+    failed = [r for r in report["results"] if r["error"]]
+    if failed:  # every row is out first: the finished models' scores are kept, stdout stays whole
+        raise _nonfinite_error(failed, len(report["results"]), report["dtype"])
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}" if n == 1 else f"{n:,} {word}s"
+
+
+def _header_line(header: dict[str, Any]) -> str:
+    return (
+        f"{header['data']}, split {header['split']}: {_plural(header['windows'], 'window')} x "
+        f"{_plural(header['seq_len'], 'token')} = {_plural(header['tokens'], 'token')}, "
+        f"{_plural(header['bytes'], 'byte')} ({header['device']}, {header['dtype']})"
+    )
+
+
+class _ScoringDisplay:
+    """gpt2cli.evaluate.EvalProgress for the terminal. The header line goes out before the first
+    model is scored: on stdout above the table, or (JSON on stdout) on a terminal's stderr. While
+    models are scored, a terminal's stderr shows a bar: which model of how many, and its windows
+    done; it disappears before the table. Piped stderr gets nothing, as with `gpt2 data`."""
+
+    def __init__(self, *, models: int, header_on_stdout: bool) -> None:
+        self.models = models
+        self.header_on_stdout = header_on_stdout
+        self.progress: Any = None
+        self.task: Any = None
+
+    def __enter__(self) -> _ScoringDisplay:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def start(self, header: dict[str, Any]) -> None:
+        from rich.markup import escape
+
+        if self.header_on_stdout:
+            out.print(escape(_header_line(header)), soft_wrap=True)
+        elif err.is_terminal:
+            err.print(escape(_header_line(header)), soft_wrap=True)
+        if not err.is_terminal:
+            return
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn("[bold]scoring[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("windows"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+            console=err, transient=True,
+        )
+        self.progress.start()
+
+    def model(self, index: int, checkpoint: str, windows: int) -> None:
+        if self.progress is None:
+            return
+        from rich.markup import escape
+
+        description = f"{index + 1}/{self.models} {escape(checkpoint)}" if self.models > 1 else escape(checkpoint)
+        if self.task is not None:
+            self.progress.remove_task(self.task)  # a fresh task: each model's own elapsed time and eta
+        self.task = self.progress.add_task(description, total=windows)
+        self.progress.refresh()  # show the model now, even if its windows take less than a refresh
+
+    def windows_done(self, windows: int) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=windows)
+
+
+def _nonfinite_error(failed: list[dict[str, Any]], rows: int, dtype: str) -> NonFiniteLossError:
+    named = ", ".join(f"{r['checkpoint']!r} ({r['loss']})" for r in failed)
+    what = f"the loss of {named} is not finite" if len(failed) == 1 else f"the losses of {named} are not finite"
+    if rows > len(failed):
+        what += "; the other rows are valid"
+    cause = "its weights hold NaN or inf" if len(failed) == 1 else "their weights hold NaN or inf"
+    if dtype == "float16":
+        cause += ", or fp16 overflowed: try --dtype bf16 or fp32"
+    return NonFiniteLossError(what, cause)
+
+
+def _json_numbers(report: dict[str, Any]) -> dict[str, Any]:
+    """The report with every NaN/inf number as null: JSON has no NaN or Infinity (json.dumps would
+    write them anyway, and strict parsers refuse them). A row's ``error`` says why its numbers are null."""
+    def number(value: Any) -> Any:
+        return None if isinstance(value, float) and not math.isfinite(value) else value
+
+    return {**report, "results": [{k: number(v) for k, v in row.items()} for row in report["results"]]}
 
 
 def _print_table(report: dict[str, Any]) -> None:
+    """The results table (its header line went out before the scoring, see _ScoringDisplay)."""
     from rich.markup import escape
     from rich.table import Table
 
-    header = (
-        f"{report['data']}, split {report['split']}: {report['windows']:,} windows x {report['seq_len']:,} tokens "
-        f"= {report['tokens']:,} tokens, {report['bytes']:,} bytes ({report['device']}, {report['dtype']})"
-    )
     table = Table()
     for col in ("checkpoint", "params", "loss", "ppl", "bits/byte", "tokens", "tokens/s"):
         if col == "checkpoint":
@@ -96,14 +198,14 @@ def _print_table(report: dict[str, Any]) -> None:
         else:
             table.add_column(col, justify="right", no_wrap=True)
     for r in report["results"]:
-        table.add_row(
+        table.add_row(  # a NaN/inf shows as nan/inf, in red: honest, and not mistaken for a score
             escape(r["checkpoint"]), f"{r['params']:,}", f"{r['loss']:.4f}", f"{r['perplexity']:.2f}",
             f"{r['bits_per_byte']:.4f}", f"{r['tokens']:,}", f"{r['tokens_per_s']:,.0f}",
+            style="red" if r["error"] else None,
         )
     console = out
     if not out.is_terminal:  # piped or redirected: whole paths on one line each, however wide
         from rich.console import Console
 
         console = Console(highlight=False, width=max(out.width, table.__rich_measure__(out, out.options).maximum))
-    console.print(escape(header), soft_wrap=True)
     console.print(table)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,11 @@ class TokenFolder:
 
     def _read_meta(self) -> dict[str, Any]:
         hint = "prepare one with `gpt2 data ... --out DIR`"
+        if self.path.is_file():  # usually the raw text, passed where its prepared folder belongs
+            raise UserError(
+                f"{str(self.path)!r} is a file, not a prepared data folder",
+                f"prepare it with `gpt2 data {shlex.quote(str(self.path))} --out DIR`, then pass DIR",
+            )
         if not self.path.is_dir():
             raise UserError(f"data folder {str(self.path)!r} does not exist", hint)
         meta_path = self.path / META_NAME
