@@ -158,7 +158,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if record.get("digest") != payload_digest(record):
         raise UserError(
             f"checkpoint {str(p)!r} is damaged: its contents do not match the stored SHA-256 digest",
-            "use an earlier checkpoint",
+            "use another checkpoint (an earlier step-N.pt, or the run's best.pt or ckpt.pt)",
         )
     return record
 
@@ -166,7 +166,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 def _damaged(p: Path, exc: BaseException) -> UserError:
     return UserError(
         f"checkpoint {str(p)!r} is damaged, truncated or not a checkpoint ({_short(exc)})",
-        "use an earlier checkpoint; --resume auto falls back to the last complete one",
+        # Read by eval and generate as much as by a resume: the hint serves both.
+        "use another checkpoint (an earlier step-N.pt, or the run's best.pt or ckpt.pt); "
+        "gpt2 train --resume auto itself falls back to the last complete one",
     )
 
 
