@@ -289,6 +289,8 @@ def export_model(source: str | os.PathLike, out: str | os.PathLike, fmt: str = "
     safetensors file with our spec (``safetensors``). Returns the written path and the model."""
     if fmt not in ("hf", "safetensors"):
         raise UserError(f"unknown export format {fmt!r}", "use --format hf or --format safetensors")
+    if not str(out).strip():  # Path("") is the current folder: never write there by accident
+        raise UserError("OUT is empty", "give the folder or file to write (. for the current folder)")
     out_path = Path(out).expanduser()
     _check_parents(out_path)
     if fmt == "hf":

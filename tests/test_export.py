@@ -116,6 +116,7 @@ def test_safetensors_export_to_an_existing_file_or_below_one_is_one_error_line(c
         (("afile/x.safetensors", "--format", "safetensors"), "Error: 'afile' is a file, not a folder"),
         (("afile",), "Error: 'afile' is a file (--format hf writes a folder"),
         (("afile/sub",), "Error: 'afile' is a file, not a folder"),
+        (("", "--overwrite"), "Error: OUT is empty (give the folder or file to write"),  # not the cwd
     ]
     for args, expected in cases:
         proc = run_gpt2("export", str(ckpts["gpt2"]), *args, cwd=tmp_path)

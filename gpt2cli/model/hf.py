@@ -271,17 +271,30 @@ def _read_weights_file(file: Path) -> dict[str, torch.Tensor]:
             return load_file(str(file))
         # weights_only: a downloaded .bin is a pickle and must not be able to run code.
         state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated file, bad header, refused pickle
+    except torch.serialization.pickle.UnpicklingError as exc:
+        if "global" not in str(exc).lower():
+            raise _unreadable(file, exc) from exc
+        # The safe load refused to build an object. torch's own message then suggests
+        # weights_only=False, which would run whatever the pickle holds: say what happened instead.
         raise UserError(
-            f"cannot read weights {str(file)!r}: {str(exc).splitlines()[0] if str(exc) else exc!r}",
-            "the file is damaged or not a GPT-2 checkpoint",
+            f"{str(file)!r} holds Python objects besides tensors, which a safe load refuses (nothing was executed)",
+            "use the model's model.safetensors instead, or a .bin that holds only tensors",
         ) from exc
+    except Exception as exc:  # truncated file, bad header
+        raise _unreadable(file, exc) from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(
             f"{str(file)!r} does not hold a plain state dict of tensors",
             "it is not a GPT-2 checkpoint",
         )
     return state
+
+
+def _unreadable(file: Path, exc: BaseException) -> UserError:
+    return UserError(
+        f"cannot read weights {str(file)!r}: {str(exc).splitlines()[0] if str(exc) else exc!r}",
+        "the file is damaged or not a GPT-2 checkpoint",
+    )
 
 
 # -------------------------------------------------------------------------------- export

@@ -89,6 +89,20 @@ def test_pytorch_model_bin_loads_with_equal_logits(hf_model, tmp_path, tokens):
     assert (our_logits(ours, tokens) - hf_logits(hf_model, tokens)).abs().max().item() <= 1e-5
 
 
+class _Payload:
+    """Stands for anything a pickle could build (and run) besides tensors."""
+
+
+def test_a_pickled_bin_with_objects_is_refused_without_advice_to_load_it_unsafely(hf_model, tmp_path):
+    hf_model.config.save_pretrained(tmp_path)
+    torch.save({"transformer.wte.weight": torch.zeros(2, 2), "extra": _Payload()}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(UserError) as info:
+        load_hf_gpt2(str(tmp_path))
+    line = info.value.render()
+    assert "safe load refuses (nothing was executed)" in line and "model.safetensors" in line
+    assert "weights_only=False" not in line and "\n" not in line
+
+
 def test_openai_layout_without_prefix_and_with_mask_buffers_loads(hf_model, tmp_path, tokens):
     """The published checkpoints name tensors `h.0.attn.c_attn.weight` (no `transformer.`) and
     carry the causal-mask buffers `h.N.attn.bias` and `h.N.attn.masked_bias`."""
