@@ -53,6 +53,15 @@ def test_tables_into_a_closed_pipe_end_quietly_like_a_sigpipe():
     assert proc.returncode == 141 and proc.stderr == "", (proc.returncode, proc.stderr)
 
 
+def test_a_command_without_its_arguments_shows_help_and_fails():
+    """`gpt2 eval runs/*/best.pt` on a glob that matched nothing runs `gpt2 eval`: its help is
+    shown, and the exit status says the job was not done. `gpt2` alone is a request for help."""
+    assert run_gpt2().returncode == 0
+    for command in ("eval", "generate", "export"):
+        proc = run_gpt2(command)
+        assert proc.returncode == 2 and "Usage" in proc.stdout + proc.stderr, command
+
+
 def test_debug_shows_the_traceback():
     proc = run_gpt2("train", "--steps", "0", "--debug")
     assert proc.returncode == 2 and "Traceback" in proc.stderr and "Error:" in proc.stderr

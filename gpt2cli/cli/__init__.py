@@ -86,8 +86,11 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
         sys.stderr.write(exc.render() + "\n")
         sys.exit(exc.exit_code)
-    except _NO_ARGS_HELP:
-        sys.exit(0)  # help was printed for `gpt2` alone
+    except _NO_ARGS_HELP as exc:
+        # Help was printed. `gpt2` alone asked for nothing else (0); a command without its
+        # arguments, e.g. `gpt2 eval runs/*/best.pt` on a glob that matched nothing, did not do
+        # its job (2, as Click's own usage errors).
+        sys.exit(0 if exc.ctx is None or exc.ctx.parent is None else 2)
     except _USAGE_ERROR as exc:
         if debug:
             traceback.print_exc()
