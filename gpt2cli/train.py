@@ -357,8 +357,9 @@ class _WorkerStartup:
       rendezvous store, loading data or building the model when `gpt2 train` and torchrun are
       killed outright would otherwise wait out the store's timeout (``--dist-timeout``) before it
       noticed; the loop's own check covers the steps after;
-    - SIGINT/SIGTERM (what torchrun forwards when the run is stopped) end it at once and quietly:
-      there is nothing to checkpoint yet, and the launcher says what happened, once.
+    - SIGINT/SIGTERM (what torchrun forwards when the run is stopped), or the agent gone, end it
+      at once and quietly: there is nothing to checkpoint yet, and the launcher says what
+      happened, once.
 
     Off the main thread (tests) only the watch runs."""
 
@@ -381,7 +382,10 @@ class _WorkerStartup:
     def _watch(self) -> None:
         while True:
             if os.getppid() != self.parent:
-                _exit_orphaned(self.rank, self.parent)
+                # Quietly, like a signal here: nothing was written yet, and the launcher (if it
+                # lives) says what happened. torchrun stopped during its own start-up can exit
+                # before it holds the workers it just spawned, so they learn it only this way.
+                self._stop_quietly(signal.SIGTERM, None)
             if self._done.wait(self.POLL_S):
                 return
 
