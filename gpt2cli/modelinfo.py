@@ -41,7 +41,7 @@ def model_stats(
     if not 0 < seq_len <= spec.block_size:
         raise UserError(
             f"seq_len {seq_len} must be between 1 and block_size ({spec.block_size})",
-            "lower --seq-len or raise --block-size",
+            "lower --seq-len or raise --block-size" if seq_len > 0 else "pass --seq-len 1 or more",
         )
     if world_size < 1:
         raise UserError(

@@ -133,6 +133,13 @@ def test_bad_input_is_one_error_line_and_exit_2(args):
     assert "Traceback" not in proc.stderr
 
 
+def test_a_sequence_length_out_of_range_gets_the_hint_for_its_side():
+    too_long = run_gpt2("info", "--preset", "tiny", "--seq-len", "65").stderr
+    too_short = run_gpt2("info", "--preset", "tiny", "--seq-len", "0").stderr
+    assert "(lower --seq-len or raise --block-size)" in too_long
+    assert "(pass --seq-len 1 or more)" in too_short
+
+
 def test_flops_n_is_the_parameters_without_position_embeddings():
     """The N of 6N is reported (flops_params) and is what flops_per_token uses: every parameter
     but the position embeddings (none with RoPE), neither `params` nor the non-embedding count."""

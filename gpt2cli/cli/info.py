@@ -97,7 +97,7 @@ def info(
     if not 0 < seq_len <= spec.model.block_size:
         raise UserError(
             f"--seq-len {seq_len} must be between 1 and block_size ({spec.model.block_size})",
-            "lower --seq-len or raise --block-size",
+            "lower --seq-len or raise --block-size" if seq_len > 0 else "pass --seq-len 1 or more",
         )
     if world_size < 1:
         raise UserError(
