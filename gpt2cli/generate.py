@@ -383,33 +383,23 @@ class Generator:
         return self.model(idx, positions, kv_len=T, last_only=True)[:, -1, :VOCAB_SIZE].float()
 
     @staticmethod
-    def _hand_over(tokens: torch.Tensor, states: list[TextStream], t0: float) -> bool:
-        """Give the streams the tokens (B, n) sampled since the last hand-over (one host sync);
-        True once every sample has ended. Tokens after a sample's end are dropped."""
-        rows = tokens.tolist()
+    def _hand_over(buf: torch.Tensor, prompt_len: int, seen: int, end: int, states: list[TextStream],
+                   t0: float) -> bool:
+        """Give the streams the tokens ``buf[:, seen:end]`` sampled since the last hand-over (one
+        host sync); True once every sample has ended. Tokens after a sample's end are dropped. A
+        stream that took some of them already (a hand-over cut short by Ctrl-C, given again)
+        gets only the rest: it has taken ``len(state.tokens)`` after the prompt."""
+        rows = buf[:, seen:end].tolist()
         now = time.perf_counter()
         for state, row in zip(states, rows, strict=True):
-            for token in row:
-                if state.done:
-                    break
+            if state.done:
+                continue
+            for token in row[prompt_len + len(state.tokens) - seen:]:
                 state.add(token)
                 if state.done:
                     state.elapsed_s = now - t0
+                    break
         return all(s.done for s in states)
-
-    @staticmethod
-    def _hand_over_rest(buf: torch.Tensor, prompt_len: int, end: int, states: list[TextStream], t0: float) -> None:
-        """Give each unfinished stream the tokens of ``buf`` up to ``end`` it has not taken yet
-        (it has taken ``len(state.tokens)`` after the prompt)."""
-        rows = buf[:, prompt_len:end].tolist()
-        now = time.perf_counter()
-        for state, row in zip(states, rows, strict=True):
-            for token in row[len(state.tokens):]:
-                if state.done:
-                    break
-                state.add(token)
-                if state.done:
-                    state.elapsed_s = now - t0
 
     def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
         """Token ids of a prompt (text, or ids as they are); the empty prompt is <|endoftext|>,
@@ -558,7 +548,7 @@ class Generator:
             try:
                 while True:
                     if end == P + new or end - seen >= sync_every:
-                        finished = self._hand_over(buf[:, seen:end], states, t0)
+                        finished = self._hand_over(buf, P, seen, end, states, t0)
                         seen = end
                         if on_progress is not None:
                             on_progress(end - P)
@@ -590,10 +580,10 @@ class Generator:
                     buf[:, end] = next_ids
                     end += 1
             except KeyboardInterrupt:
-                # Ctrl-C keeps what was sampled: every sample gets the tokens up to `end` it has not
-                # seen (a hand-over may have been cut short), then ends as "interrupted".
+                # Ctrl-C keeps what was sampled: the streams get the tokens up to `end` (again if
+                # the interrupt cut a hand-over short), then the unfinished end as "interrupted".
                 interrupted = True
-                self._hand_over_rest(buf, P, end, states, t0)
+                self._hand_over(buf, P, seen, end, states, t0)
             sync()
             t_end = time.perf_counter()
         finally:

@@ -59,6 +59,11 @@ def print_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
+def plural(n: int, word: str) -> str:
+    """3 -> '3 tokens', 1 -> '1 token' (thousands separated)."""
+    return f"{n:,} {word}" if n == 1 else f"{n:,} {word}s"
+
+
 def si(value: float, digits: int = 1) -> str:
     """1234567 -> '1.2M': rates and counts for progress lines."""
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):

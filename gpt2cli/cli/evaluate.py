@@ -26,6 +26,7 @@ from gpt2cli.cli.common import (
     field_help,
     flat_set_opt,
     out,
+    plural,
     print_json,
 )
 from gpt2cli.errors import NonFiniteLossError
@@ -93,15 +94,11 @@ def evaluate(
         raise _nonfinite_error(failed, len(report["results"]), report["dtype"])
 
 
-def _plural(n: int, word: str) -> str:
-    return f"{n:,} {word}" if n == 1 else f"{n:,} {word}s"
-
-
 def _header_line(header: dict[str, Any]) -> str:
     return (
-        f"{header['data']}, split {header['split']}: {_plural(header['windows'], 'window')} x "
-        f"{_plural(header['seq_len'], 'token')} = {_plural(header['tokens'], 'token')}, "
-        f"{_plural(header['bytes'], 'byte')} ({header['device']}, {header['dtype']})"
+        f"{header['data']}, split {header['split']}: {plural(header['windows'], 'window')} x "
+        f"{plural(header['seq_len'], 'token')} = {plural(header['tokens'], 'token')}, "
+        f"{plural(header['bytes'], 'byte')} ({header['device']}, {header['dtype']})"
     )
 
 

@@ -14,7 +14,14 @@ from typing import Annotated, Any
 
 import typer
 
-from gpt2cli.cli.common import FLAT_PRECEDENCE_HELP, ConfigOpt, err, field_help, flat_set_opt
+from gpt2cli.cli.common import (
+    FLAT_PRECEDENCE_HELP,
+    ConfigOpt,
+    err,
+    field_help,
+    flat_set_opt,
+    plural,
+)
 from gpt2cli.errors import UserError
 from gpt2cli.specs import GenerateSpec, build_spec
 
@@ -141,7 +148,7 @@ def run(ckpt: str, prompt: str, spec: GenerateSpec, *, output_format: str = "tex
         n_params = sum(p.numel() for p in generator.model.parameters())
         sys.stderr.write(
             f"model: {source}: {n_params:,} parameters, {m.n_layer} layers, attn={m.attn} "
-            f"({m.kv_heads} kv head{'' if m.kv_heads == 1 else 's'} of {m.n_head}), pos={m.pos}, context {m.block_size:,}\n"
+            f"({plural(m.kv_heads, 'kv head')} of {m.n_head}), pos={m.pos}, context {m.block_size:,}\n"
         )
 
     text_mode = output_format == "text"
@@ -194,8 +201,8 @@ def run(ckpt: str, prompt: str, spec: GenerateSpec, *, output_format: str = "tex
         raise KeyboardInterrupt
     reasons = ", ".join(f"{n} {r}" for r, n in _count(s.finish_reason for s in result.samples).items())
     sys.stderr.write(
-        f"{_tokens(result.new_tokens)} in {result.total_s:.2f} s = {result.tokens_per_s:,.1f} tokens/s "
-        f"(prefill {_tokens(len(result.prompt_tokens))} {result.prefill_s * 1e3:.0f} ms"
+        f"{plural(result.new_tokens, 'token')} in {result.total_s:.2f} s = {result.tokens_per_s:,.1f} tokens/s "
+        f"(prefill {plural(len(result.prompt_tokens), 'token')} {result.prefill_s * 1e3:.0f} ms"
         # one new token per sample comes from the prefill alone: no decode step to rate
         f"{f', decode {result.decode_tokens_per_s:,.1f} tokens/s' if result.decode_steps else ''}"
         f"; {result.device}, {result.dtype}"
@@ -205,7 +212,7 @@ def run(ckpt: str, prompt: str, spec: GenerateSpec, *, output_format: str = "tex
         m = generator.spec
         sys.stderr.write(
             f"KV cache: {result.cache_bytes_per_token:,} bytes per token per sample (2 x {m.n_layer} layers "
-            f"x {m.kv_heads} kv head{'' if m.kv_heads == 1 else 's'} x {m.head_dim} dims x {result.cache_bytes_per_token // (2 * m.n_layer * m.kv_heads * m.head_dim)} "
+            f"x {plural(m.kv_heads, 'kv head')} x {m.head_dim} dims x {result.cache_bytes_per_token // (2 * m.n_layer * m.kv_heads * m.head_dim)} "
             f"bytes), {result.cache_bytes:,} bytes preallocated; window slides: {result.window_slides}\n"
         )
 
@@ -220,10 +227,6 @@ def _generate_with_progress(generator, prompt: str, spec: GenerateSpec):
                   TimeElapsedColumn(), console=err, transient=True) as progress:
         task = progress.add_task("sampling", total=spec.max_new_tokens)
         return generator.generate(prompt, spec, on_progress=lambda n: progress.update(task, completed=n))
-
-
-def _tokens(n: int) -> str:
-    return f"{n:,} token" if n == 1 else f"{n:,} tokens"
 
 
 def _compiled_note(result) -> str:

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from gpt2cli.cli.common import ConfigOpt, SetOpt, field_help, make_spec, out, print_json
+from gpt2cli.cli.common import ConfigOpt, SetOpt, field_help, make_spec, out, plural, print_json
 from gpt2cli.errors import UserError
 from gpt2cli.specs import ModelSpec, TrainSpec
 
@@ -134,8 +134,7 @@ def _print_tables(model: ModelSpec, stats: dict[str, Any]) -> None:
     summary.add_column(style="bold")
     summary.add_column(justify="right")
     summary.add_column()
-    kv_heads = f"{model.kv_heads} kv head{'' if model.kv_heads == 1 else 's'}"
-    summary.add_row("attention", f"{model.attn}", f"{kv_heads}, head size {model.head_dim}")
+    summary.add_row("attention", f"{model.attn}", f"{plural(model.kv_heads, 'kv head')}, head size {model.head_dim}")
     summary.add_row("positions", model.pos, context)
     summary.add_row("parameters", f"{stats['params']:,}", _count(stats["params"]))
     summary.add_row(
