@@ -17,7 +17,9 @@ from gpt2cli.errors import UserError
 
 Series = list[tuple[float, float]]
 FORMATS = ("png", "svg")
-MARKERS = "*o+x#@%&=$"
+MARKERS = "*o+x~@%&=$"
+# Where two or more columns' curves fall in one cell: no column's marker hides another's.
+OVERLAP = "#"
 
 
 def mean_curve(series: Sequence[Series]) -> Series:
@@ -185,6 +187,7 @@ def terminal_chart(columns: Sequence[Any], width: int = 64, height: int = 12) ->
     if y_hi <= y_lo:
         y_hi = y_lo + 1e-6
     grid = [[" "] * width for _ in range(height)]
+    owner: dict[tuple[int, int], int] = {}  # cell -> the first curve drawn there
     for i, curve in enumerate(curves):
         if not curve:
             continue
@@ -196,7 +199,8 @@ def terminal_chart(columns: Sequence[Any], width: int = 64, height: int = 12) ->
                 continue
             y = min(max(y, y_lo), y_hi)
             row = round((y_hi - y) / (y_hi - y_lo) * (height - 1))
-            grid[row][cx] = mark
+            first = owner.setdefault((row, cx), i)
+            grid[row][cx] = mark if first == i else OVERLAP
     label_w = max(len(f"{y_hi:.3f}"), len(f"{y_lo:.3f}"))
     lines = [f"{'val' if which == 'val' else 'train'} loss against tokens"]
     for r, cells in enumerate(grid):
@@ -213,6 +217,8 @@ def terminal_chart(columns: Sequence[Any], width: int = 64, height: int = 12) ->
     for i, (col, curve) in enumerate(zip(columns, curves, strict=True)):
         if curve:
             lines.append(f"  {MARKERS[i % len(MARKERS)]} {col.label}")
+    if any(OVERLAP in cells for cells in grid):
+        lines.append(f"  {OVERLAP} two or more of them")
     return "\n".join(lines)
 
 

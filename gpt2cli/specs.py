@@ -290,7 +290,7 @@ class TrainingSpec(_Spec):
     )
     tokens: int | None = Field(None, gt=0, description="Train on this many tokens (sets steps from the global batch).")
     batch_size: int = Field(16, gt=0, description="Sequences per process per micro-step.")
-    seq_len: int | None = Field(None, gt=1, description="Tokens per sequence; default: the model's block_size.")
+    seq_len: int | None = Field(None, gt=0, description="Tokens per sequence; default: the model's block_size.")
     grad_accum: int = Field(1, gt=0, description="Micro-steps per optimizer step.")
     batch_tokens: int | None = Field(
         None, gt=0,
@@ -668,7 +668,34 @@ def build_spec(
     without sections (generate, eval, ...), ``--set PREFIX.field=value`` means ``field=value``.
     """
     layered = layer_settings(config_file=config_file, flags=flags, sets=sets, base=base, set_prefix=set_prefix)
-    return validate_spec(spec_cls, layered, flag_names)
+    # An error names the route the offending value came by: the flag, the --set, or the file.
+    # A flag name alone would send the user looking for a flag they never typed.
+    names: dict[str, str] = {}
+    if base:
+        names.update(dict.fromkeys(_leaf_paths(base), "{path} (stored in the resumed run)"))
+    if config_file:
+        names.update(dict.fromkeys(_leaf_paths(read_config_file(config_file)), f"{{path}} (in {config_file})"))
+    given = drop_none(flags or {})
+    names.update({path: f"{flag_names[path]} ({{path}})" if flag_names and path in flag_names else "{path}"
+                  for path in _leaf_paths(given)})
+    for assignment in sets:
+        path, _ = parse_set(assignment)
+        if set_prefix is not None and len(path) > 1 and path[0] == set_prefix:
+            path = path[1:]
+        names[".".join(path)] = "--set {path}"
+    try:
+        return spec_cls.model_validate(layered)
+    except ValidationError as exc:
+        raise UserError(format_validation_error(exc, names), "see --help or docs/specs.md") from exc
+
+
+def _leaf_paths(tree: dict[str, Any], prefix: str = "") -> list[str]:
+    """The dotted paths of a nested dict's leaves (a section's dict is not a leaf)."""
+    paths = []
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        paths.extend(_leaf_paths(value, path + ".") if isinstance(value, dict) and value else [path])
+    return paths
 
 
 def layer_settings(
@@ -715,13 +742,16 @@ def validate_spec(spec_cls: type[SpecT], data: dict[str, Any], flag_names: dict[
         raise UserError(format_validation_error(exc, flag_names), "see --help or docs/specs.md") from exc
 
 
-def format_validation_error(exc: ValidationError, flag_names: dict[str, str] | None = None) -> str:
-    """One line naming every offending field, e.g. ``--n-head (model.n_head): must be > 0``."""
+def format_validation_error(exc: ValidationError, names: dict[str, str] | None = None) -> str:
+    """One line naming every offending field, e.g. ``--n-head (model.n_head): must be > 0``.
+    ``names`` maps a dotted field path to how it is named: a flag (``--n-head``), or a template
+    with ``{path}`` in it (``{path} (in run.toml)``)."""
     parts = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
-        if flag_names and loc in flag_names:
-            loc = f"{flag_names[loc]} ({loc})"
+        name = (names or {}).get(loc)
+        if name is not None:
+            loc = name.format(path=loc) if "{path}" in name else f"{name} ({loc})"
         msg = err["msg"]
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]

@@ -465,6 +465,7 @@ def _train(spec: TrainSpec, reporter: Reporter, strategy: Strategy | None,
             return _train_with(spec, reporter, strategy, startup)
     finally:
         torch.set_float32_matmul_precision(precision)
+        strategy.release_host_memory()
 
 
 def _train_with(spec: TrainSpec, reporter: Reporter, strategy: Strategy,

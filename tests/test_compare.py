@@ -423,6 +423,24 @@ def test_terminal_chart(tmp_path):
     assert terminal_chart(compare_paths([make_run(tmp_path / "d")]).columns) == ""
 
 
+def test_terminal_chart_marks_cells_where_curves_meet(tmp_path):
+    """A later curve does not hide an earlier one: where both pass, the cell says so."""
+    a = make_run(tmp_path / "a", val=[4.0, 3.0, 2.0], train=[5.0] * 6, steps=6)
+    b = make_run(tmp_path / "b", val=[4.0, 3.5, 3.0], train=[5.0] * 6, steps=6, pos="rope")  # meets a at the start only
+    lines = terminal_chart(compare_paths([a, b]).columns, width=40, height=8).splitlines()
+    assert lines[1].startswith("4.000 |#")
+    assert lines[-1] == "  # two or more of them"
+    plot = "\n".join(lines[1:9])
+    assert plot.count("*") > 5 and plot.count("o") > 5
+    twins = terminal_chart(compare_paths([a, make_run(tmp_path / "c", val=[4.0, 3.0, 2.0], train=[5.0] * 6, steps=6,
+                                                            pos="rope")]).columns).splitlines()
+    same = "\n".join(twins[1:13])  # two columns, the same curve: every cell shows both
+    assert "#" in same and "*" not in same and "o" not in same
+    apart = terminal_chart(compare_paths([make_run(tmp_path / "d", val=[4.0, 3.0], train=[5.0] * 4),
+                                          make_run(tmp_path / "e", val=[2.0, 1.0], train=[5.0] * 4, pos="rope")]).columns)
+    assert "#" not in apart
+
+
 # ----------------------------------------------------------------------------- the command
 
 

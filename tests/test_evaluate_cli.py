@@ -198,6 +198,24 @@ def test_progress_goes_to_a_terminal_stderr_after_the_header_and_before_the_tabl
     assert re.search(r"scoring 2/2 .*?10/10 windows", seen)  # the bar counts windows
 
 
+def test_an_interrupted_eval_leaves_nothing_on_a_redirected_stdout(checkpoints, data_dir, monkeypatch, capsys):
+    """stdout to a file or pipe gets the header line with the table, so a Ctrl-C (or a crash) while
+    a model is scored leaves no header without its table there; a whole run still has both."""
+    from gpt2cli.cli import evaluate as eval_cli
+
+    args = ["eval", *checkpoints, "--data", data_dir, "--tokens", 128, "--device", "cpu"]
+    code, table, _ = cli(capsys, *args)
+    assert code == 0 and table.startswith(f"{data_dir}, split val: 2 windows x 64 tokens = 128 tokens, ")
+    assert "bits/byte" in table and table.count("split val") == 1
+
+    def interrupted(self, index, checkpoint, windows):
+        if index == 1:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(eval_cli._ScoringDisplay, "model", interrupted)
+    code, out, _ = cli(capsys, *args)
+    assert code == 130 and out == ""
+
+
 def test_json_stdout_holds_only_the_json_while_a_terminal_stderr_shows_progress(checkpoints, data_dir, monkeypatch,
                                                                                capsys):
     from gpt2cli.cli import evaluate as eval_cli

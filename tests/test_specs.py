@@ -225,8 +225,36 @@ def test_every_device_field_accepts_the_known_devices(spec_cls, path, device):
 def test_an_invalid_lr_is_reported_once_not_again_for_the_derived_min_lr(lr):
     with pytest.raises(UserError) as info:
         build_spec(TrainSpec, sets=[f"optim.lr={lr}"], flag_names={"optim.lr": "--lr", "optim.min_lr": "--min-lr"})
-    assert "--lr (optim.lr)" in info.value.message
+    assert "--set optim.lr:" in info.value.message
     assert "min_lr" not in info.value.message and "--min-lr" not in info.value.message
+
+
+def test_seq_len_is_one_or_more():
+    assert build_spec(TrainSpec, flags={"train": {"seq_len": 1}}).seq_len == 1
+    with pytest.raises(UserError, match=r"train.seq_len: Input should be greater than 0"):
+        build_spec(TrainSpec, flags={"train": {"seq_len": 0}})
+
+
+def test_a_bad_value_is_named_by_the_route_it_came_by(tmp_path):
+    """The flag the user typed, the --set they wrote, or the file (not a flag they never typed)."""
+    names = {"optim.lr": "--lr", "train.batch_size": "--batch-size"}
+    config = tmp_path / "run.toml"
+    config.write_text("[optim]\nlr = -1\n")
+
+    def message(**layers):
+        with pytest.raises(UserError) as info:
+            build_spec(TrainSpec, flag_names=names, **layers)
+        return info.value.message
+
+    assert message(config_file=config) == f"invalid settings: optim.lr (in {config}): Input should be greater than 0"
+    assert message(flags={"optim": {"lr": -1}}).startswith("invalid settings: --lr (optim.lr): ")
+    assert message(sets=["optim.lr=-1"]).startswith("invalid settings: --set optim.lr: ")
+    # the last route wins, as the value does
+    assert message(config_file=config, flags={"optim": {"lr": -2}}).startswith("invalid settings: --lr (optim.lr)")
+    assert message(base={"optim": {"lr": -1}}).startswith("invalid settings: optim.lr (stored in the resumed run)")
+    assert message(config_file=config, flags={"train": {"batch_size": 0}}) == (
+        f"invalid settings: optim.lr (in {config}): Input should be greater than 0; "
+        "--batch-size (train.batch_size): Input should be greater than 0")
 
 
 def test_a_min_lr_the_user_set_is_still_checked():

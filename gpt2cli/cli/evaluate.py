@@ -5,8 +5,9 @@ Every checkpoint is scored on the same windows (:mod:`gpt2cli.evaluate`: the spl
 compare like with like. All checkpoints are loaded (on CPU) and checked before any is scored, so a bad third
 argument fails at once rather than after minutes of work.
 
-The table's header line goes out before the first model is scored; while they are scored, a terminal's
-stderr shows which model and how many of its windows are done. A model whose loss is not finite still
+The table's header line goes out before the first model is scored when stdout is a terminal (to a file
+or a pipe it goes out with the table, so an interrupted run leaves no half a report there); while they
+are scored, a terminal's stderr shows which model and how many of its windows are done. A model whose loss is not finite still
 gets its row (NaN/inf as they are; null in JSON, which has no NaN), and then the command ends with one
 ``Error:`` line and exit 3, as training does on a non-finite loss.
 """
@@ -18,6 +19,7 @@ from enum import Enum
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from gpt2cli.cli.common import (
     FLAT_PRECEDENCE_HELP,
@@ -88,6 +90,8 @@ def evaluate(
     if spec.format == "json":
         print_json(_json_numbers(report))
     else:
+        if not display.header_shown_on_stdout:
+            out.print(escape(_header_line(report)), soft_wrap=True)
         _print_table(report)
     failed = [r for r in report["results"] if r["error"]]
     if failed:  # every row is out first: the finished models' scores are kept, stdout stays whole
@@ -104,7 +108,8 @@ def _header_line(header: dict[str, Any]) -> str:
 
 class _ScoringDisplay:
     """gpt2cli.evaluate.EvalProgress for the terminal. The header line goes out before the first
-    model is scored: on stdout above the table, or (JSON on stdout) on a terminal's stderr. While
+    model is scored: on a terminal's stdout above the table, else on a terminal's stderr (JSON on
+    stdout, or stdout a file or pipe, which gets its header with the table). While
     models are scored, a terminal's stderr shows a bar: which model of how many, and its windows
     done; it disappears before the table. Piped stderr gets nothing, as with `gpt2 data`."""
 
@@ -113,6 +118,7 @@ class _ScoringDisplay:
         self.header_on_stdout = header_on_stdout
         self.progress: Any = None
         self.task: Any = None
+        self.header_shown_on_stdout = False
 
     def __enter__(self) -> _ScoringDisplay:
         return self
@@ -123,10 +129,9 @@ class _ScoringDisplay:
             self.progress = None
 
     def start(self, header: dict[str, Any]) -> None:
-        from rich.markup import escape
-
-        if self.header_on_stdout:
+        if self.header_on_stdout and out.is_terminal:
             out.print(escape(_header_line(header)), soft_wrap=True)
+            self.header_shown_on_stdout = True
         elif err.is_terminal:
             err.print(escape(_header_line(header)), soft_wrap=True)
         if not err.is_terminal:
@@ -150,8 +155,6 @@ class _ScoringDisplay:
     def model(self, index: int, checkpoint: str, windows: int) -> None:
         if self.progress is None:
             return
-        from rich.markup import escape
-
         description = f"{index + 1}/{self.models} {escape(checkpoint)}" if self.models > 1 else escape(checkpoint)
         if self.task is not None:
             self.progress.remove_task(self.task)  # a fresh task: each model's own elapsed time and eta
@@ -185,7 +188,6 @@ def _json_numbers(report: dict[str, Any]) -> dict[str, Any]:
 
 def _print_table(report: dict[str, Any]) -> None:
     """The results table (its header line went out before the scoring, see _ScoringDisplay)."""
-    from rich.markup import escape
     from rich.table import Table
 
     table = Table()

@@ -89,6 +89,11 @@ class Strategy:
     def teardown(self) -> None:
         pass
 
+    def release_host_memory(self) -> None:
+        """What setup() did to the process's allocator, undone; called after every run, clean or not."""
+        if self.device.type != "cuda":
+            give_back_freed_memory()
+
     # ------------------------------------------------------------------ model
     def wrap(self, model: nn.Module) -> nn.Module:
         """Apply activation checkpointing (if asked) to a finished model; return what trains."""
@@ -184,6 +189,27 @@ def retie(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.T
     return state
 
 
+def _glibc():
+    """glibc's C library, or None elsewhere (macOS, musl, Windows): callers then keep the defaults."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018 - both exist in glibc only
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+# glibc's documented starting values of both thresholds (mallopt(3)).
+_GLIBC_DEFAULT_THRESHOLD = 128 * 1024
+
+
 def keep_freed_memory(below: int = 1 << 30) -> None:
     """Let glibc keep freed blocks smaller than ``below`` bytes instead of returning them to the OS.
 
@@ -192,22 +218,26 @@ def keep_freed_memory(below: int = 1 << 30) -> None:
     free, so each step page-faults them in again: on the 2-core test machine that was about 1 s of
     system time per step for nano at batch 16 x 128. Raising the mmap and trim thresholds makes the
     heap reuse them (measured: 4x less system time, 1.5-2x faster steps). The price is that the
-    heap never shrinks: where block sizes vary from step to step, as FSDP's per-layer gathers do,
-    it fragments and grows (see FSDPStrategy). No-op elsewhere than Linux with glibc.
+    heap does not shrink while the setting holds: where block sizes vary from step to step, as
+    FSDP's per-layer gathers do, it fragments and grows (see FSDPStrategy). The setting is
+    process-wide: give_back_freed_memory() ends it. No-op elsewhere than Linux with glibc.
     """
-    import ctypes
-    import ctypes.util
-    import sys
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, below)
+        libc.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1)
 
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        libc.mallopt(m_mmap_threshold, below)
-        libc.mallopt(m_trim_threshold, (1 << 31) - 1)
-    except (OSError, AttributeError):  # not glibc (musl, ...): keep the defaults
-        pass
+
+def give_back_freed_memory() -> None:
+    """Undo keep_freed_memory: glibc's starting thresholds again, and the heap's free memory
+    returned to the OS now, so a caller that goes on after train() (a notebook, a sweep) does not
+    keep the run's largest step resident. (glibc then no longer raises the mmap threshold by itself
+    as it does from a fresh start; that only changes which of two allocators serves a block.)"""
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
+        libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
+        libc.malloc_trim(0)
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:

@@ -38,6 +38,12 @@ def test_batches_are_shifted_windows():
     assert x.is_contiguous() and y.is_contiguous()
 
 
+def test_one_token_windows_train_a_bigram_model():
+    """seq_len 1 is allowed: each window is one token and its successor."""
+    x, y = TrainLoader(TOKENS, batch_size=4, seq_len=1, seed=1).next_batch()
+    assert x.shape == y.shape == (4, 1) and torch.equal(y, x + 1)
+
+
 def test_epoch_is_a_permutation_without_replacement():
     data = loader(batch_size=5)
     epochs = [sum(take(data, 4), []) for _ in range(3)]  # 20 windows = 4 batches of 5

@@ -82,6 +82,54 @@ def test_freed_blocks_below_the_threshold_come_from_the_heap_larger_ones_from_th
     assert small >= 30 and large >= 80
 
 
+GIVE_BACK_PROBE = """
+import torch
+from gpt2cli.parallel.base import give_back_freed_memory, keep_freed_memory
+
+def heap_mb():
+    for line in open("/proc/self/maps"):
+        if "[heap]" in line:
+            start, end = (int(a, 16) for a in line.split()[0].split("-"))
+            return (end - start) >> 20
+    return 0
+
+keep_freed_memory(1 << 30)
+before = heap_mb()
+blocks = [torch.ones(40 << 20, dtype=torch.uint8) for _ in range(2)]
+del blocks
+kept = heap_mb() - before
+give_back_freed_memory()
+after = heap_mb() - before
+blocks = [torch.ones(40 << 20, dtype=torch.uint8) for _ in range(2)]
+print(kept, after, heap_mb() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's heap, Linux only")
+def test_giving_back_freed_memory_shrinks_the_heap_and_ends_the_setting():
+    """train() ends what keep_freed_memory began: a caller that goes on (a notebook, a sweep) gets
+    the freed step memory back and large blocks served by mmap again."""
+    out = subprocess.run([sys.executable, "-c", GIVE_BACK_PROBE], capture_output=True, text=True,
+                         check=True).stdout.split()
+    kept, after, regrown = (int(v) for v in out)
+    assert kept >= 80  # freed, and still in the heap
+    assert after < 10  # returned to the OS
+    assert regrown < 10  # 40 MB blocks no longer come from the heap
+
+
+def test_train_gives_back_the_memory_it_kept_clean_or_not(monkeypatch):
+    from gpt2cli import train as train_module
+
+    calls = []
+    monkeypatch.setattr(Strategy, "release_host_memory", lambda self: calls.append(self.device.type))
+    monkeypatch.setattr(train_module, "_train_with", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    from gpt2cli.specs import TrainSpec
+
+    with pytest.raises(RuntimeError, match="boom"):
+        train_module._train(TrainSpec(), train_module.SilentReporter(), Strategy("cpu"), None)
+    assert calls == ["cpu"]
+
+
 def test_retie_gives_the_names_of_a_tied_parameter_one_tensor():
     """What FSDP's gather returns (two copies of the tied embedding) goes back to one tensor, as
     one process and DDP give it; the 2-process check is in tests/test_parallel.py."""
