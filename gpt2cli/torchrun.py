@@ -8,6 +8,11 @@ Here either ends it with the shell's code for the signal (128 + its number) and 
 the launcher (gpt2cli.parallel.launch) reads the run's status and says what happened, once.
 It lives outside gpt2cli.parallel, whose import loads torch: a Ctrl-C during that import would
 escape before :func:`main` could catch it.
+
+A one-node run (``--standalone``) also keeps its stores on loopback. torch's TCPStore listens on
+every interface whatever host it is given, and it has no authentication: anyone who could reach
+the machine could write into a run's rendezvous. Here the agent's stores, and the workers' own
+where torch gives them none, listen on 127.0.0.1 only (:func:`tcp_store`).
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import sys
+from typing import Any
 
 # The agent's pid, for its workers: a worker that starts after the agent died (killed while the
 # worker still imported torch) has been re-parented already, so its own getppid() cannot tell.
@@ -55,6 +62,58 @@ _SHUTDOWN_NOTICE_LOGGERS = ("torch.distributed.elastic.agent.server.api",
                             "torch.distributed.elastic.multiprocessing.api")
 
 
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def tcp_store(host: str, port: int, *, is_master: bool = False, **kwargs: Any) -> Any:
+    """``torch.distributed.TCPStore(host, port, is_master=..., **kwargs)``, except that a server
+    for a loopback host listens on loopback only (torch's binds every interface): it gets a socket
+    already bound there (``master_listen_fd``). Port 0 picks a free port, as torch's does."""
+    import torch.distributed as dist
+
+    if not is_master or host not in LOOPBACK_HOSTS or kwargs.get("master_listen_fd") is not None:
+        return dist.TCPStore(host, port, is_master=is_master, **kwargs)
+    family, address = (socket.AF_INET6, "::1") if host == "::1" else (socket.AF_INET, "127.0.0.1")
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((address, port))
+        listener.listen(socket.SOMAXCONN)
+    except OSError as exc:
+        listener.close()
+        # What torch raises for a port in use: its callers (the c10d rendezvous) handle it.
+        raise RuntimeError(f"the store could not listen on {address}:{port}: {exc}") from exc
+    port = listener.getsockname()[1]
+    fd = listener.detach()
+    try:
+        return dist.TCPStore(host, port, is_master=True, master_listen_fd=fd, **kwargs)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _keep_agent_stores_on_loopback() -> None:
+    """The two stores a standalone torchrun agent serves (the c10d rendezvous backend's and the one
+    it shares with its workers), made with :func:`tcp_store`. Each is replaced only where torch
+    has the known name (2.4-2.13); otherwise torch's own stays."""
+    from torch.distributed.elastic.rendezvous import c10d_rendezvous_backend, dynamic_rendezvous
+
+    torch_store = getattr(c10d_rendezvous_backend, "TCPStore", None)
+    if torch_store is not None:
+        def rendezvous_store(host_name: str, port: int, *args: Any, **kwargs: Any) -> Any:
+            if args:  # a call this wrapper does not know: torch's store as it was
+                return torch_store(host_name, port, *args, **kwargs)
+            return tcp_store(host_name, port, **kwargs)
+
+        c10d_rendezvous_backend.TCPStore = rendezvous_store
+    handler = getattr(dynamic_rendezvous, "DynamicRendezvousHandler", None)
+    if handler is not None and hasattr(handler, "_create_tcp_store_server"):
+        def shared_store(self: Any, master_addr: str, master_port: int) -> Any:
+            return tcp_store(master_addr, master_port, is_master=True, multi_tenant=True)
+
+        handler._create_tcp_store_server = shared_store
+
+
 def main() -> None:
     os.environ[AGENT_PID_ENV] = str(os.getpid())
     try:
@@ -63,6 +122,8 @@ def main() -> None:
         from torch.distributed.run import main as torchrun_main
 
         _stop_workers_with_sigterm(multiprocessing_api, SignalException)
+        if "--standalone" in sys.argv[1:]:
+            _keep_agent_stores_on_loopback()
         for name in _SHUTDOWN_NOTICE_LOGGERS:
             logging.getLogger(name).addFilter(_DropShutdownNotices())
         try:

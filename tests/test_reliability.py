@@ -24,6 +24,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -107,6 +108,36 @@ def worker_pids(run: Path) -> dict[int, int]:
             found[int(env[b"RANK"])] = int(entry.name)
         except (OSError, KeyError, ValueError):
             continue
+    return found
+
+
+def listening_addresses(run: Path) -> set[str]:
+    """The addresses that the agent and workers of a run listen on (Linux /proc): "127.0.0.1",
+    "0.0.0.0", "::" and so on, read from /proc/net/tcp{,6} for the sockets they hold."""
+    spec = str(run / "launch-spec.json").encode()
+    inodes: set[str] = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if spec not in (entry / "cmdline").read_bytes().split(b"\0"):
+                continue
+            for fd in (entry / "fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[len("socket:["):-1])
+        except OSError:
+            continue
+    found = set()
+    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A" or fields[9] not in inodes:  # 0A: LISTEN
+                continue
+            raw = bytes.fromhex(fields[1].split(":")[0])
+            # The kernel prints each 32-bit word in host (little-endian) order.
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            found.add(socket.inet_ntop(family, raw))
     return found
 
 
@@ -601,7 +632,9 @@ def test_ddp_stopped_or_killed_during_start_up_leaves_no_worker_and_no_folder(ro
 def test_a_run_folder_in_use_is_refused_to_a_second_train(root):
     """While a run trains, a second `gpt2 train` into its folder is refused with one line and writes
     nothing there: a 2-process launch against a one-process run (the launcher's lock), and a
-    one-process resume against a 2-process run (its launcher holds the lock for the workers)."""
+    one-process resume against a 2-process run (its launcher holds the lock for the workers).
+    The 2-process run also shows that a one-node job listens on loopback only: its stores
+    (torchrun's and the workers') take no connection from another machine."""
     single_resume = ["train", "--resume", "auto", "--quiet"]
     ddp_launch = ["train", *DDP[:-1], "4000", "--resume", "auto"]
     for name, args, second in (("in-use-single", [*BASE, "--steps", "4000"], ddp_launch),
@@ -610,6 +643,9 @@ def test_a_run_folder_in_use_is_refused_to_a_second_train(root):
         proc = start(["train", *args, "--out", str(run)])
         try:
             wait_for_rows(run, 2, proc)
+            if name == "in-use-ddp" and LINUX_PROC:
+                listening = listening_addresses(run)
+                assert listening and listening <= {"127.0.0.1", "::1"}, listening
             before = (run / "spec.json").read_bytes()
             refused = run_gpt2(*second, "--out", str(run), timeout=120)
             line = one_error_line(refused.stderr)
@@ -896,6 +932,7 @@ def test_torchrun_reinvocation_is_standalone_or_an_explicit_endpoint(tmp_path):
 
     one_node = torchrun_command(ParallelSpec(strategy="ddp", nproc=2), tmp_path / "spec.json")
     assert "--standalone" in one_node and "--rdzv-endpoint" not in one_node
+    assert one_node[one_node.index("--local-addr") + 1] == "127.0.0.1"  # the workers meet on loopback
     nodes = torchrun_command(ParallelSpec(strategy="ddp", nproc=2, nnodes=2, rdzv_endpoint="10.0.0.1:29500"),
                              tmp_path / "spec.json")
     assert nodes[nodes.index("--rdzv-endpoint") + 1] == "10.0.0.1:29500" and "--standalone" not in nodes

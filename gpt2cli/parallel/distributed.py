@@ -16,6 +16,7 @@ from torch import nn
 
 from gpt2cli.errors import UserError
 from gpt2cli.parallel.base import Strategy, resolve_device
+from gpt2cli.torchrun import tcp_store
 
 
 class _ProcessGroupStrategy(Strategy):
@@ -85,8 +86,9 @@ def _attempt_store(timeout: datetime.timedelta) -> dict:
         return {}
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size=world,
-                          is_master=not agent_store and rank == 0, timeout=timeout)
+    # Where torch's agent shares no store, rank 0 serves one: on loopback only for a one-node run.
+    store = tcp_store(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size=world,
+                      is_master=not agent_store and rank == 0, timeout=timeout)
     return {"store": dist.PrefixStore(f"gpt2cli/attempt-{attempt}", store), "rank": rank, "world_size": world}
 
 

@@ -86,7 +86,9 @@ TORCHRUN_MODULE = "gpt2cli.torchrun"
 def torchrun_command(p: ParallelSpec, spec_path: Path) -> list[str]:
     cmd = [sys.executable, "-m", TORCHRUN_MODULE, "--nproc-per-node", str(p.procs_per_node)]
     if p.nnodes == 1:
-        cmd += ["--standalone"]
+        # Workers meet at 127.0.0.1 (the stores listen there only, see gpt2cli.torchrun), not at
+        # this machine's name, which may resolve to an address other machines reach.
+        cmd += ["--standalone", "--local-addr", "127.0.0.1"]
     else:
         cmd += ["--nnodes", str(p.nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", str(p.rdzv_endpoint),
                 "--rdzv-id", p.rdzv_id]
