@@ -8,7 +8,7 @@ if __name__ == "__main__" and "RANK" in os.environ:
     # (the launcher says once what happened); gpt2cli.train takes signals over once it runs.
     signal.signal(signal.SIGINT, lambda signum, frame: os._exit(128 + signum))
 
-from gpt2cli.cli import main  # noqa: E402  (after the handler: the import takes seconds)
+from gpt2cli.console import main  # noqa: E402  (after the handler: the CLI's import takes seconds)
 
 if __name__ == "__main__":
     main()

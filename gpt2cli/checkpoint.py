@@ -27,7 +27,7 @@ import torch
 
 from gpt2cli import __version__
 from gpt2cli.errors import UserError
-from gpt2cli.fsutil import fsync_dir, remove_stale_staging, staging_path
+from gpt2cli.fsutil import disk_full_error, fsync_dir, remove_stale_staging, staging_path
 
 FORMAT = "gpt2cli-checkpoint"
 FORMAT_VERSION = 1
@@ -95,7 +95,15 @@ def atomic_write_bytes(path: Path, writer: Any, *, crash_before_rename: bool = F
     tmp = staging_path(path)
     try:
         with open(tmp, "wb") as f:
-            writer(f)
+            try:
+                writer(f)
+            except RuntimeError as exc:
+                # torch.save reports a full disk as a RuntimeError of its zip writer ("unexpected
+                # pos ...") around the OSError: that error, with the file it was writing, instead.
+                full = disk_full_error(exc)
+                if full is None:
+                    raise
+                raise OSError(full.errno, full.strerror, str(path)) from exc
             f.flush()
             os.fsync(f.fileno())
         if crash_before_rename:

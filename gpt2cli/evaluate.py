@@ -37,18 +37,21 @@ def evaluate_loss(
     strategy=None,
     autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
     loss_chunk: int = DEFAULT_LOSS_CHUNK,
+    vocab_size: int | None = None,
 ) -> float:
     """Mean cross-entropy (nats per token) of ``model`` on the evaluation windows of ``tokens``."""
     stats = evaluate_sums(model, tokens, seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens,
-                          strategy=strategy, autocast=autocast, loss_chunk=loss_chunk)
+                          strategy=strategy, autocast=autocast, loss_chunk=loss_chunk, vocab_size=vocab_size)
     return stats[0] / stats[1]
 
 
 @torch.no_grad()
 def evaluate_sums(model, tokens, *, seq_len, batch_size, max_tokens=None, strategy=None, autocast=None,
-                  loss_chunk=DEFAULT_LOSS_CHUNK, on_windows: Callable[[int], None] | None = None):
+                  loss_chunk=DEFAULT_LOSS_CHUNK, on_windows: Callable[[int], None] | None = None,
+                  vocab_size: int | None = None):
     """(summed loss, token count) over the evaluation windows, reduced over ranks. ``loss_chunk``:
-    see GPT.forward (0 for a compiled model, whose compiler fuses the loss). ``on_windows`` gets
+    see GPT.forward (0 for a compiled model, whose compiler fuses the loss). ``vocab_size``: ids
+    at or above it are refused (see gpt2cli.data.loader). ``on_windows`` gets
     this rank's windows handed to the model so far, after every batch (no device sync: on a GPU it
     can run a few batches ahead of the arithmetic)."""
     rank = strategy.rank if strategy is not None else 0
@@ -61,7 +64,7 @@ def evaluate_sums(model, tokens, *, seq_len, batch_size, max_tokens=None, strate
     windows_done = 0
     try:
         for x, y, weight in eval_batches(tokens, batch_size=batch_size, seq_len=seq_len, max_tokens=max_tokens,
-                                         rank=rank, world_size=world, device=device):
+                                         rank=rank, world_size=world, device=device, vocab_size=vocab_size):
             with autocast() if autocast else contextlib.nullcontext():
                 loss = model(x, targets=y, reduction="sum", loss_chunk=loss_chunk)
             loss_sum += loss.double() * weight  # padding batches (weight 0): same collectives, no count
@@ -142,11 +145,17 @@ def evaluate_checkpoints(spec: EvaluateSpec, progress: EvalProgress | None = Non
     used = np.asarray(tokens[: windows * seq_len + 1])
     targets = used[1:]
     top = int(used.max())
-    n_bytes = int(token_byte_lengths()[targets.astype(np.int64)].sum())
+    byte_lengths = token_byte_lengths()
+    if top >= len(byte_lengths):  # bits per byte needs every id's bytes, as the tokenizer has them
+        raise UserError(
+            f"the data holds token id {top:,}, outside the GPT-2 tokenizer's {len(byte_lengths):,} ids",
+            "the token files are damaged or were made with another tokenizer: prepare the data again with gpt2 data",
+        )
+    n_bytes = int(byte_lengths[targets.astype(np.int64)].sum())
     for name, m in zip(spec.checkpoints, models, strict=True):
         if top >= m.spec.vocab_size:
             raise UserError(
-                f"the data holds token id {top}, outside the vocabulary of {name!r} ({m.spec.vocab_size:,})",
+                f"the data holds token id {top:,}, outside the vocabulary of {name!r} ({m.spec.vocab_size:,})",
                 "evaluate on data made with the model's tokenizer",
             )
 

@@ -333,10 +333,11 @@ class Generator:
                     compile: bool = False) -> tuple[Generator, str]:
         """Load CKPT (see :func:`gpt2cli.loading.load_model`); returns the generator and the
         description of the source."""
-        from gpt2cli.loading import load_model
+        from gpt2cli.loading import load_model, refuse_nonfinite_weights
         from gpt2cli.parallel.base import resolve_device
 
         loaded = load_model(source, device=resolve_device(device))
+        refuse_nonfinite_weights(loaded.model, loaded.source)
         return cls(loaded.model, device=device, dtype=dtype, compile=compile), loaded.source
 
     # ------------------------------------------------------------------------------ pieces

@@ -90,6 +90,20 @@ def load_model(source: str | os.PathLike, device: torch.device | str = "cpu") ->
     return loaded
 
 
+def refuse_nonfinite_weights(model: torch.nn.Module, source: str) -> None:
+    """A UserError if any weight is NaN or inf. Such a model samples nothing but its first token
+    (every logit NaN), and exits 0 doing it; a safetensors file or an HF folder carries no digest
+    that would have caught such values. (``gpt2 eval`` scores such a model instead: its NaN loss
+    is the answer there.)"""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise UserError(
+                f"the weights of {source} hold NaN or inf ({bad:,} of {tensor.numel():,} values of {name})",
+                "use another checkpoint: an earlier one of its run, kept with --keep N",
+            )
+
+
 def _looks_like_a_path(text: str) -> bool:
     """A missing path is reported as such rather than tried as a hub name."""
     return (

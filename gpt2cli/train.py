@@ -543,9 +543,12 @@ class _Trainer:
         folder = TokenFolder(Path(self.spec.data.dir) if self.spec.data.dir else default_data_dir())
         for split in (self.spec.data.train_split, self.spec.data.val_split):
             if split not in folder.splits:
+                only_val_missing = split == self.spec.data.val_split and self.spec.data.train_split in folder.splits
                 raise UserError(
                     f"data folder {str(folder.path)!r} has no {split!r} split (it has: {', '.join(folder.splits)})",
-                    "prepare it with gpt2 data, or set data.train_split / data.val_split",
+                    "prepare it again with a --val-fraction above 0, or score the training split: "
+                    f"--set data.val_split={self.spec.data.train_split}" if only_val_missing
+                    else "prepare it with gpt2 data, or set data.train_split / data.val_split",
                 )
         # Both splits, before any step: a validation split shorter than one window used to surface
         # only at the first evaluation, after the run folder was made and steps were spent.
@@ -566,7 +569,7 @@ class _Trainer:
         loader = TrainLoader(
             folder.tokens(self.spec.data.train_split), batch_size=self.plan.batch_size,
             seq_len=self.plan.seq_len, seed=self.spec.train.seed, rank=self.strategy.rank,
-            world_size=self.strategy.world_size, device=self.device,
+            world_size=self.strategy.world_size, device=self.device, vocab_size=self.spec.model.vocab_size,
         )
         return folder, loader
 
@@ -601,6 +604,15 @@ class _Trainer:
                     f"{str(resume_from)!r} is at step {int(saved_state['step']):,}, past the {plan.total_steps:,} "
                     "steps asked for: there is nothing to train",
                     f"pass --steps above {int(saved_state['step']):,} to continue the run",
+                )
+            written_by = str(saved_state.get("torch_version", ""))
+            running = torch.__version__.split("+")[0]
+            if written_by and written_by != running:
+                # Resume is exact within one torch version; another may round (kernels, RNG
+                # streams, optimizer code) differently. Not an error: the run continues.
+                reporter.message(
+                    f"warning: {str(resume_from)!r} was written by torch {written_by}, this is torch {running}: "
+                    "the continuation may differ in the last bits from an uninterrupted run"
                 )
 
         model, trained = self._build_model()
@@ -696,6 +708,7 @@ class _Trainer:
                 trained, val_tokens, seq_len=plan.seq_len, batch_size=spec.eval_batch_size,
                 max_tokens=spec.eval.tokens, strategy=strategy,
                 autocast=lambda: autocast_context(self.device, self.dtype), loss_chunk=self.loss_chunk,
+                vocab_size=spec.model.vocab_size,
             )
             row = {"kind": "eval", "step": step_now, "tokens": tokens_seen, "val_loss": val,
                    "val_ppl": perplexity(val), "eval_s": time.perf_counter() - t0,
@@ -792,6 +805,9 @@ class _Trainer:
                         optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 step += 1
+                # A failure from here on (evaluation, a checkpoint) comes after this step: the
+                # status says so.
+                self.running_at = (run_dir, step) if strategy.is_main else None
                 reporter.advance(step)
                 report_profile(profiler.after_step(step))
                 tokens_seen += plan.tokens_per_step

@@ -164,6 +164,35 @@ def test_failed_rename_keeps_the_old_file(tmp_path: Path, monkeypatch):
     assert not list(tmp_path.glob(".*tmp*"))
 
 
+def test_a_full_disk_is_an_oserror_on_the_checkpoint_path(tmp_path: Path, monkeypatch):
+    """torch.save reports a full disk as a RuntimeError of its zip writer around the OSError;
+    the caller gets that OSError, naming the checkpoint, and the old file is kept."""
+    import errno
+
+    path = tmp_path / "ckpt.pt"
+    ckpt.save_checkpoint(path, _payload())
+    before = path.read_bytes()
+
+    def full_disk(obj, f):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 13299008") from None
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError) as info:
+        ckpt.save_checkpoint(path, {**_payload(), "step": 99})
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(path)
+    assert path.read_bytes() == before and not list(tmp_path.glob(".*tmp*"))
+
+    def bug(obj, f):
+        raise RuntimeError("not about space")
+
+    monkeypatch.setattr(torch, "save", bug)
+    with pytest.raises(RuntimeError, match="not about space"):  # other errors stay what they were
+        ckpt.save_checkpoint(path, _payload())
+
+
 def test_latest_checkpoint_skips_damaged(tmp_path: Path):
     ckpt.save_checkpoint(tmp_path / ckpt.step_checkpoint_name(4), _payload())
     ckpt.save_checkpoint(tmp_path / ckpt.CKPT_NAME, _payload())

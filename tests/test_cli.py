@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import sys
 
 import pytest
@@ -97,6 +100,43 @@ def test_train_errors_name_what_the_user_can_change(tmp_path, args, expected, ab
     assert list(tmp_path.iterdir()) == [tmp_path / "run.toml"]  # nothing written
 
 
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A 20 MB tmpfs (root only, where mounts are allowed; skipped elsewhere)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_is_one_line_and_keeps_what_was_there(small_filesystem, tmp_path):
+    """No space left, in a checkpoint (torch.save wraps the OSError) or in token files (a write
+    with no path): exit 2 and one line, no traceback, nothing half-written left behind."""
+    run = small_filesystem / "run"
+    proc = run_gpt2("train", "--preset", "tiny", "--steps", "8", "--seq-len", "16", "--batch-size", "2",
+                    "--eval-tokens", "64", "--device", "cpu", "--out", str(run), "--quiet")
+    assert proc.returncode == 2 and proc.stderr == (
+        f"Error: No space left on device: '{run / 'ckpt.pt'}' (free some space)\n"), proc.stderr
+    assert not list(run.glob(".*tmp*"))  # the partial checkpoint was removed
+    assert '"status": "failed"' in (run / "status.json").read_text()
+
+    for entry in small_filesystem.iterdir():  # the space back, all but 256 KB taken by a filler
+        shutil.rmtree(entry)
+    (small_filesystem / "filler").write_bytes(b"\0" * (20 * 2**20 - 2**18))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(("ROMEO: But soft, what light through yonder window breaks? " * 20 + "\n") * 1_000)
+    proc = run_gpt2("data", str(corpus), "--out", str(small_filesystem / "tokens"))
+    assert proc.returncode == 2 and proc.stderr.startswith("Error: No space left on device"), proc.stderr
+    assert proc.stderr.count("\n") == 1 and [p.name for p in small_filesystem.iterdir()] == ["filler"]
+
+
 def test_paths_that_cannot_be_written_are_one_line_errors(tmp_path):
     """A file where a folder must go, a folder under a file: exit 2 and one line naming the path,
     not an OSError traceback (a read-only folder takes the same route)."""
@@ -107,3 +147,16 @@ def test_paths_that_cannot_be_written_are_one_line_errors(tmp_path):
         assert proc.returncode == 2 and len(lines) == 1, proc.stderr
         assert lines[0].startswith(f"Error: {words}: ") and str(out_dir)[-8:] in lines[0] and "Traceback" not in lines[0]
     assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_ctrl_c_while_the_command_is_still_loading_is_aborted_not_a_traceback():
+    """The console script's import of the CLI takes a second or more; a Ctrl-C then (as if it came
+    while that import ran) ends with `Aborted.` and 130, as everywhere outside a training loop."""
+    code = ("import builtins\nreal = builtins.__import__\n"
+            "def importing(name, *args, **kwargs):\n"
+            "    if name == 'gpt2cli.cli':\n        raise KeyboardInterrupt\n"
+            "    return real(name, *args, **kwargs)\n"
+            "builtins.__import__ = importing\n"
+            "from gpt2cli.console import main\nmain()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stderr, proc.stdout) == (130, "Aborted.\n", "")

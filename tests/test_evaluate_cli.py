@@ -216,6 +216,21 @@ def test_an_interrupted_eval_leaves_nothing_on_a_redirected_stdout(checkpoints, 
     assert code == 130 and out == ""
 
 
+def test_token_ids_outside_the_vocabulary_are_one_line(checkpoints, data_dir, tmp_path, capsys):
+    """A damaged token file (or one made with another tokenizer) is refused, not an IndexError."""
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(data_dir, damaged)
+    tokens = np.memmap(damaged / "val.bin", dtype=np.uint16, mode="r+")
+    tokens[::100] = 60000
+    tokens.flush()
+    del tokens
+    code, out, err = cli(capsys, "eval", checkpoints[1], "--data", damaged, "--tokens", 128, "--device", "cpu")
+    line = one_error_line(code, err)
+    assert "token id 60,000, outside the GPT-2 tokenizer's 50,257 ids" in line and "gpt2 data" in line
+
+
 def test_json_stdout_holds_only_the_json_while_a_terminal_stderr_shows_progress(checkpoints, data_dir, monkeypatch,
                                                                                capsys):
     from gpt2cli.cli import evaluate as eval_cli

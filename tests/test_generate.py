@@ -522,3 +522,19 @@ def test_eager_cpu_decoding_attends_over_the_filled_slots_only(monkeypatch):
     decode_keys = [keys for queries, keys in seen[n_layer:]][::n_layer]  # first layer of each step
     assert seen[0] == (4, 4)  # prefill
     assert decode_keys == [5, 6, 7, 8, 9]
+
+
+def test_weights_holding_nan_or_inf_are_refused_before_sampling(tmp_path, capsys):
+    """A safetensors file carries no digest, so nothing else would catch such values, and a NaN
+    model samples its first token again and again with exit 0 (plan T19)."""
+    from gpt2cli.loading import save_safetensors
+
+    model = tiny_gpt2(seed=4)
+    with torch.no_grad():
+        model.transformer.h[0].attn.c_proj.weight[3, 5] = float("nan")
+        model.transformer.h[1].mlp.c_fc.weight[0, 0] = float("inf")
+    for path in (save_safetensors(model, tmp_path / "nan.safetensors"), save_model(model, tmp_path / "nan.pt")):
+        code, out, err = cli(capsys, "generate", path, "ROMEO:", "-n", 4, "--device", "cpu")
+        line = one_error_line(code, err)
+        assert line.startswith("Error: the weights of ") and repr(str(path)) in line and "hold NaN or inf (1 of " in line
+        assert "transformer.h.0.attn.c_proj.weight" in line and out == ""

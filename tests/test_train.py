@@ -112,6 +112,34 @@ def test_resume_is_bit_exact(tmp_path, cache_dir, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resuming_a_checkpoint_of_another_torch_version_warns_and_continues(tmp_path, cache_dir):
+    """Resume is exact within one torch version; from another the run goes on, with a warning."""
+    from gpt2cli.train import SilentReporter
+
+    class Messages(SilentReporter):
+        def __init__(self) -> None:
+            self.lines: list[str] = []
+
+        def message(self, text: str) -> None:
+            self.lines.append(text)
+
+    run = tmp_path / "run"
+    train(tiny_spec(run, train={"steps": 2}, eval={"every": 100, "tokens": 256}))
+    record = ckpt.load_checkpoint(run / "ckpt.pt")
+    ckpt.save_checkpoint(run / "ckpt.pt", {k: v for k, v in record.items() if k not in ("digest", "format",
+                                                                                        "format_version")}
+                         | {"torch_version": "1.13.0"})
+    same = Messages()
+    train(tiny_spec(run, train={"steps": 3}, eval={"every": 100, "tokens": 256}, run={"resume": "auto"}),
+          reporter=same)
+    assert any(line.startswith(f"warning: {str(run / 'ckpt.pt')!r} was written by torch 1.13.0, this is torch ")
+               for line in same.lines), same.lines
+    again = Messages()  # the checkpoint of step 3 is this torch's: no warning
+    result = train(tiny_spec(run, train={"steps": 4}, eval={"every": 100, "tokens": 256}, run={"resume": "auto"}),
+                   reporter=again)
+    assert result.step == 4 and not any("written by torch" in line for line in again.lines)
+
+
 def test_checkpoint_holds_the_full_training_state(tmp_path, cache_dir):
     train(tiny_spec(tmp_path / "run", train={"steps": 4}))
     record = ckpt.load_checkpoint(tmp_path / "run" / "ckpt.pt")
@@ -341,6 +369,26 @@ def test_cli_validation_split_shorter_than_a_window_is_refused_before_any_step(t
     assert len(errors) == 1 and "'val' split" in errors[0] and "--val-fraction" in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_folder_without_a_validation_split_names_both_ways_out(tmp_path):
+    """Prepared with --val-fraction 0: the hint says to prepare a split, or to score the
+    training split, and the run folder is not made."""
+    from gpt2cli.data.prepare import prepare_data
+    from gpt2cli.specs import PrepareSpec
+
+    (tmp_path / "corpus.txt").write_text((REPO / "gpt2cli" / "assets" / "tinyshakespeare.txt").read_text()[:5_000])
+    data = prepare_data(PrepareSpec(sources=[str(tmp_path / "corpus.txt")], out=str(tmp_path / "tokens"),
+                                    val_fraction=0.0))
+    spec = tiny_spec(tmp_path / "run", data={"dir": str(data)})
+    with pytest.raises(UserError) as info:
+        train(spec)
+    assert "has no 'val' split (it has: train)" in info.value.message
+    assert "--val-fraction above 0" in info.value.hint and "--set data.val_split=train" in info.value.hint
+    assert not (tmp_path / "run").exists()
+    result = train(tiny_spec(tmp_path / "run", data={"dir": str(data), "val_split": "train"},
+                             train={"steps": 2}))
+    assert result.status == "completed"
 
 
 def test_cli_damaged_checkpoint_on_resume(tmp_path, cache_dir):

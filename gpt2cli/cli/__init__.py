@@ -15,6 +15,7 @@ import typer
 from gpt2cli import __version__
 from gpt2cli.cli import compare, data, evaluate, export, generate, info, train
 from gpt2cli.errors import StoppedBySignal, UserError
+from gpt2cli.fsutil import disk_full_error
 
 
 def _click_exception_modules() -> list:
@@ -104,11 +105,15 @@ def main(argv: list[str] | None = None) -> None:
     except (*_ABORT, KeyboardInterrupt):
         sys.stderr.write("Aborted.\n")
         sys.exit(130)
-    except OSError as exc:
-        if exc.filename is None or debug:
-            raise  # not about a path the user named: a bug, with its traceback
-        sys.stderr.write(_path_error(exc) + "\n")
-        sys.exit(2 if exc.errno in _USER_FIXABLE else 1)
+    except Exception as exc:
+        # A full disk, wherever it struck (torch.save wraps it in a RuntimeError, a write without
+        # a path has no filename): one line, and the user frees space. Other errors on a path the
+        # user named: one line too. Anything else is a bug and keeps its traceback.
+        full = disk_full_error(exc)
+        if debug or (full is None and not (isinstance(exc, OSError) and exc.filename is not None)):
+            raise
+        sys.stderr.write(_path_error(full or exc) + "\n")
+        sys.exit(2 if (full or exc).errno in _USER_FIXABLE else 1)
     if result == 130:  # Typer's answer to a Ctrl-C (commands that stop on a signal raise StoppedBySignal)
         sys.stderr.write("Aborted.\n")
     sys.exit(result if isinstance(result, int) else 0)
@@ -138,7 +143,8 @@ def _exit_for_closed_output() -> None:
 
 
 # A path that cannot be written or read as asked: the user can change the path or its rights.
-_USER_FIXABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ENOENT}
+_USER_FIXABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ENOENT,
+                 errno.ENOSPC, errno.EDQUOT}
 
 
 def _path_error(exc: OSError) -> str:
@@ -147,4 +153,5 @@ def _path_error(exc: OSError) -> str:
     what = exc.strerror or type(exc).__name__
     hint = ("free some space" if exc.errno in (errno.ENOSPC, errno.EDQUOT)
             else "check the path and its permissions")
-    return f"Error: {what}: {str(exc.filename)!r} ({hint})"
+    where = f": {str(exc.filename)!r}" if exc.filename is not None else ""
+    return f"Error: {what}{where} ({hint})"

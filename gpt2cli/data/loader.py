@@ -58,10 +58,18 @@ def _too_short_error(num_tokens: int, seq_len: int) -> UserError:
     )
 
 
-def _gather_windows(tokens: np.ndarray, window_indices: np.ndarray, seq_len: int, pin: bool) -> Batch:
-    """Inputs and targets (int64, contiguous, pinned when bound for CUDA) of the given windows."""
+def _gather_windows(tokens: np.ndarray, window_indices: np.ndarray, seq_len: int, pin: bool,
+                    vocab_size: int | None = None) -> Batch:
+    """Inputs and targets (int64, contiguous, pinned when bound for CUDA) of the given windows.
+    With ``vocab_size``, an id at or above it is a UserError here, on the host: in the model it is
+    an IndexError traceback on a CPU and a device-side assert on a GPU."""
     starts = window_indices.astype(np.int64) * seq_len
     windows = np.asarray(tokens[starts[:, None] + np.arange(seq_len + 1)])
+    if vocab_size is not None and windows.size and int(windows.max()) >= vocab_size:
+        raise UserError(
+            f"the token files hold id {int(windows.max()):,}, outside the model's vocabulary of {vocab_size:,} ids",
+            "they are damaged or were made with another tokenizer: prepare the data again with gpt2 data",
+        )
     x = torch.from_numpy(windows[:, :-1].astype(np.int64))
     y = torch.from_numpy(windows[:, 1:].astype(np.int64))
     if pin:
@@ -101,6 +109,7 @@ class TrainLoader:
         world_size: int = 1,
         device: str | torch.device = "cpu",
         prefetch: bool | None = None,
+        vocab_size: int | None = None,
     ) -> None:
         _check_layout(batch_size, seq_len, rank, world_size)
         self.tokens = tokens
@@ -110,6 +119,7 @@ class TrainLoader:
         self.rank = rank
         self.world_size = world_size
         self.device = torch.device(device)
+        self.vocab_size = vocab_size  # ids at or above it are refused as batches are read
         self.num_windows = count_windows(len(tokens), seq_len)
         if self.num_windows < 1:
             raise _too_short_error(len(tokens), seq_len)
@@ -158,7 +168,8 @@ class TrainLoader:
         return self.epoch_order(epoch)[start : start + self.batch_size]
 
     def _read(self, epoch: int, position: int) -> Batch:
-        return _gather_windows(self.tokens, self._rank_windows(epoch, position), self.seq_len, self._pin)
+        return _gather_windows(self.tokens, self._rank_windows(epoch, position), self.seq_len, self._pin,
+                               self.vocab_size)
 
     # ----------------------------------------------------------------------------- batches
 
@@ -253,6 +264,7 @@ def eval_batches(
     rank: int = 0,
     world_size: int = 1,
     device: str | torch.device = "cpu",
+    vocab_size: int | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, float]]:
     """This rank's evaluation batches ``(x, y, weight)``.
 
@@ -273,5 +285,5 @@ def eval_batches(
     padding = np.zeros(1, dtype=np.int64)
     for b in range(batches):
         chunk = mine[b * batch_size : (b + 1) * batch_size]
-        x, y = _to_device(_gather_windows(tokens, chunk if len(chunk) else padding, seq_len, pin), device)
+        x, y = _to_device(_gather_windows(tokens, chunk if len(chunk) else padding, seq_len, pin, vocab_size), device)
         yield x, y, 1.0 if len(chunk) else 0.0

@@ -44,6 +44,20 @@ def test_one_token_windows_train_a_bigram_model():
     assert x.shape == y.shape == (4, 1) and torch.equal(y, x + 1)
 
 
+def test_ids_outside_the_vocabulary_are_one_error_line_not_an_index_error():
+    """Damaged or foreign token files: refused as the batch is read, on the host, by the train
+    loader (with or without its prefetch thread) and by the evaluation batches."""
+    vocab = NUM_WINDOWS * SEQ  # the last target of the last window: the one id too many
+    for prefetch in (False, True):
+        data = TrainLoader(TOKENS, batch_size=20, seq_len=SEQ, seed=1, prefetch=prefetch, vocab_size=vocab)
+        with pytest.raises(UserError, match=rf"hold id {vocab}, outside the model's vocabulary of {vocab} ids"):
+            data.next_batch()  # one batch holds every window
+        data.close()
+    with pytest.raises(UserError, match="outside the model's vocabulary"):
+        list(eval_batches(TOKENS, batch_size=4, seq_len=SEQ, vocab_size=vocab))
+    assert TrainLoader(TOKENS, batch_size=20, seq_len=SEQ, seed=1, vocab_size=vocab + 1).next_batch()[1].max() == vocab
+
+
 def test_epoch_is_a_permutation_without_replacement():
     data = loader(batch_size=5)
     epochs = [sum(take(data, 4), []) for _ in range(3)]  # 20 windows = 4 batches of 5
