@@ -2,7 +2,8 @@
 
 The pipeline streams, so corpora larger than memory work:
 
-    sources -> documents (str) -> pieces of ~128K characters -> batches -> worker threads
+    sources -> documents (str, or a text file's chunks of ~4 MB) -> pieces of ~128K characters
+            -> batches -> worker threads
             -> uint16 tokens (+ <|endoftext|> after each document) -> train.bin / val.bin
 
 * Tokenization runs on ``num_proc`` threads: tiktoken releases the GIL while it encodes, so
@@ -10,6 +11,8 @@ The pipeline streams, so corpora larger than memory work:
   ``datasets.map``, whose per-row overhead is several times the cost of BPE itself.
 * Long documents are cut into pieces at places where GPT-2's pre-tokenizer would start a new
   piece anyway (see :func:`split_text`), so the tokens are identical to encoding the whole text.
+  A text file is read and cut a chunk at a time (:func:`split_chunks` makes the same cuts as
+  :func:`split_text` on the whole text), so memory does not grow with the size of a file.
 * Results are consumed in submission order, so the output does not depend on thread timing: the
   same input gives byte-identical token files (meta.json differs only in ``created_at``).
 * Everything is written into a hidden temporary folder next to the output, ``meta.json`` last,
@@ -18,6 +21,7 @@ The pipeline streams, so corpora larger than memory work:
 
 from __future__ import annotations
 
+import codecs
 import glob
 import gzip
 import hashlib
@@ -38,7 +42,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from fractions import Fraction
 from importlib import resources
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 from typing import IO, Any
 
@@ -77,6 +81,12 @@ EMBEDDED_FILE = "tinyshakespeare.txt"
 # about BATCH_CHARS are the unit of work handed to a thread.
 PIECE_CHARS = 1 << 17
 BATCH_CHARS = 1 << 19
+# A text file is read this many bytes at a time: memory holds a chunk and the unfinished piece,
+# not the file.
+READ_BYTES = 1 << 22
+# The validation split scans and copies token files this many tokens at a time (a chunk's
+# cumulative byte counts are int64: 8 MB here).
+SCAN_TOKENS = 1 << 20
 
 TEXT_SUFFIXES = (".txt", ".md", ".text", ".markdown")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -97,6 +107,10 @@ class PrepareProgress:
 
 ProgressFn = Callable[[PrepareProgress], None]
 
+# One document's text: a string, or an iterator of the consecutive chunks of a text too large to
+# hold at once (a text file).
+Document = str | Iterator[str]
+
 
 # ===================================================================================== sources
 #
@@ -108,15 +122,43 @@ def _open_binary(path: Path) -> IO[bytes]:
     return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
 
 
+def _not_utf8(where: str, byte: int, offset: int) -> UserError:
+    return UserError(
+        f"{where} is not UTF-8 text (byte 0x{byte:02x} at offset {offset:,})",
+        "convert it to UTF-8, or pass --errors replace to substitute U+FFFD",
+    )
+
+
 def _decode(data: bytes, errors: str, where: str) -> str:
     """UTF-8 (a leading byte-order mark is dropped); strict mode names the place of a bad byte."""
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
     try:
         return data.decode("utf-8-sig", errors=errors)
-    except UnicodeDecodeError as exc:
-        raise UserError(
-            f"{where} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start:,})",
-            "convert it to UTF-8, or pass --errors replace to substitute U+FFFD",
-        ) from None
+    except UnicodeDecodeError as exc:  # its offsets count from after the byte-order mark
+        raise _not_utf8(where, data[bom + exc.start], bom + exc.start) from None
+
+
+def _decode_chunks(fh: IO[bytes], errors: str, where: str) -> Iterator[str]:
+    """The text of ``fh`` as :func:`_decode` gives it for the whole content, in chunks decoded
+    READ_BYTES at a time: a character cut by a chunk boundary waits in the decoder for its last
+    bytes, a leading byte-order mark is dropped, and a bad byte is named by its offset in the file."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors)
+    block = fh.read(max(READ_BYTES, len(codecs.BOM_UTF8)))
+    skip = len(codecs.BOM_UTF8) if block.startswith(codecs.BOM_UTF8) else 0
+    offset = 0  # where ``block`` starts in the file
+    while True:
+        waiting = len(decoder.getstate()[0])  # bytes of an unfinished character from the last block
+        try:
+            text = decoder.decode(block[skip:], final=not block)
+        except UnicodeDecodeError as exc:  # offsets count from the first waiting byte
+            raise _not_utf8(where, exc.object[exc.start], offset + skip - waiting + exc.start) from None
+        if text:
+            yield text
+        if not block:
+            return
+        offset += len(block)
+        skip = 0
+        block = fh.read(READ_BYTES)
 
 
 _JSON_TYPES = {type(None): "null", bool: "boolean", int: "number", float: "number", list: "array"}
@@ -162,7 +204,7 @@ class Source:
     def check(self, spec: PrepareSpec) -> None:
         """Fail early (before any output exists) on problems that can be seen without reading it all."""
 
-    def documents(self, spec: PrepareSpec) -> Iterator[str]:
+    def documents(self, spec: PrepareSpec) -> Iterator[Document]:
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:
@@ -185,16 +227,15 @@ class EmbeddedCorpus(Source):
 
 
 class TextFile(Source):
-    """A .txt/.md file: the whole file is one document."""
+    """A .txt/.md file: the whole file is one document, read a chunk at a time."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.label = str(path)
 
-    def documents(self, spec: PrepareSpec) -> Iterator[str]:
+    def documents(self, spec: PrepareSpec) -> Iterator[Document]:
         with _open_binary(self.path) as fh:
-            data = fh.read()
-        yield _decode(data, spec.errors, self.label)
+            yield _decode_chunks(fh, spec.errors, self.label)  # read to the end before the file closes
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "text", "path": self.label}
@@ -484,31 +525,72 @@ def _file_source(path: Path) -> Source | None:
     return None
 
 
+def _written_by_gpt2_data(folder: Path) -> bool:
+    """True for a folder written by `gpt2 data`: its meta.json names the token format (the folder
+    may be damaged or from another version; it is still no text to read, nor another's to keep)."""
+    try:
+        meta = json.loads((folder / META_NAME).read_bytes())
+    except (OSError, ValueError):  # no meta.json, or not JSON: someone else's file
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT_NAME
+
+
+def _prepared_output_error(folder: Path) -> UserError:
+    return UserError(
+        f"{str(folder)!r} holds token files written by `gpt2 data`, not text",
+        f"pass it to `gpt2 train --data {folder}`, or prepare its original sources",
+    )
+
+
 def _folder_sources(folder: Path) -> list[Source]:
     """Every supported file below ``folder``, in sorted path order (hidden entries and files of
-    other types are skipped; a saved dataset inside is read as one dataset)."""
+    other types are skipped; a saved dataset inside is read as one dataset).
+
+    Folders written by `gpt2 data` are skipped: the default output data/<name> lies below the
+    folder when it is the current one, and its meta.json is no corpus. (The output itself is
+    absent, empty or such a folder by the time sources are read, and its staging folder is hidden.)
+    Links to folders are followed, each real folder read once, so a link to an ancestor ends there.
+    """
     if _is_saved_dataset(folder):
         return [HuggingFaceDataset(saved_path=folder)]
+    if _written_by_gpt2_data(folder):
+        raise _prepared_output_error(folder)
     found: list[Source] = []
-    for root, dirs, files in os.walk(folder):
+    skipped_outputs = False
+    seen: set[tuple[int, int]] = set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
         here = Path(root)
+        stat = os.stat(here)
+        if (stat.st_dev, stat.st_ino) in seen:  # reached again through a link: read already
+            dirs.clear()
+            continue
+        seen.add((stat.st_dev, stat.st_ino))
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in list(dirs):
             if _is_saved_dataset(here / name):
                 found.append(HuggingFaceDataset(saved_path=here / name))
+                dirs.remove(name)
+            elif _written_by_gpt2_data(here / name):
+                skipped_outputs = True
                 dirs.remove(name)
         for name in sorted(files):
             source = None if name.startswith(".") else _file_source(here / name)
             if source is not None:
                 found.append(source)
     if not found:
-        raise UserError(f"folder {str(folder)!r} holds no {SUPPORTED_TYPES} files", "check the path")
+        raise UserError(
+            f"folder {str(folder)!r} holds no {SUPPORTED_TYPES} files"
+            + (" (folders written by `gpt2 data` are not read)" if skipped_outputs else ""),
+            "check the path",
+        )
     return found
 
 
 def _path_sources(path: Path) -> list[Source]:
     if path.is_dir():
         return _folder_sources(path)
+    if path.name == META_NAME and _written_by_gpt2_data(path.parent):
+        raise _prepared_output_error(path.parent)
     source = _file_source(path)
     if source is None:
         raise UserError(
@@ -521,15 +603,20 @@ def _path_sources(path: Path) -> list[Source]:
 
 def _glob_sources(argument: str, pattern: Path) -> list[Source]:
     """The supported files a glob matches, in sorted order. Like a folder's contents, other
-    types and hidden files are skipped, and so are folders (``**`` matches a folder and the files
-    in it; reading both would read the files twice), except saved datasets."""
+    types and hidden files are skipped, and so are files in folders written by `gpt2 data` (their
+    meta.json) and folders (``**`` matches a folder and the files in it; reading both would read
+    the files twice), except saved datasets."""
     found: list[Source] = []
+    prepared: dict[Path, bool] = {}  # folder -> written by `gpt2 data`: asked once per folder
     for match in sorted(glob.glob(str(pattern), recursive=True)):
         path = Path(match)
         if path.is_dir():
             if _is_saved_dataset(path):
                 found.append(HuggingFaceDataset(saved_path=path))
-        elif not path.name.startswith(".") and (source := _file_source(path)) is not None:
+            continue
+        if path.parent not in prepared:
+            prepared[path.parent] = _written_by_gpt2_data(path.parent)
+        if not path.name.startswith(".") and not prepared[path.parent] and (source := _file_source(path)) is not None:
             found.append(source)
     if not found:
         raise UserError(f"no {SUPPORTED_TYPES} files match {argument!r}", "check the pattern")
@@ -573,15 +660,24 @@ class SkipCount:
     empty: int = 0
 
 
-def iter_documents(sources: list[Source], spec: PrepareSpec, skipped: SkipCount | None = None) -> Iterator[str]:
-    """Every non-empty document of every source, in order, at most ``max_docs`` of them.
-    Empty documents are skipped; ``skipped.empty`` counts those read so far."""
+def _unless_empty(document: Document) -> Document | None:
+    """The document, or None when it holds no text (a chunked one is read up to its first text)."""
+    if isinstance(document, str):
+        return document or None
+    first = next((chunk for chunk in document if chunk), None)
+    return None if first is None else chain([first], document)
 
-    def non_empty() -> Iterator[str]:
+
+def iter_documents(sources: list[Source], spec: PrepareSpec, skipped: SkipCount | None = None) -> Iterator[Document]:
+    """Every non-empty document of every source, in order, at most ``max_docs`` of them.
+    Empty documents are skipped; ``skipped.empty`` counts those read so far. A chunked document
+    must be read to its end before the next one is asked for (its file closes then)."""
+
+    def non_empty() -> Iterator[Document]:
         for source in sources:
-            for text in source.documents(spec):
-                if text:
-                    yield text
+            for document in source.documents(spec):
+                if (kept := _unless_empty(document)) is not None:
+                    yield kept
                 elif skipped is not None:
                     skipped.empty += 1
 
@@ -601,18 +697,36 @@ _SAFE_CUT = re.compile(r"(?<=\S) (?=\S)|(?<=\S\n)(?=\S)")
 
 def split_text(text: str, max_chars: int = PIECE_CHARS) -> list[str]:
     """Cut ``text`` into pieces of about ``max_chars`` whose tokens, concatenated, equal the
-    tokens of the whole text. Text without a safe cut stays in one piece."""
-    if len(text) <= max_chars:
-        return [text]
-    pieces, start = [], 0
-    while len(text) - start > max_chars:
-        cut = _SAFE_CUT.search(text, start + max_chars)
-        if cut is None:
-            break
-        pieces.append(text[start : cut.start()])
-        start = cut.start()
-    pieces.append(text[start:])
-    return pieces
+    tokens of the whole text: while more than ``max_chars`` remain, the next piece ends at the
+    first safe cut at least ``max_chars`` after its start. Text without a safe cut stays whole."""
+    return list(split_chunks([text], max_chars))
+
+
+def split_chunks(chunks: Iterable[str], max_chars: int = PIECE_CHARS) -> Iterator[str]:
+    """The pieces :func:`split_text` makes of the text the ``chunks`` add up to, found as the
+    chunks come: memory holds one chunk and the unfinished piece (all of a text without a cut).
+
+    A cut found in the text read so far is the one found in the whole text: the pattern looks at
+    most one character ahead, and only at a cut at the last character (or the end) can text still
+    to come change the answer, so the search resumes there. It looks two characters behind, so
+    those stay when the finished pieces are dropped. At least one piece ("" for no text) comes.
+    """
+    buffer = ""  # the text from two characters before the unfinished piece on
+    start = 0  # where the unfinished piece starts in ``buffer``
+    no_cut_before = 0  # buffer positions before this are known not to be cuts
+    for chunk in chunks:
+        kept = max(start - 2, 0)
+        buffer = buffer[kept:] + chunk
+        start -= kept
+        no_cut_before = max(no_cut_before - kept, 0)
+        while len(buffer) - start > max_chars:
+            cut = _SAFE_CUT.search(buffer, max(start + max_chars, no_cut_before))
+            if cut is None:
+                no_cut_before = len(buffer) - 1
+                break
+            yield buffer[start : cut.start()]
+            start = cut.start()
+    yield buffer[start:]
 
 
 class ValidationSelector:
@@ -644,12 +758,16 @@ class _Piece:
     empty_before: int = 0  # empty documents skipped before this one's, in all
 
 
-def _pieces(documents: Iterable[str], selector: ValidationSelector, skipped: SkipCount) -> Iterator[_Piece]:
-    for index, text in enumerate(documents):
+def _pieces(documents: Iterable[Document], selector: ValidationSelector, skipped: SkipCount) -> Iterator[_Piece]:
+    for index, document in enumerate(documents):
         to_val = selector.is_validation(index)
-        parts = split_text(text, PIECE_CHARS)
-        for number, part in enumerate(parts):
-            yield _Piece(part, to_val, last=number == len(parts) - 1, first=number == 0, empty_before=skipped.empty)
+        parts = split_chunks([document] if isinstance(document, str) else document, PIECE_CHARS)
+        # a piece goes out once the next one is known: whether it is the last decides its <|endoftext|>
+        part, first = next(parts), True
+        for following in parts:
+            yield _Piece(part, to_val, last=False, first=first, empty_before=skipped.empty)
+            part, first = following, False
+        yield _Piece(part, to_val, last=True, first=first, empty_before=skipped.empty)
 
 
 def _batches(pieces: Iterable[_Piece], batch_chars: int) -> Iterator[list[_Piece]]:
@@ -816,30 +934,34 @@ def _tokenize(
 
 # ======================================================================= validation split
 
-def _token_index_at_byte(path: Path, num_tokens: int, cut_bytes: int) -> int:
+def _token_chunks(path: Path, start: int = 0) -> Iterator[np.ndarray]:
+    """The tokens of ``path`` from index ``start`` on, SCAN_TOKENS at a time. Read, not mapped:
+    the pages of a mapped file would count in the process's memory as they were read."""
+    with open(path, "rb") as fh:
+        fh.seek(start * TOKEN_DTYPE.itemsize)
+        while block := fh.read(SCAN_TOKENS * TOKEN_DTYPE.itemsize):
+            yield np.frombuffer(block, dtype=TOKEN_DTYPE)
+
+
+def _token_index_at_byte(path: Path, cut_bytes: int) -> int:
     """The number of leading tokens whose text fits in ``cut_bytes`` bytes (chunked, so a huge
     single document never needs its cumulative sums in memory at once)."""
     byte_lengths = token_byte_lengths()
-    tokens = np.memmap(path, dtype=TOKEN_DTYPE, mode="r", shape=(num_tokens,))
-    seen = 0
-    chunk = 1 << 24
-    for start in range(0, num_tokens, chunk):
-        cumulative = np.cumsum(byte_lengths[tokens[start : start + chunk]]) + seen
+    seen_bytes = seen_tokens = 0
+    for chunk in _token_chunks(path):
+        cumulative = np.cumsum(byte_lengths[chunk]) + seen_bytes
         if cumulative[-1] > cut_bytes:
-            return start + int(np.searchsorted(cumulative, cut_bytes, side="right"))
-        seen = int(cumulative[-1])
-    return num_tokens
+            return seen_tokens + int(np.searchsorted(cumulative, cut_bytes, side="right"))
+        seen_bytes, seen_tokens = int(cumulative[-1]), seen_tokens + len(chunk)
+    return seen_tokens
 
 
-def _copy_tail(source: Path, num_tokens: int, start: int, target: Path) -> int:
-    """Copy tokens ``start:`` of ``source`` into a new file ``target``; returns their text bytes.
-    Copies chunk by chunk, and no view of the map outlives the call (the source is truncated next)."""
+def _copy_tail(source: Path, start: int, target: Path) -> int:
+    """Copy tokens ``start:`` of ``source`` into a new file ``target``; returns their text bytes."""
     byte_lengths = token_byte_lengths()
-    tokens = np.memmap(source, dtype=TOKEN_DTYPE, mode="r", shape=(num_tokens,))
     text_bytes = 0
     with open(target, "wb") as out:
-        for offset in range(start, num_tokens, 1 << 24):
-            chunk = np.array(tokens[offset : offset + (1 << 24)])
+        for chunk in _token_chunks(source, start):
             out.write(chunk.data)
             text_bytes += int(byte_lengths[chunk].sum())
         out.flush()
@@ -851,7 +973,7 @@ def _move_train_tail_to_val(writer: _TokenWriter, start: int) -> None:
     """Move the training tokens from ``start`` on into the (still empty) validation file."""
     train, val = writer.train, writer.val
     assert val is not None and val.tokens == 0
-    moved_bytes = _copy_tail(train.path, train.tokens, start, val.path)
+    moved_bytes = _copy_tail(train.path, start, val.path)
     os.truncate(train.path, start * TOKEN_DTYPE.itemsize)
     val.tokens = train.tokens - start
     val.text_bytes = moved_bytes
@@ -863,7 +985,8 @@ def _finish_validation_split(writer: _TokenWriter, fraction: float) -> str:
     """Settle the cases the streaming rule cannot decide; returns how the split was made.
 
     * one document: split by position; the tail with ``fraction`` of the text bytes goes to
-      validation, cut at a token boundary (tiny Shakespeare gives nanoGPT's 301,966 / 36,059);
+      validation, cut at a token boundary (tiny Shakespeare gives nanoGPT's 301,966 / 36,059),
+      and at least the last text token does, as at least one document does below;
     * several documents but fewer than 1 / fraction: the last document goes to validation.
     """
     if writer.val is None:
@@ -871,7 +994,11 @@ def _finish_validation_split(writer: _TokenWriter, fraction: float) -> str:
     train = writer.train
     if writer.documents == 1:
         cut_bytes = int(train.text_bytes * (1 - fraction))
-        _move_train_tail_to_val(writer, _token_index_at_byte(train.path, train.tokens, cut_bytes))
+        # The tokens end in text then <|endoftext|>; a fraction so small that 1 - fraction rounds
+        # to 1 would otherwise leave validation with nothing.
+        last_text_token = train.tokens - 2
+        cut = min(_token_index_at_byte(train.path, cut_bytes), last_text_token)
+        _move_train_tail_to_val(writer, cut)
         writer.val.documents = 1  # both splits hold part of the one document
         return "position"
     if writer.val.documents == 0:
@@ -927,9 +1054,10 @@ def _existing_output(out: Path, overwrite: bool) -> str:
         return "new"  # an empty folder is replaced by the rename
     if not overwrite:
         raise UserError(f"output folder {str(out)!r} already exists", "pass --overwrite to replace it, or choose another --out")
-    if not (out / META_NAME).is_file():
+    if not _written_by_gpt2_data(out):
         raise UserError(
-            f"refusing to overwrite {str(out)!r}: it is not a folder written by `gpt2 data` (no {META_NAME})",
+            f"refusing to overwrite {str(out)!r}: it is not a folder written by `gpt2 data` "
+            f"(no {META_NAME} of format {FORMAT_NAME!r})",
             "choose another --out",
         )
     return "replace"
@@ -1019,14 +1147,40 @@ def _build_meta(
     }
 
 
-def _empty_corpus_error(spec: PrepareSpec, empty: int) -> UserError:
-    where = ", ".join(spec.sources) if spec.sources else "the embedded corpus"
+def _sources_named(spec: PrepareSpec) -> str:
+    return ", ".join(spec.sources) if spec.sources else "the embedded corpus"
+
+
+def _nothing_written_error(spec: PrepareSpec, writer: _TokenWriter) -> UserError:
+    if writer.full:  # there was text, but the first document did not fit
+        return UserError(
+            f"--max-tokens {spec.max_tokens} leaves no room for a document: the shortest takes 2 tokens "
+            "(one of text and <|endoftext|>)",
+            "pass --max-tokens 2 or more",
+        )
+    empty = writer.empty_documents
     why = {0: "no documents", 1: "the one document read is empty"}.get(empty, f"all {empty:,} documents are empty")
-    return UserError(f"no text found in {where} ({why})", "check the sources and --text-column")
+    return UserError(f"no text found in {_sources_named(spec)} ({why})", "check the sources and --text-column")
+
+
+def _empty_train_error(spec: PrepareSpec, writer: _TokenWriter) -> UserError:
+    """Validation took every token (one document of a token or so): training would have nothing."""
+    text_tokens = writer.tokens - writer.documents  # each document ends with an <|endoftext|>
+    counted = f"{text_tokens:,} token{'' if text_tokens == 1 else 's'} of text"
+    if writer.full:
+        counted += f" within --max-tokens {spec.max_tokens}"
+    fixes = "raise --max-tokens" if writer.full else "give more text"
+    return UserError(
+        f"the training split would be empty: {_sources_named(spec)} gives {counted}, "
+        f"and --val-fraction {spec.val_fraction:g} sends all of it to validation",
+        f"{fixes}, or pass a smaller --val-fraction, such as 0 for no validation split",
+    )
 
 
 def _prepare(spec: PrepareSpec, out: Path, mode: str, progress: ProgressFn | None) -> Path:
-    sources = resolve_sources(spec)  # every path, column and split is checked before writing
+    # Every path, column and split is checked before writing. The output is absent, empty or a
+    # folder written by `gpt2 data` (see _existing_output), so no source is read from it.
+    sources = resolve_sources(spec)
     workers = spec.num_proc or default_workers()
     resolved = spec.model_copy(update={"out": str(out), "num_proc": workers})
     created_parents = _make_parents(out.parent)
@@ -1036,8 +1190,10 @@ def _prepare(spec: PrepareSpec, out: Path, mode: str, progress: ProgressFn | Non
     try:
         writer = _tokenize(sources, resolved, staging, workers, progress)
         if writer.documents == 0:
-            raise _empty_corpus_error(spec, writer.empty_documents)
+            raise _nothing_written_error(spec, writer)
         split_by = _finish_validation_split(writer, spec.val_fraction)
+        if writer.train.tokens == 0:
+            raise _empty_train_error(spec, writer)
         write_meta(staging, _build_meta(resolved, sources, writer, split_by, staging))
         fsync_dir(staging)
         _publish(staging, out, mode)

@@ -106,8 +106,14 @@ class TokenFolder:
                 f"version {FORMAT_VERSION}",
                 "prepare the folder again with this version of gpt2",
             )
-        if meta.get("dtype") != DTYPE_NAME or not isinstance(meta.get("splits"), dict):
-            raise UserError(f"{str(meta_path)!r} is damaged (dtype or splits missing)", "prepare the folder again")
+        if meta.get("dtype") != DTYPE_NAME:
+            found = "no dtype" if "dtype" not in meta else f"dtype {meta['dtype']!r}"
+            raise UserError(
+                f"{str(meta_path)!r} has {found}, this gpt2 reads token files of dtype {DTYPE_NAME!r}",
+                "prepare the folder again with this version of gpt2",
+            )
+        if not isinstance(meta.get("splits"), dict):
+            raise UserError(f"{str(meta_path)!r} is damaged (no table of splits)", "prepare the folder again")
         return meta
 
     def _check_files(self) -> None:

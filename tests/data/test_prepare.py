@@ -117,6 +117,54 @@ def test_text_files_folder_and_glob(tmp_path):
     assert one_file.splits == ["train"] and tokens_of(one_file, "train") == encode(DOCS[0]) + [EOT_ID]
 
 
+def test_a_source_folder_holding_its_own_output_is_prepared_again(tmp_path, monkeypatch):
+    """`gpt2 data .` writes data/<name> below the folder it reads; the next run must not read
+    that folder's meta.json as a corpus (it did: "record 0 has no column 'text'")."""
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "some.txt").write_text(DOCS[0])
+    monkeypatch.chdir(project)
+    first = TokenFolder(prepare_data(PrepareSpec(sources=["."])))
+    assert first.path == Path("data/proj")
+    (project / "data" / ".proj.tmp-elsewhere-1-abcd").mkdir()  # another host's staging folder
+    (project / "data" / ".proj.tmp-elsewhere-1-abcd" / "half.txt").write_text("never read")
+    again = TokenFolder(prepare_data(PrepareSpec(sources=["."], overwrite=True)))
+    assert again.fingerprint == first.fingerprint and again.meta["source"] == [{"kind": "text", "path": "some.txt"}]
+    by_glob = TokenFolder(prepare_data(PrepareSpec(sources=["**/*.*"], out="by-glob")))  # matches data/proj/meta.json
+    assert by_glob.fingerprint == first.fingerprint and by_glob.meta["documents"] == 1
+
+    for source in ("data/proj", "data/proj/meta.json"):
+        with pytest.raises(UserError, match="'data/proj' holds token files written by `gpt2 data`, not text"):
+            prepare_data(PrepareSpec(sources=[source], out="elsewhere"))
+    with pytest.raises(UserError, match="holds no .* files \\(folders written by `gpt2 data` are not read\\)"):
+        prepare_data(PrepareSpec(sources=["data"], out="elsewhere"))
+    with pytest.raises(UserError, match="no .* files match 'data/\\*/\\*'"):
+        prepare_data(PrepareSpec(sources=["data/*/*"], out="elsewhere"))
+    assert not Path("elsewhere").exists()
+
+
+def test_links_to_folders_are_followed_and_each_folder_is_read_once(tmp_path):
+    root = tmp_path / "lnk"
+    (root / "real").mkdir(parents=True)
+    (tmp_path / "ext").mkdir()
+    (root / "real" / "r.txt").write_text(DOCS[0])
+    (tmp_path / "ext" / "x.txt").write_text(DOCS[1])
+    (root / "linked").symlink_to("../ext")
+    want = [{"kind": "text", "path": str(root / "linked" / "x.txt")}, {"kind": "text", "path": str(root / "real" / "r.txt")}]
+    by_folder = prepare(tmp_path, root, name="folder", val_fraction=0.0)
+    assert by_folder.meta["source"] == want  # the order of the walk: linked/ before real/
+    assert tokens_of(by_folder, "train") == encode(DOCS[1]) + [EOT_ID] + encode(DOCS[0]) + [EOT_ID]
+    by_glob = prepare(tmp_path, root / "**" / "*.txt", name="glob", val_fraction=0.0)
+    assert by_glob.fingerprint == by_folder.fingerprint
+
+    # loops back to an ancestor, and a second way into a folder read already: each folder once
+    (root / "real" / "up").symlink_to("..")
+    (tmp_path / "ext" / "back").symlink_to("../lnk")
+    (root / "same-again").symlink_to("real")
+    looped = prepare(tmp_path, root, name="looped", val_fraction=0.0)
+    assert looped.meta["source"] == want and looped.fingerprint == by_folder.fingerprint
+
+
 def test_jsonl_json_and_gzip(tmp_path):
     want = expected_splits(DOCS)
     assert len(want["val"]) > 0 and want["val"][-1] == EOT_ID
@@ -174,6 +222,35 @@ def test_max_docs_and_max_tokens(tmp_path):
     assert single.num_tokens("train") + single.num_tokens("val") == 1000
 
 
+def test_max_tokens_too_small_for_any_document_says_so(tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", DOCS)
+    message = bad(tmp_path, path, max_tokens=1)
+    assert message == ("Error: --max-tokens 1 leaves no room for a document: the shortest takes 2 tokens (one of text "
+                       "and <|endoftext|>) (pass --max-tokens 2 or more)")
+    assert prepare(tmp_path, path, max_tokens=2, val_fraction=0.0).num_tokens("train") == 2
+
+
+def test_an_empty_training_split_is_refused(tmp_path):
+    (tmp_path / "tiny.txt").write_text("hi")  # one token: the position split gives it to validation
+    message = bad(tmp_path, tmp_path / "tiny.txt")
+    assert message == (f"Error: the training split would be empty: {tmp_path / 'tiny.txt'} gives 1 token of text, and "
+                       "--val-fraction 0.1 sends all of it to validation (give more text, or pass a smaller "
+                       "--val-fraction, such as 0 for no validation split)")
+    (tmp_path / "two.txt").write_text(DOCS[0])
+    message = bad(tmp_path, tmp_path / "two.txt", max_tokens=2)
+    assert "gives 1 token of text within --max-tokens 2" in message and "(raise --max-tokens, or pass" in message
+    assert tokens_of(prepare(tmp_path, tmp_path / "tiny.txt", val_fraction=0.0), "train") == encode("hi") + [EOT_ID]
+
+
+def test_one_document_gives_validation_at_least_its_last_token(tmp_path):
+    """The position split takes the last f of the bytes; a fraction too small to move a whole token
+    still gives validation the last one, as several documents give it at least the last document."""
+    (tmp_path / "a.txt").write_text("hello world")
+    folder = prepare(tmp_path, tmp_path / "a.txt", val_fraction=1e-17)
+    assert tokens_of(folder, "train") == encode("hello")
+    assert tokens_of(folder, "val") == encode(" world") + [EOT_ID]
+
+
 def test_validation_selector_spreads_documents_evenly():
     chosen = [i for i in range(100) if ValidationSelector(0.1).is_validation(i)]
     assert chosen == list(range(9, 100, 10))
@@ -222,6 +299,7 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path):
         prepare(tmp_path, name="out")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "precious.txt").write_text("keep me")
+    (tmp_path / "mine" / "meta.json").write_text('{"about": "my own notes"}')  # a meta.json, but not ours
     with pytest.raises(UserError, match="not a folder written by `gpt2 data`"):
         prepare(tmp_path, name="mine", overwrite=True)
     assert (tmp_path / "mine" / "precious.txt").read_text() == "keep me"
