@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from gpt2cli.errors import UserError
-from gpt2cli.metrics import read_metrics, read_status
+from gpt2cli.metrics import finite_or_null, read_metrics, read_status
+from gpt2cli.specs import flatten
 
 SPEC_NAME = "spec.json"
 METRICS_NAME = "metrics.jsonl"
@@ -131,18 +132,6 @@ def _points(rows: list[dict[str, Any]], key: str) -> list[tuple[float, float]]:
 
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"model": {"pos": "rope"}}`` -> ``{"model.pos": "rope"}`` (lists stay values)."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, path + "."))
-        else:
-            flat[path] = tuple(value) if isinstance(value, list) else value
-    return flat
 
 
 def is_run_dir(path: Path) -> bool:
@@ -557,7 +546,8 @@ class Comparison:
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, default=str) + "\n"
+        # Strict JSON: a NaN/inf (a run that diverged) is null.
+        return json.dumps(finite_or_null(self.to_dict()), indent=2, default=str, allow_nan=False) + "\n"
 
     def to_csv(self) -> str:
         """One line per column: label, n, runs (;-separated), status, rank, the differing spec

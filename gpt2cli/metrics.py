@@ -60,13 +60,30 @@ class MetricsWriter:
     def write(self, row: dict[str, Any]) -> None:
         if self._file is None:
             return
-        self._file.write(json.dumps(row, allow_nan=True) + "\n")
+        # Strict JSON: NaN and Infinity are not JSON (jq, JavaScript and most readers refuse or
+        # mangle them), so a non-finite number is written as null; read_metrics gives it back
+        # as NaN for the loss columns.
+        self._file.write(json.dumps(finite_or_null(row), allow_nan=False) + "\n")
         self._file.flush()
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+# Columns that read_metrics gives back as NaN where the file holds null (a non-finite value).
+NONFINITE_AS_NAN = ("loss", "grad_norm", "val_loss", "val_ppl")
+
+
+def finite_or_null(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite_or_null(v) for v in value]
+    return value
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
@@ -96,9 +113,13 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         return rows
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             continue
+        for key in NONFINITE_AS_NAN:
+            if key in row and row[key] is None:
+                row[key] = math.nan
+        rows.append(row)
     return rows
 
 

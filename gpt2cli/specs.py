@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -231,7 +232,9 @@ class OptimSpec(_Spec):
         "(nano 2e-3, gpt2 6e-4).",
     )
     min_lr: float | None = Field(
-        None, ge=0.0, allow_inf_nan=False, description="Final learning rate, at most lr; default lr / 10."
+        None, ge=0.0, allow_inf_nan=False,
+        description="Where the decay ends, at most lr; default lr / 10. Reached one step past the last "
+        "(the last step is one decay step above it).",
     )
     warmup: int | None = Field(None, ge=0, description="Linear warm-up steps; default: 5% of the steps.")
     schedule: Literal["cosine", "linear", "constant"] = Field(
@@ -698,6 +701,27 @@ def _leaf_paths(tree: dict[str, Any], prefix: str = "") -> list[str]:
     return paths
 
 
+# Settings that say one thing two ways: a budget in steps or in tokens, a global batch by
+# accumulation or in tokens. A layer that sets one of a pair replaces the other from the layers
+# below it (a --steps over a config file's tokens, a --tokens on resuming a run of --steps), as it
+# replaces the same setting; both in one layer stay an error.
+ALTERNATIVES = (("train", "steps", "tokens"), ("train", "grad_accum", "batch_tokens"))
+
+
+def _layer(lower: dict[str, Any], upper: dict[str, Any]) -> dict[str, Any]:
+    """``upper`` merged over ``lower``, each of ALTERNATIVES that ``upper`` sets replacing its other."""
+    merged = deep_merge(lower, upper)
+    for section, one, other in ALTERNATIVES:
+        given = upper.get(section)
+        below = merged.get(section)
+        if not isinstance(given, dict) or not isinstance(below, dict):
+            continue
+        for setting, replaced in ((one, other), (other, one)):
+            if given.get(setting) is not None and replaced not in given and replaced in below:
+                merged[section] = {k: v for k, v in below.items() if k != replaced}
+    return merged
+
+
 def layer_settings(
     *,
     config_file: str | Path | None = None,
@@ -711,13 +735,13 @@ def layer_settings(
     ``set_prefix``: a leading ``PREFIX.`` of a ``--set`` key is dropped (see :func:`build_spec`)."""
     layered: dict[str, Any] = dict(base or {})
     if config_file:
-        layered = deep_merge(layered, read_config_file(config_file))
-    layered = deep_merge(layered, drop_none(flags or {}))
+        layered = _layer(layered, read_config_file(config_file))
+    layered = _layer(layered, drop_none(flags or {}))
     for assignment in sets:
         path, value = parse_set(assignment)
         if set_prefix is not None and len(path) > 1 and path[0] == set_prefix:
             path = path[1:]
-        layered = deep_merge(layered, _nest(path, value))
+        layered = _layer(layered, _nest(path, value))
     return layered
 
 
@@ -759,6 +783,18 @@ def format_validation_error(exc: ValidationError, names: dict[str, str] | None =
             msg = "unknown setting"
         parts.append(f"{loc}: {msg}" if loc else msg)
     return "invalid settings: " + "; ".join(parts)
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"model": {"pos": "rope"}}`` -> ``{"model.pos": "rope"}`` (lists stay values)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, path + "."))
+        else:
+            flat[path] = tuple(value) if isinstance(value, list) else value
+    return flat
 
 
 def spec_to_json(spec: BaseModel) -> str:

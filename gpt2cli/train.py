@@ -301,6 +301,13 @@ def _latest_in(run_dir: Path, warn: Any, what: str) -> Path | None:
 
 def check_resume_compatible(spec: TrainSpec, saved: TrainSpec, saved_state: dict, plan: BatchPlan,
                             data_fingerprint: str | None) -> None:
+    if spec.model.preset != saved.model.preset:
+        # The stored shape wins over a preset given now, which would only relabel the model.
+        raise UserError(
+            f"cannot resume with another preset ({saved.model.preset} -> {spec.model.preset}): a resume keeps the "
+            "model of the checkpoint",
+            "drop --preset, or start a new run with another --out",
+        )
     if spec.model.shape_fields() != saved.model.shape_fields():
         changed = [k for k, v in spec.model.shape_fields().items() if saved.model.shape_fields()[k] != v]
         raise UserError(
@@ -320,6 +327,23 @@ def check_resume_compatible(spec: TrainSpec, saved: TrainSpec, saved_state: dict
             "the training data differs from the data of the checkpoint (fingerprint mismatch)",
             "resume with the same --data folder",
         )
+
+
+# What a resume may change without it being a change of the run's settings: the budget and the
+# places and ways it runs (folder, processes, devices, display). Every other setting a resume
+# changes is reported and recorded (changed_settings).
+_EXPECTED_TO_CHANGE = ("train.steps", "train.tokens", "train.device", "train.log_every", "train.profile",
+                       "run.", "parallel.")
+
+
+def changed_settings(saved: TrainSpec, spec: TrainSpec) -> dict[str, list[Any]]:
+    """``{"optim.lr": [old, new], ...}``: the settings a resume changes, other than the budget and
+    where and how it runs. Compared resolved, as spec.json holds them."""
+    from gpt2cli.specs import flatten
+
+    before, after = flatten(saved.model_dump(mode="json")), flatten(spec.model_dump(mode="json"))
+    return {name: [before.get(name), value] for name, value in after.items()
+            if before.get(name) != value and not name.startswith(_EXPECTED_TO_CHANGE)}
 
 
 # ------------------------------------------------------------------------------ main entry
@@ -593,10 +617,12 @@ class _Trainer:
         resume_from = find_resume_checkpoint(spec, run_dir, reporter.message)
         refuse_existing_run(spec, run_dir)
         saved_state: dict[str, Any] | None = None
+        resume_changes: dict[str, list[Any]] = {}
         if resume_from is not None:
             saved_state = ckpt.load_checkpoint(resume_from)
             saved_spec = spec_from_json(TrainSpec, saved_state["spec"])
             check_resume_compatible(spec, saved_spec, saved_state, plan, folder.fingerprint)
+            resume_changes = changed_settings(saved_spec, spec)
             if "optimizer" not in saved_state:
                 raise UserError(f"{str(resume_from)!r} holds no optimizer state", "resume from ckpt.pt, not best.pt")
             if int(saved_state["step"]) > plan.total_steps:
@@ -624,7 +650,10 @@ class _Trainer:
             loader.load_state_dict(saved_state["loader"])
             step = int(saved_state["step"])
             tokens_seen = int(saved_state["tokens_seen"])
-            best_val = float(saved_state["best_val_loss"])
+            # A fork (a checkpoint of another run, into this folder) starts its own best model:
+            # the source's best val loss belongs to a best.pt this folder does not hold.
+            forked = resume_from is not None and resume_from.resolve().parent != run_dir.resolve()
+            best_val = math.inf if forked else float(saved_state["best_val_loss"])
             _restore_rng(saved_state.get("rng", {}), self.device)
         # The step this process starts (or resumes) at: every metrics row carries it, as gpt2
         # compare's segment boundary. The checkpoint's tensors are in the model and optimizer now.
@@ -647,6 +676,12 @@ class _Trainer:
             self.running_at = (run_dir, step)
         strategy.barrier()
         metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=strategy.is_main)
+        if resume_changes:
+            # spec.json now describes the continuation; the run's earlier settings stay on record.
+            metrics.write({"kind": "resume", "step": step, "tokens": tokens_seen, "changed": resume_changes})
+            listed = ", ".join(f"{name} {old} -> {new}" for name, (old, new) in resume_changes.items())
+            reporter.message(f"warning: resuming with changed settings: {listed} (spec.json now holds the new "
+                             "ones; metrics.jsonl records the change)")
 
         from gpt2cli.modelinfo import model_stats
 

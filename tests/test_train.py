@@ -185,8 +185,15 @@ def test_nonfinite_loss_stops_before_the_step(tmp_path, cache_dir, monkeypatch):
 
 def test_nonfinite_skip_mode_continues(tmp_path, cache_dir, monkeypatch):
     monkeypatch.setenv("GPT2_FAULT", "nan_at_step:5")
-    result = train(tiny_spec(tmp_path / "run", train={"on_nonfinite": "skip"}))
+    result = train(tiny_spec(tmp_path / "run", train={"on_nonfinite": "skip", "log_every": 1}))
     assert result.status == "completed" and result.step == 12
+    # metrics.jsonl is strict JSON (no NaN/Infinity): the skipped step's loss is null there, and
+    # read_metrics gives it back as NaN.
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line, parse_constant=lambda name: pytest.fail(f"not JSON: {name}")) for line in lines]
+    assert [r["loss"] for r in rows if r["kind"] == "train" and r["step"] == 6] == [None]
+    assert math.isnan(next(r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r.get("step") == 6
+                           and r["kind"] == "train"))
 
 
 def test_nonfinite_skip_limit_allows_that_many_skips_in_a_row(tmp_path, cache_dir, monkeypatch):
@@ -287,6 +294,100 @@ def test_settings_from_a_config_file_or_set_beat_the_default_preset(tmp_path):
     ]:
         spec = resolve_train_spec(values, config, sets)
         assert (spec.model, spec.train.steps, spec.run.resume) == (stored.model, 5, "auto"), (config, sets)
+
+
+def test_a_resume_replaces_what_the_stored_spec_holds_only_as_another_way_or_a_default(tmp_path):
+    """On resume, a --tokens replaces the stored steps (and --steps the stored tokens), a
+    --batch-tokens the stored grad_accum; an --lr moves the min_lr that was the old lr / 10 (one
+    set by hand stays); --quiet is not carried over."""
+    from gpt2cli.cli.train import resolve_train_spec
+    from gpt2cli.specs import spec_to_json
+
+    none = {flag: None for flag in ("--device", "--gpus", "--out", "--resume", "--steps", "--tokens", "--lr",
+                                    "--batch-tokens", "--grad-accum", "--min-lr", "--quiet")}
+    run = tmp_path / "run"
+    run.mkdir()
+
+    def stored(**sections) -> None:
+        flags = {"model": {"preset": "tiny"}, "train": {"steps": 4, "grad_accum": 2}, "optim": {"lr": 2e-3},
+                 "run": {"quiet": True}}
+        for section, values in sections.items():
+            flags[section] = {**flags[section], **values}
+        (run / "spec.json").write_text(spec_to_json(build_spec(TrainSpec, flags=flags)))
+
+    def resumed(**given):
+        return resolve_train_spec({**none, "--out": str(run), "--resume": "auto", **given}, None, [])
+
+    stored()
+    spec = resumed(**{"--tokens": 320})
+    assert (spec.train.tokens, spec.train.steps) == (320, None)
+    spec = resumed(**{"--batch-tokens": 256})
+    assert (spec.train.batch_tokens, spec.train.grad_accum) == (256, 1)
+    spec = resumed(**{"--lr": 1e-3})
+    assert (spec.optim.lr, spec.optim.min_lr) == (1e-3, 1e-4)
+    assert resumed().run.quiet is False and resumed(**{"--quiet": True}).run.quiet is True
+    stored(optim={"min_lr": 5e-5})
+    assert resumed(**{"--lr": 1e-3}).optim.min_lr == 5e-5  # set by hand: kept
+    stored(train={"steps": None, "tokens": 640})
+    spec = resumed(**{"--steps": 6})
+    assert (spec.train.steps, spec.train.tokens) == (6, None)
+    with pytest.raises(UserError, match="give steps or tokens, not both"):  # both in one layer
+        resumed(**{"--steps": 6, "--tokens": 640})
+
+
+def test_a_config_file_budget_gives_way_to_the_other_budget_flag(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text("[train]\ntokens = 640\n")
+    spec = build_spec(TrainSpec, config_file=config, flags={"train": {"steps": 3}})
+    assert (spec.train.steps, spec.train.tokens) == (3, None)
+    spec = build_spec(TrainSpec, config_file=config, sets=["train.steps=3"])
+    assert (spec.train.steps, spec.train.tokens) == (3, None)
+
+
+def test_resume_changes_are_warned_and_recorded_a_preset_change_is_refused(tmp_path, cache_dir):
+    """A resume that changes settings says which, and metrics.jsonl keeps the old values (spec.json
+    describes the continuation); a --preset would only relabel the stored model: refused."""
+    from gpt2cli.train import SilentReporter
+
+    class Messages(SilentReporter):
+        def __init__(self) -> None:
+            self.lines: list[str] = []
+
+        def message(self, text: str) -> None:
+            self.lines.append(text)
+
+    run = tmp_path / "run"
+    small = {"eval": {"every": 100, "tokens": 256}}
+    train(tiny_spec(run, train={"steps": 2}, **small))
+    reporter = Messages()
+    train(tiny_spec(run, train={"steps": 3}, optim={"warmup": 2, "lr": 1e-3, "schedule": "linear"},
+                    run={"resume": "auto"}, **small), reporter=reporter)
+    warning = next(line for line in reporter.lines if line.startswith("warning: resuming with changed settings"))
+    assert "optim.lr 0.003 -> 0.001" in warning and "optim.schedule cosine -> linear" in warning
+    assert "train.steps" not in warning
+    rows = [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "resume"]
+    assert rows == [{"kind": "resume", "step": 2, "tokens": 2 * 4 * 32,
+                     "changed": {"optim.lr": [0.003, 0.001], "optim.min_lr": [0.0003, 0.0001],
+                                 "optim.schedule": ["cosine", "linear"]}}]
+    quiet = Messages()  # the same settings again: nothing to say
+    train(tiny_spec(run, train={"steps": 4}, optim={"warmup": 2, "lr": 1e-3, "schedule": "linear"},
+                    run={"resume": "auto"}, **small), reporter=quiet)
+    assert not any("changed settings" in line for line in quiet.lines)
+    with pytest.raises(UserError, match=r"another preset \(tiny -> nano\)"):
+        train(tiny_spec(run, model={"preset": "nano", "n_layer": 2, "n_head": 2, "n_embd": 64},
+                        train={"steps": 5}, run={"resume": "auto"}, **small))
+
+
+def test_a_fork_keeps_its_own_best_model(tmp_path, cache_dir):
+    """--resume of another run's checkpoint into a new folder: the fork's first evaluation is its
+    best so far (best.pt appears), not a comparison with a best.pt it does not hold."""
+    source, fork = tmp_path / "source", tmp_path / "fork"
+    train(tiny_spec(source, train={"steps": 4}, eval={"every": 2, "tokens": 256}))
+    result = train(tiny_spec(fork, train={"steps": 6}, eval={"every": 2, "tokens": 256},
+                             run={"resume": str(source / "ckpt.pt")}))
+    evals = [r for r in read_metrics(fork / "metrics.jsonl") if r["kind"] == "eval" and r["step"] > 4]
+    assert (fork / "best.pt").exists() and evals[0]["best"] is True
+    assert result.best_val_loss == min(r["val_loss"] for r in evals)
 
 
 def test_resume_of_a_multi_process_run_stopped_before_it_began_reads_the_launch_spec(tmp_path):

@@ -55,7 +55,10 @@ def make_spec(spec_cls: type[BaseModel], config: str | None, flags: dict[str, An
 
 
 def print_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    """Strict JSON on stdout: a NaN or infinite number is null (JSON has neither)."""
+    from gpt2cli.metrics import finite_or_null
+
+    sys.stdout.write(json.dumps(finite_or_null(obj), indent=2, default=str, allow_nan=False) + "\n")
     sys.stdout.flush()
 
 

@@ -14,7 +14,6 @@ gets its row (NaN/inf as they are; null in JSON, which has no NaN), and then the
 
 from __future__ import annotations
 
-import math
 from enum import Enum
 from typing import Annotated, Any
 
@@ -88,7 +87,7 @@ def evaluate(
     with _ScoringDisplay(models=len(spec.checkpoints), header_on_stdout=spec.format == "table") as display:
         report = evaluate_checkpoints(spec, progress=display)
     if spec.format == "json":
-        print_json(_json_numbers(report))
+        print_json(report)  # a NaN/inf number is null there; the row's error says why
     else:
         if not display.header_shown_on_stdout:
             out.print(escape(_header_line(report)), soft_wrap=True)
@@ -175,15 +174,6 @@ def _nonfinite_error(failed: list[dict[str, Any]], rows: int, dtype: str) -> Non
     if dtype == "float16":
         cause += ", or fp16 overflowed: try --dtype bf16 or fp32"
     return NonFiniteLossError(what, cause)
-
-
-def _json_numbers(report: dict[str, Any]) -> dict[str, Any]:
-    """The report with every NaN/inf number as null: JSON has no NaN or Infinity (json.dumps would
-    write them anyway, and strict parsers refuse them). A row's ``error`` says why its numbers are null."""
-    def number(value: Any) -> Any:
-        return None if isinstance(value, float) and not math.isfinite(value) else value
-
-    return {**report, "results": [{k: number(v) for k, v in row.items()} for row in report["results"]]}
 
 
 def _print_table(report: dict[str, Any]) -> None:

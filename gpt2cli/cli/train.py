@@ -220,6 +220,7 @@ def resolve_train_spec(values: dict[str, Any], config: str | None, sets: list[st
     base = _stored_spec_for_resume(run_given.get("resume"), run_given.get("out"))
     if base is not None:
         base = _drop_stored_layout(base, given.get("parallel", {}))
+        base = _drop_stored_derived(base, given)
     if base is None and "preset" not in model_given:
         device, gpus = given.get("train", {}).get("device"), given.get("parallel", {}).get("gpus")
         base = {"model": {"preset": _default_preset(device, gpus)}}
@@ -243,6 +244,22 @@ def _drop_stored_layout(stored: dict[str, Any], parallel_given: dict[str, Any]) 
     drop = (_PROCESS_LAYOUT if strategy == "single" else ()) + (_FSDP_ONLY if strategy != "fsdp" else ())
     kept = {k: v for k, v in stored_parallel.items() if k not in drop or k in parallel_given}
     return {**stored, "parallel": kept}
+
+
+def _drop_stored_derived(stored: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """What the stored spec holds only as the default of another setting, or as a way to show the
+    run, does not override that default when a resume changes the setting: a min_lr that is the
+    old lr / 10 follows a new --lr (not "min_lr exceeds lr"), and --quiet is asked for each time."""
+    stored = {section: dict(values) if isinstance(values, dict) else values for section, values in stored.items()}
+    optim, optim_given = stored.get("optim"), given.get("optim", {})
+    if isinstance(optim, dict) and "lr" in optim_given and "min_lr" not in optim_given:
+        lr, min_lr = optim.get("lr"), optim.get("min_lr")
+        if isinstance(lr, (int, float)) and min_lr == float(f"{lr / 10:.15g}"):  # OptimSpec's default
+            del optim["min_lr"]
+    run_section = stored.get("run")
+    if isinstance(run_section, dict) and "quiet" not in given.get("run", {}):
+        run_section.pop("quiet", None)
+    return stored
 
 
 def _default_preset(device: str | None, gpus: int | None) -> str:
