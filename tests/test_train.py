@@ -17,7 +17,7 @@ from gpt2cli import checkpoint as ckpt
 from gpt2cli.errors import NonFiniteLossError, UserError
 from gpt2cli.metrics import read_metrics
 from gpt2cli.specs import DEFAULT_LOSS_CHUNK, TrainSpec, build_spec
-from gpt2cli.train import lr_at, plan_batches, resolve_loss_chunk, train
+from gpt2cli.train import SilentReporter, lr_at, plan_batches, resolve_loss_chunk, train
 from tests.conftest import REPO, gpt2_command, run_gpt2
 
 
@@ -32,6 +32,16 @@ def tiny_spec(out: Path, **sections) -> TrainSpec:
     for section, values in sections.items():
         flags[section] = {**flags.get(section, {}), **values}
     return build_spec(TrainSpec, flags=flags)
+
+
+class MessageLog(SilentReporter):
+    """A reporter that keeps the run's messages (warnings, skipped steps) for the test to read."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def message(self, text: str) -> None:
+        self.lines.append(text)
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:
@@ -114,27 +124,18 @@ def test_resume_is_bit_exact(tmp_path, cache_dir, monkeypatch):
 
 def test_resuming_a_checkpoint_of_another_torch_version_warns_and_continues(tmp_path, cache_dir):
     """Resume is exact within one torch version; from another the run goes on, with a warning."""
-    from gpt2cli.train import SilentReporter
-
-    class Messages(SilentReporter):
-        def __init__(self) -> None:
-            self.lines: list[str] = []
-
-        def message(self, text: str) -> None:
-            self.lines.append(text)
-
     run = tmp_path / "run"
     train(tiny_spec(run, train={"steps": 2}, eval={"every": 100, "tokens": 256}))
     record = ckpt.load_checkpoint(run / "ckpt.pt")
     ckpt.save_checkpoint(run / "ckpt.pt", {k: v for k, v in record.items() if k not in ("digest", "format",
                                                                                         "format_version")}
                          | {"torch_version": "1.13.0"})
-    same = Messages()
+    same = MessageLog()
     train(tiny_spec(run, train={"steps": 3}, eval={"every": 100, "tokens": 256}, run={"resume": "auto"}),
           reporter=same)
     assert any(line.startswith(f"warning: {str(run / 'ckpt.pt')!r} was written by torch 1.13.0, this is torch ")
                for line in same.lines), same.lines
-    again = Messages()  # the checkpoint of step 3 is this torch's: no warning
+    again = MessageLog()  # the checkpoint of step 3 is this torch's: no warning
     result = train(tiny_spec(run, train={"steps": 4}, eval={"every": 100, "tokens": 256}, run={"resume": "auto"}),
                    reporter=again)
     assert result.step == 4 and not any("written by torch" in line for line in again.lines)
@@ -198,17 +199,9 @@ def test_nonfinite_skip_mode_continues(tmp_path, cache_dir, monkeypatch):
 
 def test_nonfinite_skip_limit_allows_that_many_skips_in_a_row(tmp_path, cache_dir, monkeypatch):
     """--max-nonfinite-skips N: N non-finite steps in a row are skipped, the (N+1)-th stops."""
-    from gpt2cli.train import SilentReporter
-
-    class Messages(SilentReporter):
-        lines: list[str] = []
-
-        def message(self, text: str) -> None:
-            self.lines.append(text)
-
     monkeypatch.setenv("GPT2_FAULT", "nan_at_step:2,nan_at_step:3")  # the 3rd and 4th steps
     skip = {"on_nonfinite": "skip", "steps": 6}
-    reporter = Messages()
+    reporter = MessageLog()
     result = train(tiny_spec(tmp_path / "two", train={**skip, "max_nonfinite_skips": 2}), reporter=reporter)
     assert result.status == "completed" and result.step == 6
     assert [ln for ln in reporter.lines if "skipped" in ln] == ["non-finite loss or gradient at step 3: step skipped (1 in a row)",
@@ -347,19 +340,10 @@ def test_a_config_file_budget_gives_way_to_the_other_budget_flag(tmp_path):
 def test_resume_changes_are_warned_and_recorded_a_preset_change_is_refused(tmp_path, cache_dir):
     """A resume that changes settings says which, and metrics.jsonl keeps the old values (spec.json
     describes the continuation); a --preset would only relabel the stored model: refused."""
-    from gpt2cli.train import SilentReporter
-
-    class Messages(SilentReporter):
-        def __init__(self) -> None:
-            self.lines: list[str] = []
-
-        def message(self, text: str) -> None:
-            self.lines.append(text)
-
     run = tmp_path / "run"
     small = {"eval": {"every": 100, "tokens": 256}}
     train(tiny_spec(run, train={"steps": 2}, **small))
-    reporter = Messages()
+    reporter = MessageLog()
     train(tiny_spec(run, train={"steps": 3}, optim={"warmup": 2, "lr": 1e-3, "schedule": "linear"},
                     run={"resume": "auto"}, **small), reporter=reporter)
     warning = next(line for line in reporter.lines if line.startswith("warning: resuming with changed settings"))
@@ -369,7 +353,7 @@ def test_resume_changes_are_warned_and_recorded_a_preset_change_is_refused(tmp_p
     assert rows == [{"kind": "resume", "step": 2, "tokens": 2 * 4 * 32,
                      "changed": {"optim.lr": [0.003, 0.001], "optim.min_lr": [0.0003, 0.0001],
                                  "optim.schedule": ["cosine", "linear"]}}]
-    quiet = Messages()  # the same settings again: nothing to say
+    quiet = MessageLog()  # the same settings again: nothing to say
     train(tiny_spec(run, train={"steps": 4}, optim={"warmup": 2, "lr": 1e-3, "schedule": "linear"},
                     run={"resume": "auto"}, **small), reporter=quiet)
     assert not any("changed settings" in line for line in quiet.lines)
