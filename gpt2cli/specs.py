@@ -737,12 +737,13 @@ def layer_settings(
     if config_file:
         layered = _layer(layered, read_config_file(config_file))
     layered = _layer(layered, drop_none(flags or {}))
+    assigned: dict[str, Any] = {}  # every --set is one layer: two of one pair stay an error, as two flags do
     for assignment in sets:
         path, value = parse_set(assignment)
         if set_prefix is not None and len(path) > 1 and path[0] == set_prefix:
             path = path[1:]
-        layered = _layer(layered, _nest(path, value))
-    return layered
+        assigned = deep_merge(assigned, _nest(path, value))
+    return _layer(layered, assigned)
 
 
 def drop_none(tree: dict[str, Any]) -> dict[str, Any]:
@@ -775,7 +776,8 @@ def format_validation_error(exc: ValidationError, names: dict[str, str] | None =
         loc = ".".join(str(p) for p in err["loc"])
         name = (names or {}).get(loc)
         if name is not None:
-            loc = name.format(path=loc) if "{path}" in name else f"{name} ({loc})"
+            # replace, not format: a file name may hold braces of its own
+            loc = name.replace("{path}", loc, 1) if "{path}" in name else f"{name} ({loc})"
         msg = err["msg"]
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]

@@ -86,7 +86,12 @@ def tcp_store(host: str, port: int, *, is_master: bool = False, **kwargs: Any) -
     port = listener.getsockname()[1]
     fd = listener.detach()
     try:
-        return dist.TCPStore(host, port, is_master=True, master_listen_fd=fd, **kwargs)
+        try:
+            return dist.TCPStore(host, port, is_master=True, master_listen_fd=fd, **kwargs)
+        except NotImplementedError:
+            # torch's libuv store (the default since 2.4) took no listening socket before about
+            # 2.8 ("does not support initialization with an listen fd"); its legacy store does.
+            return dist.TCPStore(host, port, is_master=True, master_listen_fd=fd, **{**kwargs, "use_libuv": False})
     except BaseException:
         os.close(fd)
         raise

@@ -229,6 +229,26 @@ def test_an_invalid_lr_is_reported_once_not_again_for_the_derived_min_lr(lr):
     assert "min_lr" not in info.value.message and "--min-lr" not in info.value.message
 
 
+def test_both_ways_of_one_budget_in_one_layer_stay_an_error(tmp_path):
+    """--set steps and --set tokens together (one layer, as two flags are): refused, not the last
+    one silently winning; a file under them gives way."""
+    with pytest.raises(UserError, match="give steps or tokens, not both"):
+        build_spec(TrainSpec, sets=["train.steps=4", "train.tokens=256"])
+    with pytest.raises(UserError, match="give grad_accum or batch_tokens, not both"):
+        build_spec(TrainSpec, sets=["train.grad_accum=2", "train.batch_tokens=256"])
+    config = tmp_path / "run.toml"
+    config.write_text("[train]\ntokens = 640\n")
+    assert build_spec(TrainSpec, config_file=config, sets=["train.steps=3"]).train.tokens is None
+
+
+def test_a_config_file_name_with_braces_is_named_as_it_is(tmp_path):
+    config = tmp_path / "c{lr}.toml"
+    config.write_text("[optim]\nlr = -1.0\n")
+    with pytest.raises(UserError) as info:
+        build_spec(TrainSpec, config_file=config)
+    assert info.value.message.startswith(f"invalid settings: optim.lr (in {config}): ")
+
+
 def test_seq_len_is_one_or_more():
     assert build_spec(TrainSpec, flags={"train": {"seq_len": 1}}).seq_len == 1
     with pytest.raises(UserError, match=r"train.seq_len: Input should be greater than 0"):
