@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gpt2cli.data.loader import count_windows, eval_batches
+from gpt2cli.data.loader import count_windows, eval_batches, out_of_vocabulary
 from gpt2cli.errors import UserError
 from gpt2cli.specs import DEFAULT_LOSS_CHUNK, EvaluateSpec
 
@@ -147,10 +147,7 @@ def evaluate_checkpoints(spec: EvaluateSpec, progress: EvalProgress | None = Non
     top = int(used.max())
     byte_lengths = token_byte_lengths()
     if top >= len(byte_lengths):  # bits per byte needs every id's bytes, as the tokenizer has them
-        raise UserError(
-            f"the data holds token id {top:,}, outside the GPT-2 tokenizer's {len(byte_lengths):,} ids",
-            "the token files are damaged or were made with another tokenizer: prepare the data again with gpt2 data",
-        )
+        raise out_of_vocabulary(top, len(byte_lengths), "the GPT-2 tokenizer's")
     n_bytes = int(byte_lengths[targets.astype(np.int64)].sum())
     for name, m in zip(spec.checkpoints, models, strict=True):
         if top >= m.spec.vocab_size:

@@ -95,8 +95,8 @@ def refuse_nonfinite_weights(model: torch.nn.Module, source: str) -> None:
     (every logit NaN), and exits 0 doing it; a safetensors file or an HF folder carries no digest
     that would have caught such values. (``gpt2 eval`` scores such a model instead: its NaN loss
     is the answer there.)"""
-    for name, tensor in model.state_dict().items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    for name, tensor in model.named_parameters():  # a tied weight once
+        if not bool(torch.isfinite(tensor).all()):
             bad = int((~torch.isfinite(tensor)).sum())
             raise UserError(
                 f"the weights of {source} hold NaN or inf ({bad:,} of {tensor.numel():,} values of {name})",

@@ -222,6 +222,12 @@ class DataSpec(_Spec):
 MAX_LR = 10.0
 
 
+def default_min_lr(lr: float) -> float:
+    """lr / 10, rounded to 15 significant digits: 3e-4 / 10 is 2.9999999999999997e-05 in binary,
+    which spec.json and --dry-run would show as such."""
+    return float(f"{lr / 10:.15g}")
+
+
 class OptimSpec(_Spec):
     """Optimizer and learning-rate schedule."""
 
@@ -259,9 +265,7 @@ class OptimSpec(_Spec):
             except ValueError:
                 return data
             if math.isfinite(value) and value > 0:
-                # Rounded to 15 significant digits: 3e-4 / 10 is 2.9999999999999997e-05 in binary,
-                # which spec.json and --dry-run would show as such.
-                return {**data, "min_lr": float(f"{value / 10:.15g}")}
+                return {**data, "min_lr": default_min_lr(value)}
         return data
 
     @model_validator(mode="after")
@@ -670,24 +674,16 @@ def build_spec(
     the flags that set them, so errors name what the user typed. ``set_prefix``: for a spec
     without sections (generate, eval, ...), ``--set PREFIX.field=value`` means ``field=value``.
     """
-    layered = layer_settings(config_file=config_file, flags=flags, sets=sets, base=base, set_prefix=set_prefix)
+    layers = _named_layers(config_file=config_file, flags=flags, sets=sets, base=base, set_prefix=set_prefix)
     # An error names the route the offending value came by: the flag, the --set, or the file.
     # A flag name alone would send the user looking for a flag they never typed.
     names: dict[str, str] = {}
-    if base:
-        names.update(dict.fromkeys(_leaf_paths(base), "{path} (stored in the resumed run)"))
-    if config_file:
-        names.update(dict.fromkeys(_leaf_paths(read_config_file(config_file)), f"{{path}} (in {config_file})"))
-    given = drop_none(flags or {})
-    names.update({path: f"{flag_names[path]} ({{path}})" if flag_names and path in flag_names else "{path}"
-                  for path in _leaf_paths(given)})
-    for assignment in sets:
-        path, _ = parse_set(assignment)
-        if set_prefix is not None and len(path) > 1 and path[0] == set_prefix:
-            path = path[1:]
-        names[".".join(path)] = "--set {path}"
+    for route, tree in layers:
+        for path in _leaf_paths(tree):
+            flag = (flag_names or {}).get(path) if route == _FLAG_ROUTE else None
+            names[path] = f"{flag} ({{path}})" if flag else route
     try:
-        return spec_cls.model_validate(layered)
+        return spec_cls.model_validate(_merge_layers(layers))
     except ValidationError as exc:
         raise UserError(format_validation_error(exc, names), "see --help or docs/specs.md") from exc
 
@@ -733,17 +729,41 @@ def layer_settings(
     """The nested settings before validation: base < config file < flags < ``--set``. Without a
     base, what the user set by any route (`gpt2 train` reads its resume and preset from this).
     ``set_prefix``: a leading ``PREFIX.`` of a ``--set`` key is dropped (see :func:`build_spec`)."""
-    layered: dict[str, Any] = dict(base or {})
+    return _merge_layers(_named_layers(config_file=config_file, flags=flags, sets=sets, base=base,
+                                       set_prefix=set_prefix))
+
+
+# How an error names a setting of each layer ({path}: its dotted path); a flag's own name, where
+# known, replaces _FLAG_ROUTE.
+_FLAG_ROUTE = "{path}"
+
+
+def _named_layers(*, config_file: str | Path | None, flags: dict[str, Any] | None, sets: list[str] | tuple[str, ...],
+                  base: dict[str, Any] | None, set_prefix: str | None) -> list[tuple[str, dict[str, Any]]]:
+    """The given layers, lowest first, each with how its settings are named in an error. Every
+    --set is one layer together: two of one pair of ALTERNATIVES stay an error, as two flags do."""
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if base:
+        layers.append(("{path} (stored in the resumed run)", base))
     if config_file:
-        layered = _layer(layered, read_config_file(config_file))
-    layered = _layer(layered, drop_none(flags or {}))
-    assigned: dict[str, Any] = {}  # every --set is one layer: two of one pair stay an error, as two flags do
+        # replace, not format, fills {path} in: a file name may hold braces of its own
+        layers.append((f"{{path}} (in {config_file})", read_config_file(config_file)))
+    layers.append((_FLAG_ROUTE, drop_none(flags or {})))
+    assigned: dict[str, Any] = {}
     for assignment in sets:
         path, value = parse_set(assignment)
         if set_prefix is not None and len(path) > 1 and path[0] == set_prefix:
             path = path[1:]
         assigned = deep_merge(assigned, _nest(path, value))
-    return _layer(layered, assigned)
+    layers.append(("--set {path}", assigned))
+    return layers
+
+
+def _merge_layers(layers: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for _, tree in layers:
+        merged = _layer(merged, tree)
+    return merged
 
 
 def drop_none(tree: dict[str, Any]) -> dict[str, Any]:
@@ -776,7 +796,6 @@ def format_validation_error(exc: ValidationError, names: dict[str, str] | None =
         loc = ".".join(str(p) for p in err["loc"])
         name = (names or {}).get(loc)
         if name is not None:
-            # replace, not format: a file name may hold braces of its own
             loc = name.replace("{path}", loc, 1) if "{path}" in name else f"{name} ({loc})"
         msg = err["msg"]
         if msg.startswith("Value error, "):

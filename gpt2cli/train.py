@@ -45,6 +45,7 @@ from gpt2cli.specs import (
     DEFAULT_STEPS,
     ParallelSpec,
     TrainSpec,
+    flatten,
     spec_from_json,
     spec_to_json,
     validate_spec,
@@ -339,8 +340,6 @@ _EXPECTED_TO_CHANGE = ("train.steps", "train.tokens", "train.device", "train.log
 def changed_settings(saved: TrainSpec, spec: TrainSpec) -> dict[str, list[Any]]:
     """``{"optim.lr": [old, new], ...}``: the settings a resume changes, other than the budget and
     where and how it runs. Compared resolved, as spec.json holds them."""
-    from gpt2cli.specs import flatten
-
     before, after = flatten(saved.model_dump(mode="json")), flatten(spec.model_dump(mode="json"))
     return {name: [before.get(name), value] for name, value in after.items()
             if before.get(name) != value and not name.startswith(_EXPECTED_TO_CHANGE)}
@@ -778,7 +777,6 @@ class _Trainer:
         self.startup_done()
         with _StopRequest() as stop:
             while step < plan.total_steps:
-                self.running_at = (run_dir, step) if strategy.is_main else None
                 if parent is not None and os.getppid() != parent:
                     _exit_orphaned(strategy.rank, parent)
                 if _fault_at("crash_at_step", step, strategy.rank):
@@ -840,8 +838,8 @@ class _Trainer:
                         optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 step += 1
-                # A failure from here on (evaluation, a checkpoint) comes after this step: the
-                # status says so.
+                # The steps done, for status.json if the run fails from here on (in evaluation, a
+                # checkpoint or the next step). Set before the loop for the first.
                 self.running_at = (run_dir, step) if strategy.is_main else None
                 reporter.advance(step)
                 report_profile(profiler.after_step(step))

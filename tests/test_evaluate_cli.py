@@ -228,7 +228,7 @@ def test_token_ids_outside_the_vocabulary_are_one_line(checkpoints, data_dir, tm
     del tokens
     code, out, err = cli(capsys, "eval", checkpoints[1], "--data", damaged, "--tokens", 128, "--device", "cpu")
     line = one_error_line(code, err)
-    assert "token id 60,000, outside the GPT-2 tokenizer's 50,257 ids" in line and "gpt2 data" in line
+    assert "hold id 60,000, outside the GPT-2 tokenizer's vocabulary of 50,257 ids" in line and "gpt2 data" in line
 
 
 def test_json_stdout_holds_only_the_json_while_a_terminal_stderr_shows_progress(checkpoints, data_dir, monkeypatch,

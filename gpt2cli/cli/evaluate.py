@@ -89,7 +89,7 @@ def evaluate(
     if spec.format == "json":
         print_json(report)  # a NaN/inf number is null there; the row's error says why
     else:
-        if not display.header_shown_on_stdout:
+        if not out.is_terminal:  # a file or a pipe: the header goes with the table (see _ScoringDisplay)
             out.print(escape(_header_line(report)), soft_wrap=True)
         _print_table(report)
     failed = [r for r in report["results"] if r["error"]]
@@ -117,7 +117,6 @@ class _ScoringDisplay:
         self.header_on_stdout = header_on_stdout
         self.progress: Any = None
         self.task: Any = None
-        self.header_shown_on_stdout = False
 
     def __enter__(self) -> _ScoringDisplay:
         return self
@@ -130,7 +129,6 @@ class _ScoringDisplay:
     def start(self, header: dict[str, Any]) -> None:
         if self.header_on_stdout and out.is_terminal:
             out.print(escape(_header_line(header)), soft_wrap=True)
-            self.header_shown_on_stdout = True
         elif err.is_terminal:
             err.print(escape(_header_line(header)), soft_wrap=True)
         if not err.is_terminal:

@@ -24,6 +24,7 @@ from gpt2cli.specs import (
     TrainingSpec,
     TrainSpec,
     build_spec,
+    default_min_lr,
     layer_settings,
     spec_from_json,
     spec_to_json,
@@ -254,7 +255,7 @@ def _drop_stored_derived(stored: dict[str, Any], given: dict[str, Any]) -> dict[
     optim, optim_given = stored.get("optim"), given.get("optim", {})
     if isinstance(optim, dict) and "lr" in optim_given and "min_lr" not in optim_given:
         lr, min_lr = optim.get("lr"), optim.get("min_lr")
-        if isinstance(lr, (int, float)) and min_lr == float(f"{lr / 10:.15g}"):  # OptimSpec's default
+        if isinstance(lr, (int, float)) and min_lr == default_min_lr(lr):
             del optim["min_lr"]
     run_section = stored.get("run")
     if isinstance(run_section, dict) and "quiet" not in given.get("run", {}):

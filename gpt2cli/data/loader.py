@@ -58,6 +58,14 @@ def _too_short_error(num_tokens: int, seq_len: int) -> UserError:
     )
 
 
+def out_of_vocabulary(token_id: int, size: int, whose: str) -> UserError:
+    """Token files holding an id the vocabulary (``whose``, of ``size`` ids) does not have."""
+    return UserError(
+        f"the token files hold id {token_id:,}, outside {whose} vocabulary of {size:,} ids",
+        "they are damaged or were made with another tokenizer: prepare the data again with gpt2 data",
+    )
+
+
 def _gather_windows(tokens: np.ndarray, window_indices: np.ndarray, seq_len: int, pin: bool,
                     vocab_size: int | None = None) -> Batch:
     """Inputs and targets (int64, contiguous, pinned when bound for CUDA) of the given windows.
@@ -66,10 +74,7 @@ def _gather_windows(tokens: np.ndarray, window_indices: np.ndarray, seq_len: int
     starts = window_indices.astype(np.int64) * seq_len
     windows = np.asarray(tokens[starts[:, None] + np.arange(seq_len + 1)])
     if vocab_size is not None and windows.size and int(windows.max()) >= vocab_size:
-        raise UserError(
-            f"the token files hold id {int(windows.max()):,}, outside the model's vocabulary of {vocab_size:,} ids",
-            "they are damaged or were made with another tokenizer: prepare the data again with gpt2 data",
-        )
+        raise out_of_vocabulary(int(windows.max()), vocab_size, "the model's")
     x = torch.from_numpy(windows[:, :-1].astype(np.int64))
     y = torch.from_numpy(windows[:, 1:].astype(np.int64))
     if pin:
