@@ -57,6 +57,9 @@ SIDES = {
     "ours": "gpt2 generate, eager",
     "ours+compile": "gpt2 generate --compile (decode step compiled; CUDA: reduce-overhead graphs, "
                     "CPU: inductor with freezing)",
+    "ours-int8": "gpt2 generate --quantize int8, eager (int8 weight-only linear layers)",
+    "ours-int8+compile": "gpt2 generate --quantize int8 --compile (int8 weight-only linear layers; CPU: inductor "
+                         "without freezing)",
     "hf": "HF generate, eager (dynamic KV cache, its default)",
     "hf+compile": "HF generate, static KV cache, forward compiled by transformers (CompileConfig defaults)",
 }
@@ -84,6 +87,10 @@ def main() -> None:
     parser.add_argument("--sync-every", default="",
                         help="comma list: also time the compiled generator reading tokens back every N steps "
                              "(GenerateSpec.sync_every; the default run uses the device's default)")
+    parser.add_argument("--quantize", default="none", choices=["none", "int8"],
+                        help="int8: also time ours with int8 weight-only linear layers (gpt2 generate --quantize "
+                             "int8), eager and, with --compile, compiled; its ratios to HF's fp weights are "
+                             "labelled as not like for like")
     parser.add_argument("--figure", default=None, help="PNG to write (default: no figure)")
     args = parser.parse_args()
 
@@ -120,6 +127,11 @@ def main() -> None:
         gens["ours+compile"] = (compiled, None)
         for every in (int(v) for v in args.sync_every.split(",") if v.strip()):
             gens[f"ours+compile sync{every}"] = (compiled, every)
+    if args.quantize == "int8":
+        for name, compile_it in [("ours-int8", False), ("ours-int8+compile", True)][: 1 + args.compile]:
+            copy_model = GPT(ours_model.spec)
+            copy_model.load_state_dict(ours_model.state_dict())
+            gens[name] = (Generator(copy_model, device=device, dtype=dtype, compile=compile_it, quantize="int8"), None)
 
     prompt = torch.randint(0, 50257, (args.prompt_tokens,), generator=torch.Generator().manual_seed(1)).tolist()
     spec = GenerateSpec(max_new_tokens=args.new_tokens, temperature=0.0, ignore_eos=True, top_k=None,
@@ -202,6 +214,8 @@ def main() -> None:
         "sides": {k: SIDES[k.split(" ")[0]] + (f", {reads(gens[k][1])}" if k in gens and gens[k][1] else "")
                   for k in times},
         "comparisons": comparisons(med, list(gens), "hf+compile" in hf_runs),
+        "int8_speedup": {mode: med[f"ours-int8{suffix}"] / med[f"ours{suffix}"]
+                         for mode, suffix in [("eager", ""), ("compiled", "+compile")] if f"ours-int8{suffix}" in med},
         "hf_compile_error": hf_compile_error,
         "greedy_tokens_equal_to_hf": f"{same}/{args.new_tokens}",
         "greedy_tokens_equal_to_hf_eager": {
@@ -223,7 +237,15 @@ def comparisons(med: dict[str, float], ours_names: list[str], hf_compiled: bool)
     eager HF is kept (the figures in docs/benchmarks.md before HF was compiled are of that kind)
     but labelled so."""
     pairs = [("ours", "hf", "ours eager vs HF eager")]
-    for name in (n for n in ours_names if n != "ours"):
+    for name in (n for n in ours_names if n.startswith("ours-int8")):
+        # int8 weights against HF's float ones: a user's choice of trade, never a like-for-like figure.
+        if name.endswith("+compile"):
+            hf = "hf+compile" if hf_compiled else "hf"
+            pairs.append((name, hf, f"ours int8 compiled vs HF {'compiled' if hf_compiled else 'eager'} "
+                                    "(float weights: not like for like)"))
+        else:
+            pairs.append((name, "hf", "ours int8 eager vs HF eager (float weights: not like for like)"))
+    for name in (n for n in ours_names if n != "ours" and not n.startswith("ours-int8")):
         every = name.removeprefix("ours+compile").removeprefix(" sync")
         ours = f"ours compiled, {reads(int(every))}" if every else "ours compiled"
         if hf_compiled:
@@ -241,9 +263,10 @@ def write_figure(summary: dict, rates: dict[str, list[float]], path: Path) -> No
     plt = pyplot()
     names = list(rates)
     labels = {"ours": "gpt2 generate", "ours+compile": "gpt2 generate --compile", "hf": "HF generate (eager)",
+              "ours-int8": "gpt2 generate --quantize int8", "ours-int8+compile": "... --quantize int8 --compile",
               "hf+compile": "HF generate (static cache, compiled)"}
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    colors = {"ours": "#4c72b0", "ours+compile": "#55a868", "hf": "#c44e52", "hf+compile": "#dd8452"}
+    colors = {"ours": "#4c72b0", "ours+compile": "#55a868", "ours-int8": "#8172b2", "ours-int8+compile": "#937860", "hf": "#c44e52", "hf+compile": "#dd8452"}
     meds = [statistics.median(rates[n]) for n in names]
     top = max(max(v) for v in rates.values())
     ax.barh([labels.get(n, n) for n in names], meds, color=[colors.get(n, "gray") for n in names])

@@ -40,10 +40,16 @@ def lay_out_weights_for_decoding(model: nn.Module) -> mmap.mmap | None:
     - Everything lives in one anonymous mapping advised for transparent huge pages (Linux):
       with 4 KiB pages the TLB misses cost 10-20% on the machines measured. Best effort: on any
       other system, or if the kernel refuses, the weights are only re-laid.
+    - The int8 weights of :class:`~gpt2cli.quantize.Int8Linear` layers (buffers) move into the
+      same mapping as they are, row-major: their fused one-row product reads them by rows.
 
     Returns the mapping (kept alive by the tensors that view it) or None."""
+    from gpt2cli.quantize import Int8Linear
+
     params = [p for p in model.parameters() if p.device.type == "cpu"]
-    sizes = [-(-p.numel() * p.element_size() // 64) * 64 for p in params]  # 64-byte aligned slots
+    int8_weights = [m.weight_int8 for m in model.modules() if isinstance(m, Int8Linear) and m.weight_int8.device.type == "cpu"]
+    tensors = [(p, p.dim() == 2) for p in params] + [(w, False) for w in int8_weights]  # (tensor, store transposed)
+    sizes = [-(-t.numel() * t.element_size() // 64) * 64 for t, _ in tensors]  # 64-byte aligned slots
     flat = buf = None
     if sys.platform == "linux" and hasattr(mmap, "MADV_HUGEPAGE") and sum(sizes) >= _HUGE_PAGE:
         try:
@@ -54,17 +60,17 @@ def lay_out_weights_for_decoding(model: nn.Module) -> mmap.mmap | None:
             flat = buf = None
     offset = -flat.data_ptr() % _HUGE_PAGE if flat is not None else 0  # start on a huge-page boundary
     with torch.no_grad():
-        for p, size in zip(params, sizes, strict=True):
+        for (t, transpose), size in zip(tensors, sizes, strict=True):
             if flat is not None:
-                n = p.numel() * p.element_size()
-                storage = flat[offset : offset + n].view(p.dtype)
+                n = t.numel() * t.element_size()
+                storage = flat[offset : offset + n].view(t.dtype)
                 offset += size
             else:
-                storage = torch.empty(p.numel(), dtype=p.dtype)
+                storage = torch.empty(t.numel(), dtype=t.dtype)
             # A matrix (rows, cols) is stored as its transpose, (cols, rows) row-major.
-            view = storage.view(p.shape[1], p.shape[0]).t() if p.dim() == 2 else storage.view(p.shape)
-            view.copy_(p.data)
-            p.data = view
+            view = storage.view(t.shape[1], t.shape[0]).t() if transpose else storage.view(t.shape)
+            view.copy_(t.data)
+            t.data = view
     return buf
 
 

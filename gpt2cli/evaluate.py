@@ -23,6 +23,7 @@ from torch import nn
 
 from gpt2cli.data.loader import count_windows, eval_batches, out_of_vocabulary
 from gpt2cli.errors import UserError
+from gpt2cli.quantize import quantize_int8
 from gpt2cli.specs import DEFAULT_LOSS_CHUNK, EvaluateSpec
 
 
@@ -165,6 +166,7 @@ def evaluate_checkpoints(spec: EvaluateSpec, progress: EvalProgress | None = Non
         "bytes": n_bytes,
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
+        "quantize": spec.quantize,
     }
     if progress is not None:
         progress.start(header)
@@ -173,6 +175,9 @@ def evaluate_checkpoints(spec: EvaluateSpec, progress: EvalProgress | None = Non
     for index, (name, loaded) in enumerate(zip(spec.checkpoints, models, strict=True)):
         if progress is not None:
             progress.model(index, name, windows)
+        params = sum(p.numel() for p in loaded.model.parameters())
+        if spec.quantize == "int8":
+            quantize_int8(loaded.model)  # on the CPU, before the move: the float weights never reach the device
         model = loaded.model.to(device)
         t0 = time.perf_counter()
         loss_sum, count = evaluate_sums(
@@ -188,7 +193,7 @@ def evaluate_checkpoints(spec: EvaluateSpec, progress: EvalProgress | None = Non
         rows.append(EvalRow(
             checkpoint=name,
             source=loaded.source,
-            params=sum(p.numel() for p in loaded.model.parameters()),
+            params=params,
             loss=loss,
             perplexity=_perplexity(loss),
             bits_per_byte=loss_sum / math.log(2) / n_bytes if n_bytes else math.nan,

@@ -62,6 +62,7 @@ from gpt2cli.cpu_decoding import (
 )
 from gpt2cli.errors import UserError
 from gpt2cli.model import GPT, kv_cache_bytes_per_token
+from gpt2cli.quantize import QUANTIZE_CHOICES, quantize_int8
 from gpt2cli.specs import GenerateSpec
 from gpt2cli.tokenizer import EOT_ID, VOCAB_SIZE, encode, get_tokenizer
 
@@ -109,6 +110,7 @@ class Generation:
     # The first compiled step of a new shape or sampling setting traces and compiles (seconds to
     # a minute): its time is here, and left out of every other time and rate.
     compile_s: float = 0.0
+    quantize: str = "none"  # "int8": the linear layers' weights were int8 (gpt2cli.quantize)
 
     @property
     def new_tokens(self) -> int:
@@ -287,8 +289,11 @@ class Generator:
     when a weight changes in place (``load_state_dict``, an optimizer step; not writes through
     ``.data``), and are left out when the model is pickled or deep-copied.
 
+    ``quantize="int8"`` first replaces the model's linear layers by int8 weight-only ones
+    (:mod:`gpt2cli.quantize`; then nothing is packed, and a compiled CPU step is not frozen).
+
     ``generate`` takes ``max_new_tokens``, sampling and stop settings from its spec; device,
-    dtype and compile are this object's (a spec's own are for :func:`generate`)."""
+    dtype, compile and quantize are this object's (a spec's own are for :func:`generate`)."""
 
     def __init__(
         self,
@@ -297,12 +302,19 @@ class Generator:
         device: str | torch.device = "auto",
         dtype: str | torch.dtype = "auto",
         compile: bool = False,
+        quantize: str = "none",
     ) -> None:
         from gpt2cli.parallel.base import resolve_device
         from gpt2cli.train import resolve_dtype
 
+        if quantize not in QUANTIZE_CHOICES:
+            raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, not {quantize!r}")
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, self.device)
+        self.quantize = quantize
+        self.num_params = sum(p.numel() for p in model.parameters())  # before int8 turns weights into buffers
+        if quantize == "int8":  # before the cast: scales from the fp32 weights round less
+            quantize_int8(model)
         self.model = _cast_keeping_rope_fp32(model, self.device, self.dtype).eval()
         on_cpu = self.device.type == "cpu"
         self._weights_mapping = lay_out_weights_for_decoding(self.model) if on_cpu else None
@@ -325,12 +337,14 @@ class Generator:
         if compile:
             mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs
             self._decode = torch.compile(self._decode_step, mode=mode, fullgraph=True, dynamic=False)
-            if on_cpu:
+            # Not with int8 weights: freezing would fold their conversion to float into float
+            # constants, and the step would read four times the bytes again.
+            if on_cpu and quantize == "none":
                 self._decode = _frozen(self._decode)
 
     @classmethod
     def from_source(cls, source: str, *, device: str = "auto", dtype: str = "auto",
-                    compile: bool = False) -> tuple[Generator, str]:
+                    compile: bool = False, quantize: str = "none") -> tuple[Generator, str]:
         """Load CKPT (see :func:`gpt2cli.loading.load_model`); returns the generator and the
         description of the source."""
         from gpt2cli.loading import load_model, refuse_nonfinite_weights
@@ -338,7 +352,8 @@ class Generator:
 
         loaded = load_model(source, device=resolve_device(device))
         refuse_nonfinite_weights(loaded.model, loaded.source)
-        return cls(loaded.model, device=device, dtype=dtype, compile=compile), loaded.source
+        generator = cls(loaded.model, device=device, dtype=dtype, compile=compile, quantize=quantize)
+        return generator, loaded.source
 
     # ------------------------------------------------------------------------------ pieces
 
@@ -609,6 +624,7 @@ class Generator:
             dtype=str(self.dtype).removeprefix("torch."),
             compiled=self.compiled,
             compile_s=compile_s,
+            quantize=self.quantize,
         )
 
 
@@ -618,9 +634,10 @@ def generate(
     spec: GenerateSpec | None = None,
     on_text: TextCallback | None = None,
 ) -> Generation:
-    """Load ``source`` (any CKPT form) and sample from it with ``spec`` (device, dtype and compile
-    come from the spec)."""
+    """Load ``source`` (any CKPT form) and sample from it with ``spec`` (device, dtype, compile and
+    quantize come from the spec)."""
     spec = spec or GenerateSpec()
-    gen, _ = Generator.from_source(source, device=spec.device, dtype=spec.dtype, compile=spec.compile)
+    gen, _ = Generator.from_source(source, device=spec.device, dtype=spec.dtype, compile=spec.compile,
+                                   quantize=spec.quantize)
     return gen.generate(prompt, spec, on_text)
 

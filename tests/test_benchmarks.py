@@ -145,6 +145,17 @@ def test_without_hf_compiled_the_compiled_rows_say_hf_eager(bench):
                       "ours compiled, a read per token vs HF eager"]
 
 
+def test_int8_rows_are_labelled_as_not_like_for_like(bench):
+    generate_speed = bench("generate_speed")
+    med = {"ours": 1.0, "ours+compile": 2.0, "ours-int8": 0.5, "ours-int8+compile": 3.0, "hf": 1.0, "hf+compile": 2.0}
+    comparisons = generate_speed.comparisons(med, list(med)[:4], hf_compiled=True)
+    assert [(c["ours"], c["hf"]) for c in comparisons] == [
+        ("ours", "hf"), ("ours-int8", "hf"), ("ours-int8+compile", "hf+compile"),
+        ("ours+compile", "hf+compile"), ("ours+compile", "hf")]
+    assert all("not like for like" in c["label"] for c in comparisons if "int8" in c["ours"])
+    assert not any("not like for like" in c["label"] for c in comparisons if "int8" not in c["ours"])
+
+
 def test_data_row_reports_the_median(bench):
     run_all = bench("run_all")
     row = run_all.table_rows([{"job": "data", "corpus_mb": 1.0, "runs": 3, "best_tokens_per_s": 3e6,

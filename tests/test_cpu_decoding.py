@@ -34,6 +34,21 @@ def test_weights_laid_out_transposed_keep_values_and_the_tied_output_layer(make)
     assert model.lm_head.weight is model.transformer.wte.weight
 
 
+def test_int8_weights_join_the_mapping_row_major_with_their_values():
+    from gpt2cli.quantize import Int8Linear, quantize_int8
+
+    model = tiny_gpt2()
+    quantize_int8(model)
+    int8 = {name: m.weight_int8.clone() for name, m in model.named_modules() if isinstance(m, Int8Linear)}
+    mapping = lay_out_weights_for_decoding(model)
+    assert mapping is not None
+    start = torch.frombuffer(mapping, dtype=torch.uint8).data_ptr()
+    for name, m in model.named_modules():
+        if isinstance(m, Int8Linear):
+            assert torch.equal(m.weight_int8, int8[name]) and m.weight_int8.is_contiguous(), name
+            assert start <= m.weight_int8.data_ptr() < start + len(mapping), name
+
+
 @needs_mkl
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("transposed", [False, True], ids=["row-major", "column-major"])

@@ -38,6 +38,7 @@ SetOpt = flat_set_opt("eval")
 FLAG_FOR_FIELD = {
     "data": "--data", "split": "--split", "tokens": "--tokens", "batch_size": "--batch-size",
     "seq_len": "--seq-len", "device": "--device", "dtype": "--dtype", "format": "--format",
+    "quantize": "--quantize",
 }
 
 
@@ -69,6 +70,7 @@ def evaluate(
     ] = None,
     device: Annotated[str | None, typer.Option("--device", help=_h("device"), show_default=False)] = None,
     dtype: Annotated[str | None, typer.Option("--dtype", help=_h("dtype") + " auto = bf16 autocast on CUDA, else fp32.", show_default=False)] = None,
+    quantize: Annotated[str | None, typer.Option("--quantize", help=_h("quantize"), show_default=False)] = None,
     output_format: Annotated[OutputFormat | None, typer.Option("--format", help=_h("format"), show_default=False)] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -76,6 +78,7 @@ def evaluate(
     flags: dict[str, Any] = {
         "checkpoints": list(checkpoints) if checkpoints else None, "data": data, "split": split,
         "tokens": tokens, "batch_size": batch_size, "seq_len": seq_len, "device": device, "dtype": dtype,
+        "quantize": quantize,
         "format": output_format.value if output_format else None,
     }
     spec = build_spec(EvaluateSpec, config_file=config, flags=flags, sets=set_ or (), flag_names=FLAG_FOR_FIELD,
@@ -101,7 +104,8 @@ def _header_line(header: dict[str, Any]) -> str:
     return (
         f"{header['data']}, split {header['split']}: {plural(header['windows'], 'window')} x "
         f"{plural(header['seq_len'], 'token')} = {plural(header['tokens'], 'token')}, "
-        f"{plural(header['bytes'], 'byte')} ({header['device']}, {header['dtype']})"
+        f"{plural(header['bytes'], 'byte')} ({header['device']}, {header['dtype']}"
+        f"{', int8 weights' if header['quantize'] == 'int8' else ''})"
     )
 
 

@@ -33,7 +33,7 @@ FLAG_FOR_FIELD = {
     "max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k",
     "top_p": "--top-p", "seed": "--seed", "num_samples": "--num-samples", "stop": "--stop",
     "ignore_eos": "--ignore-eos", "device": "--device", "dtype": "--dtype", "compile": "--compile",
-    "sync_every": "--sync-every",
+    "sync_every": "--sync-every", "quantize": "--quantize",
 }
 
 
@@ -86,6 +86,7 @@ def generate(
     device: Annotated[str | None, typer.Option("--device", help=_h("device"), show_default=False)] = None,
     dtype: Annotated[str | None, typer.Option("--dtype", help=_h("dtype") + " auto = bf16 on CUDA, else fp32.", show_default=False)] = None,
     compile_: Annotated[bool, typer.Option("--compile", help=_h("compile") + " Pays off for long outputs; costs seconds to start.")] = False,
+    quantize: Annotated[str | None, typer.Option("--quantize", help=_h("quantize"), show_default=False)] = None,
     sync_every: Annotated[int | None, typer.Option("--sync-every", help=_h("sync_every") + " 1 streams every token as it comes.", show_default=False)] = None,
     output_format: Annotated[
         OutputFormat, typer.Option("--format", help="text: the prompt and the completion, streamed; jsonl: one JSON object per sample.")
@@ -99,7 +100,7 @@ def generate(
         "max_new_tokens": max_new_tokens, "temperature": temperature,
         "top_k": top_k, "top_p": top_p, "seed": seed, "num_samples": num_samples, "stop": stop or None,
         "ignore_eos": True if ignore_eos else None, "device": device, "dtype": dtype,
-        "compile": True if compile_ else None, "sync_every": sync_every,
+        "compile": True if compile_ else None, "sync_every": sync_every, "quantize": quantize,
     }
     # --top-k 0 (no limit) is a value like any other: the spec stores it as None.
     spec = build_spec(GenerateSpec, config_file=config, flags=flags, sets=set_ or (), flag_names=FLAG_FOR_FIELD,
@@ -141,14 +142,24 @@ def run(ckpt: str, prompt: str, spec: GenerateSpec, *, output_format: str = "tex
         verbose: bool = False) -> None:
     from gpt2cli.generate import Generator
 
-    generator, source = Generator.from_source(ckpt, device=spec.device, dtype=spec.dtype, compile=spec.compile)
+    generator, source = Generator.from_source(ckpt, device=spec.device, dtype=spec.dtype, compile=spec.compile,
+                                              quantize=spec.quantize)
     generator.check_call(prompt, spec)  # refuse a prompt or a batch that cannot fit before printing anything
+    if spec.quantize == "int8" and not spec.compile:
+        from rich.text import Text
+
+        # Eagerly every int8 weight is turned into a float copy at each use: a memory saving only.
+        err.print(Text("warning: --quantize int8 without --compile saves memory but decodes slower than float "
+                       "weights; add --compile for speed", style="yellow"), soft_wrap=True)
     if verbose:
         m = generator.spec
-        n_params = sum(p.numel() for p in generator.model.parameters())
+        from gpt2cli.quantize import weight_bytes
+
         sys.stderr.write(
-            f"model: {source}: {n_params:,} parameters, {m.n_layer} layers, attn={m.attn} "
-            f"({plural(m.kv_heads, 'kv head')} of {m.n_head}), pos={m.pos}, context {m.block_size:,}\n"
+            f"model: {source}: {generator.num_params:,} parameters, {m.n_layer} layers, attn={m.attn} "
+            f"({plural(m.kv_heads, 'kv head')} of {m.n_head}), pos={m.pos}, context {m.block_size:,}; "
+            f"weights {weight_bytes(generator.model) / 2**20:,.1f} MiB"
+            f"{' (linear layers int8)' if generator.quantize == 'int8' else ''}\n"
         )
 
     text_mode = output_format == "text"
@@ -205,7 +216,7 @@ def run(ckpt: str, prompt: str, spec: GenerateSpec, *, output_format: str = "tex
         f"(prefill {plural(len(result.prompt_tokens), 'token')} {result.prefill_s * 1e3:.0f} ms"
         # one new token per sample comes from the prefill alone: no decode step to rate
         f"{f', decode {result.decode_tokens_per_s:,.1f} tokens/s' if result.decode_steps else ''}"
-        f"; {result.device}, {result.dtype}"
+        f"; {result.device}, {result.dtype}{', int8 weights' if result.quantize == 'int8' else ''}"
         f"{_compiled_note(result)}; finished: {reasons})\n"
     )
     if verbose:

@@ -1,0 +1,101 @@
+"""Int8 weight-only quantization; applied to a finished model from outside, for sampling and scoring.
+
+Every ``nn.Linear`` of the model (the attention and MLP projections and the output layer) is
+replaced by an :class:`Int8Linear`: its weight stored as int8 with one scale per output row
+(symmetric, per channel: ``scale = max|w_row| / 127``, ``w ~ int8 * scale``), activations left in
+the compute dtype. The weights then take a quarter of their fp32 bytes (half of bf16), which is
+what a decode step at batch 1 spends its time reading. The scheme is gpt-fast's ``int8``
+(``WeightOnlyInt8QuantHandler``); a weight's error is at most half a step of its row's scale.
+
+The output layer is tied to the token embedding: it gets an int8 copy, and the embedding (read one
+row per token) stays in the compute dtype.
+
+Speed comes from ``torch.compile``: compiled, the int8 -> float conversion is fused into the
+matrix product, so each weight is read as one byte. Run eagerly, the conversion writes a whole
+float copy of the weight at every call, so an eager quantized model only saves memory. On the CPU
+one row (a batch-1 decode step) is computed as a fused multiply-and-sum, which inductor turns into
+a single pass over the int8 weight; more rows go through ``F.linear`` like on the GPU
+(docs/benchmarks.md, "Int8 weight-only decoding").
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+QUANTIZE_CHOICES = ("none", "int8")
+# Rows up to which a compiled CPU product takes the fused multiply-and-sum (see forward).
+CPU_FUSED_MAX_ROWS = 1
+
+
+class Int8Linear(nn.Module):
+    """``y = x @ (int8 weight * row scales).T + bias``. Buffers: ``weight_int8`` (out, in) int8,
+    ``scales`` (out,) in the compute dtype, ``bias`` (out,) or None."""
+
+    def __init__(self, weight_int8: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight_int8.shape
+        self.register_buffer("weight_int8", weight_int8)
+        self.register_buffer("scales", scales)
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        weight_int8, scales = quantize_per_row(linear.weight.detach())
+        bias = linear.bias.detach().clone() if linear.bias is not None else None
+        return cls(weight_int8, scales.to(linear.weight.dtype), bias)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight the int8 values stand for, (out, in) in the scales' dtype: what a caller
+        that needs the matrix itself (the chunked loss of the output layer) multiplies by."""
+        return self.weight_int8.to(self.scales.dtype) * self.scales.unsqueeze(-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if x.device.type == "cpu" and rows <= CPU_FUSED_MAX_ROWS and torch.compiler.is_compiling():
+            # One row: inductor fuses this into one reduction over the int8 weight; through
+            # F.linear it would first write the float weight out (tens of times slower).
+            y = (x.unsqueeze(-2) * self.weight_int8.to(x.dtype)).sum(-1)
+        else:
+            y = F.linear(x, self.weight_int8.to(x.dtype))
+        y = y * self.scales.to(y.dtype)
+        return y + self.bias.to(y.dtype) if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def quantize_per_row(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: returns (int8 values, fp32 scales) with weight ~ values * scales[:, None].
+    Computed in fp32 whatever the weight's dtype; an all-zero row gets scale 1 (values 0)."""
+    w = weight.float()
+    max_abs = w.abs().amax(dim=1)
+    scales = torch.where(max_abs > 0, max_abs / 127.0, torch.ones_like(max_abs))
+    values = torch.round(w / scales.unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
+    return values, scales
+
+
+def quantize_int8(model: nn.Module) -> int:
+    """Replace every ``nn.Linear`` of ``model`` (in place) by an :class:`Int8Linear` built from its
+    current weight; returns how many were replaced. Quantize before casting the model to bf16:
+    the scales are computed from the values at hand, and fp32 ones round less."""
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, Int8Linear.from_linear(child))
+                replaced += 1
+    return replaced
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers (the tied embedding once), as held now."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += tensor.numel() * tensor.element_size()
+    return total
