@@ -95,6 +95,9 @@ def stages(out: Path, dry: bool) -> list[Stage]:
                         *(["-n", "4"] if not dry else [])], 90, 240, tests_env),
         Stage("generate_b8", [PY, str(HERE / "generate_speed.py"), *gen, "--batch", "8",
                               "--figure", str(out / "generate_b8.png")], 80, 260),
+        # int8 weight-only decoding (gpt2 generate --quantize int8) next to bf16, compiled and eager:
+        # not measured on a GPU yet (docs/benchmarks.md, "Int8 weight-only decoding").
+        Stage("generate_b1_int8", [PY, str(HERE / "generate_speed.py"), *gen, "--quantize", "int8"], 120, 300),
         # Eager (no compile) GPT-2 step: the plain loss against the chunked one (gpt2 train's eager default).
         Stage("train_eager_loss", [PY, str(bench), *[t for t in train if t != "--compile"], "--batch", b16,
                                    "--loss-chunk", "0"], 40, 90),

@@ -10,11 +10,12 @@ what a decode step at batch 1 spends its time reading. The scheme is gpt-fast's 
 The output layer is tied to the token embedding: it gets an int8 copy, and the embedding (read one
 row per token) stays in the compute dtype.
 
-Speed comes from ``torch.compile``: compiled, the int8 -> float conversion is fused into the
-matrix product, so each weight is read as one byte. Run eagerly, the conversion writes a whole
-float copy of the weight at every call, so an eager quantized model only saves memory. On the CPU
-one row (a batch-1 decode step) is computed as a fused multiply-and-sum, which inductor turns into
-a single pass over the int8 weight; more rows go through ``F.linear`` like on the GPU
+Speed comes from ``torch.compile``. On the CPU one row (a batch-1 decode step) is then computed
+as a fused multiply-and-sum, which inductor turns into a single pass over the int8 weight, a byte
+per value. Other products convert the int8 weight to float and multiply (``F.linear``); eager CPU
+decode steps (up to 8 rows) do it a cache-sized block of output rows at a time. Those read the
+int8 bytes too, but the conversion costs more than the saved reads gain (0.7x fp32 at batch 1,
+0.3x compiled at batch 8 on the CPU measured), so there int8 only saves memory
 (docs/benchmarks.md, "Int8 weight-only decoding").
 """
 
@@ -25,8 +26,14 @@ import torch.nn.functional as F
 from torch import nn
 
 QUANTIZE_CHOICES = ("none", "int8")
-# Rows up to which a compiled CPU product takes the fused multiply-and-sum (see forward).
+# Rows up to which a compiled CPU product takes the fused multiply-and-sum (see forward). At 8 rows
+# it ran at half the speed of F.linear with a dequantized weight (docs/benchmarks.md).
 CPU_FUSED_MAX_ROWS = 1
+# Eager CPU products of up to this many rows (decode steps) dequantize the weight this many output
+# rows at a time into one small float block (256 x 3,072 fp32 = 3 MiB, which stays in cache) instead
+# of writing a float copy of the whole weight to memory and reading it back.
+CPU_BLOCKED_MAX_ROWS = 8
+DEQUANTIZE_BLOCK = 256
 
 
 class Int8Linear(nn.Module):
@@ -54,14 +61,29 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if x.device.type == "cpu" and rows <= CPU_FUSED_MAX_ROWS and torch.compiler.is_compiling():
+        on_cpu = x.device.type == "cpu"
+        if on_cpu and rows <= CPU_FUSED_MAX_ROWS and torch.compiler.is_compiling():
             # One row: inductor fuses this into one reduction over the int8 weight; through
             # F.linear it would first write the float weight out (tens of times slower).
             y = (x.unsqueeze(-2) * self.weight_int8.to(x.dtype)).sum(-1)
+        elif on_cpu and rows <= CPU_BLOCKED_MAX_ROWS and not torch.compiler.is_compiling():
+            y = self._blockwise_product(x)
         else:
             y = F.linear(x, self.weight_int8.to(x.dtype))
         y = y * self.scales.to(y.dtype)
         return y + self.bias.to(y.dtype) if self.bias is not None else y
+
+    def _blockwise_product(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ int8 weight.T without the scales, DEQUANTIZE_BLOCK output rows at a time."""
+        x2 = x.reshape(-1, self.in_features)
+        out_t = torch.empty(self.out_features, x2.shape[0], dtype=x.dtype, device=x.device)
+        block = torch.empty(min(DEQUANTIZE_BLOCK, self.out_features), self.in_features, dtype=x.dtype,
+                            device=x.device)
+        for start in range(0, self.out_features, DEQUANTIZE_BLOCK):
+            w = block[: min(DEQUANTIZE_BLOCK, self.out_features - start)]
+            w.copy_(self.weight_int8[start : start + w.shape[0]])
+            torch.mm(w, x2.t(), out=out_t[start : start + w.shape[0]])
+        return out_t.t().reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

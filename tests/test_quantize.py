@@ -43,6 +43,22 @@ def test_int8_linear_multiplies_by_the_weight_its_values_stand_for(bias):
     assert q.weight_int8.dtype == torch.int8 and q.scales.dtype == torch.float32
 
 
+@pytest.mark.parametrize("rows", [1, 3, 8, 9])
+def test_eager_blockwise_decode_product_equals_the_whole_weight_product(rows, monkeypatch):
+    """Up to 8 rows on the CPU take the block-by-block dequantization (a block size that does not
+    divide the output rows, here); more rows F.linear with the whole weight: the same numbers."""
+    import gpt2cli.quantize as quantize
+
+    monkeypatch.setattr(quantize, "DEQUANTIZE_BLOCK", 7)
+    torch.manual_seed(0)
+    q = Int8Linear.from_linear(nn.Linear(32, 50))
+    x = torch.randn(rows, 1, 32)
+    calls = []
+    monkeypatch.setattr(q, "_blockwise_product", lambda x, f=q._blockwise_product: calls.append(1) or f(x))
+    torch.testing.assert_close(q(x), F.linear(x, q.weight, q.bias), rtol=1e-5, atol=1e-6)
+    assert bool(calls) == (rows <= 8)
+
+
 def test_a_compiled_single_row_equals_the_eager_product():
     """One row on the CPU takes the fused multiply-and-sum under torch.compile; same numbers as F.linear."""
     torch.manual_seed(0)
@@ -96,6 +112,16 @@ def test_cli_generate_quantized_says_so_and_a_bad_value_is_one_line(ckpt, capsys
     assert "warning: --quantize int8 without --compile" in err
     code, _, err = cli(capsys, "generate", ckpt, "Hello", "--quantize", "int4")
     assert "--quantize" in one_error_line(code, err)
+
+
+def test_cli_warns_where_int8_decodes_slower_than_float_weights():
+    from gpt2cli.cli.generate import _slow_int8_reason
+
+    assert _slow_int8_reason(GenerateSpec(quantize="none"), "cpu") is None
+    assert "add --compile" in _slow_int8_reason(GenerateSpec(quantize="int8"), "cuda")
+    assert _slow_int8_reason(GenerateSpec(quantize="int8", compile=True), "cpu") is None
+    assert "several samples" in _slow_int8_reason(GenerateSpec(quantize="int8", compile=True, num_samples=2), "cpu")
+    assert _slow_int8_reason(GenerateSpec(quantize="int8", compile=True, num_samples=2), "cuda") is None
 
 
 def test_cli_eval_reports_what_int8_costs_in_loss(checkpoints, data_dir, capsys):  # noqa: F811 (fixtures)

@@ -145,12 +145,11 @@ def run(ckpt: str, prompt: str, spec: GenerateSpec, *, output_format: str = "tex
     generator, source = Generator.from_source(ckpt, device=spec.device, dtype=spec.dtype, compile=spec.compile,
                                               quantize=spec.quantize)
     generator.check_call(prompt, spec)  # refuse a prompt or a batch that cannot fit before printing anything
-    if spec.quantize == "int8" and not spec.compile:
+    slow_int8 = _slow_int8_reason(spec, generator.device.type)
+    if slow_int8:
         from rich.text import Text
 
-        # Eagerly every int8 weight is turned into a float copy at each use: a memory saving only.
-        err.print(Text("warning: --quantize int8 without --compile saves memory but decodes slower than float "
-                       "weights; add --compile for speed", style="yellow"), soft_wrap=True)
+        err.print(Text(f"warning: --quantize int8 {slow_int8}", style="yellow"), soft_wrap=True)
     if verbose:
         m = generator.spec
         from gpt2cli.quantize import weight_bytes
@@ -226,6 +225,20 @@ def run(ckpt: str, prompt: str, spec: GenerateSpec, *, output_format: str = "tex
             f"x {plural(m.kv_heads, 'kv head')} x {m.head_dim} dims x {result.cache_bytes_per_token // (2 * m.n_layer * m.kv_heads * m.head_dim)} "
             f"bytes), {result.cache_bytes:,} bytes preallocated; window slides: {result.window_slides}\n"
         )
+
+
+def _slow_int8_reason(spec: GenerateSpec, device_type: str) -> str | None:
+    """Why int8 weights will decode slower than float ones here, or None. They are faster only
+    where the step is compiled and, on a CPU, one sample long (docs/benchmarks.md, "Int8
+    weight-only decoding"); elsewhere each int8 weight is converted to float at every use."""
+    if spec.quantize != "int8":
+        return None
+    if not spec.compile:
+        return "without --compile saves memory but decodes slower than float weights; add --compile for speed"
+    if device_type == "cpu" and spec.num_samples > 1:
+        return ("decodes several samples slower than float weights on a CPU (its fast path is one sample): "
+                "it saves memory only")
+    return None
 
 
 def _generate_with_progress(generator, prompt: str, spec: GenerateSpec):
