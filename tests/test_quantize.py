@@ -64,9 +64,8 @@ def test_a_compiled_single_row_equals_the_eager_product():
     torch.manual_seed(0)
     q = Int8Linear.from_linear(nn.Linear(64, 96))
     compiled = torch.compile(q, fullgraph=True, dynamic=False)
-    for shape in [(1, 1, 64), (2, 1, 64)]:  # one row, then two rows (F.linear inside the graph)
-        x = torch.randn(*shape)
-        torch.testing.assert_close(compiled(x), q(x), rtol=1e-5, atol=1e-5)
+    x = torch.randn(1, 1, 64)
+    torch.testing.assert_close(compiled(x), q(x), rtol=1e-5, atol=1e-5)
 
 
 def test_quantizing_a_model_replaces_every_linear_and_keeps_its_outputs_close():
