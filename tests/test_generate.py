@@ -538,3 +538,21 @@ def test_weights_holding_nan_or_inf_are_refused_before_sampling(tmp_path, capsys
         line = one_error_line(code, err)
         assert line.startswith("Error: the weights of ") and repr(str(path)) in line and "hold NaN or inf (1 of " in line
         assert "transformer.h.0.attn.c_proj.weight" in line and out == ""
+
+
+def test_loading_a_model_imports_neither_dynamo_nor_dtensor():
+    """Start-up time of generate, eval and export: building a model on the meta device (as every
+    load does) and resolving the device import neither torch._dynamo (1.5 s, through a meta-device
+    normal_ or power) nor DTensor (0.8 s, through torch.distributed.checkpoint)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom gpt2cli.loading import build_model\nfrom gpt2cli.model import GPT\n"
+            "from gpt2cli.parallel.base import resolve_device\nfrom gpt2cli.specs import ModelSpec\n"
+            "for pos in ('learned', 'rope'):\n"
+            "    spec = ModelSpec(preset='tiny', pos=pos)\n"
+            "    build_model(spec, GPT(spec).state_dict(), 'x', device=resolve_device('cpu'))\n"
+            "print([m for m in ('torch._dynamo', 'torch.distributed.tensor') if m in sys.modules])\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]", proc.stdout

@@ -67,9 +67,15 @@ class GPT(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.spec = spec
-        layers: dict[str, nn.Module] = {"wte": nn.Embedding(spec.vocab_size, spec.n_embd)}
+        # The embeddings get an uninitialised weight (init_weights fills it) instead of their own
+        # normal_ init: on the meta device (loading, FSDP) that normal_ is a Python decomposition
+        # whose first call imports torch._dynamo, 1.5 s of every `gpt2 generate` and `gpt2 eval`.
+        layers: dict[str, nn.Module] = {
+            "wte": nn.Embedding(spec.vocab_size, spec.n_embd, _weight=torch.empty(spec.vocab_size, spec.n_embd))
+        }
         if spec.pos == "learned":
-            layers["wpe"] = nn.Embedding(spec.block_size, spec.n_embd)
+            layers["wpe"] = nn.Embedding(spec.block_size, spec.n_embd,
+                                         _weight=torch.empty(spec.block_size, spec.n_embd))
         layers["drop"] = nn.Dropout(spec.dropout)
         layers["h"] = nn.ModuleList([Block(spec) for _ in range(spec.n_layer)])
         layers["ln_f"] = nn.LayerNorm(spec.n_embd, eps=spec.layer_norm_eps, bias=spec.bias)

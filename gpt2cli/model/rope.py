@@ -40,7 +40,10 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"RoPE needs an even head size, got {head_dim}")
         self.head_dim = head_dim
         self.base = base
-        inv_freq = rope_inv_freq(head_dim, base)
+        # Computed on the CPU and moved to the device being built on: on the meta device (loading,
+        # FSDP) the power is a Python decomposition whose first call imports torch._dynamo (1.5 s of
+        # every command that loads a model). reset_parameters recomputes it where the model lands.
+        inv_freq = rope_inv_freq(head_dim, base, device="cpu").to(torch.empty(0).device)
         if learnable:
             self.inv_freq = nn.Parameter(inv_freq)
         else:

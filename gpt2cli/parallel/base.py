@@ -15,18 +15,12 @@ import os
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 
 from gpt2cli.errors import UserError
 from gpt2cli.specs import DEVICE_HELP, DEVICE_RE
 
-FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+# torch.distributed.checkpoint.state_dict is imported where a state is taken or loaded, not here:
+# it pulls in DTensor (0.8 s), which generate, eval and export would pay through resolve_device.
 
 
 def resolve_device(name: str | torch.device, local_rank: int = 0) -> torch.device:
@@ -152,17 +146,32 @@ class Strategy:
         """The full state dict on CPU, keys without wrapper prefixes (collective under FSDP).
         Names of one tied parameter (lm_head.weight is transformer.wte.weight) hold one tensor,
         so a checkpoint stores it once under every strategy (see :func:`retie`)."""
-        return retie(model, get_model_state_dict(model, options=FULL_STATE))
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return retie(model, get_model_state_dict(model, options=_full_state_options(cpu_offload=True)))
 
     def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
         """The full optimizer state keyed by parameter names (collective under FSDP)."""
-        return get_optimizer_state_dict(model, optimizer, options=FULL_STATE)
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, optimizer, options=_full_state_options(cpu_offload=True))
 
     def load_model_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=True))
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        set_model_state_dict(model, state, options=_full_state_options(strict=True))
 
     def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, state, options=_full_state_options())
+
+
+def _full_state_options(**options: bool):
+    """StateDictOptions for the full (unsharded) state, with ``options`` on top."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **options)
 
 
 # Prefixes that wrappers add to parameter names and get_model_state_dict leaves out: DDP's
