@@ -67,15 +67,9 @@ class GPT(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.spec = spec
-        # The embeddings get an uninitialised weight (init_weights fills it) instead of their own
-        # normal_ init: on the meta device (loading, FSDP) that normal_ is a Python decomposition
-        # whose first call imports torch._dynamo, 1.5 s of every `gpt2 generate` and `gpt2 eval`.
-        layers: dict[str, nn.Module] = {
-            "wte": nn.Embedding(spec.vocab_size, spec.n_embd, _weight=torch.empty(spec.vocab_size, spec.n_embd))
-        }
+        layers: dict[str, nn.Module] = {"wte": _embedding(spec.vocab_size, spec.n_embd)}
         if spec.pos == "learned":
-            layers["wpe"] = nn.Embedding(spec.block_size, spec.n_embd,
-                                         _weight=torch.empty(spec.block_size, spec.n_embd))
+            layers["wpe"] = _embedding(spec.block_size, spec.n_embd)
         layers["drop"] = nn.Dropout(spec.dropout)
         layers["h"] = nn.ModuleList([Block(spec) for _ in range(spec.n_layer)])
         layers["ln_f"] = nn.LayerNorm(spec.n_embd, eps=spec.layer_norm_eps, bias=spec.bias)
@@ -226,6 +220,16 @@ class GPT(nn.Module):
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
+
+
+def _embedding(num: int, dim: int) -> nn.Embedding:
+    """nn.Embedding, built on the meta device (loading, FSDP) without its normal_ init: there that
+    normal_ is a Python decomposition whose first call imports torch._dynamo, 1.5 s of every
+    `gpt2 generate` and `gpt2 eval`. Elsewhere built as before, so that the random stream, and
+    with it every seeded run, stays the same."""
+    if torch.empty(0).is_meta:
+        return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
+    return nn.Embedding(num, dim)
 
 
 def kv_cache_bytes_per_token(spec: ModelSpec, dtype_bytes: int) -> int:
