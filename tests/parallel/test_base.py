@@ -114,7 +114,9 @@ def test_giving_back_freed_memory_returns_the_kept_blocks_to_the_os():
     out = subprocess.run([sys.executable, "-c", GIVE_BACK_PROBE], capture_output=True, text=True,
                          check=True).stdout.split()
     kept, after = (int(v) for v in out)
-    assert kept >= 80  # freed, and still resident in the heap
+    # Freed, and still resident in the heap: the two 40 MiB blocks, less what the heap had free
+    # before (a page or so; whole MiB are read, so 79 was seen once).
+    assert kept >= 75
     assert after < 10  # returned to the OS
 
 
