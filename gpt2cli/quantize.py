@@ -21,11 +21,15 @@ int8 bytes too, but the conversion costs more than the saved reads gain (0.7x fp
 
 from __future__ import annotations
 
+from typing import get_args
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-QUANTIZE_CHOICES = ("none", "int8")
+from gpt2cli.specs import Quantize
+
+QUANTIZE_CHOICES: tuple[str, ...] = get_args(Quantize)
 # Rows up to which a compiled CPU product takes the fused multiply-and-sum (see forward). At 8 rows
 # it ran at half the speed of F.linear with a dequantized weight (docs/benchmarks.md).
 CPU_FUSED_MAX_ROWS = 1
@@ -61,12 +65,12 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        on_cpu = x.device.type == "cpu"
-        if on_cpu and rows <= CPU_FUSED_MAX_ROWS and torch.compiler.is_compiling():
+        on_cpu, compiling = x.device.type == "cpu", torch.compiler.is_compiling()
+        if on_cpu and compiling and rows <= CPU_FUSED_MAX_ROWS:
             # One row: inductor fuses this into one reduction over the int8 weight; through
             # F.linear it would first write the float weight out (tens of times slower).
             y = (x.unsqueeze(-2) * self.weight_int8.to(x.dtype)).sum(-1)
-        elif on_cpu and rows <= CPU_BLOCKED_MAX_ROWS and not torch.compiler.is_compiling():
+        elif on_cpu and not compiling and rows <= CPU_BLOCKED_MAX_ROWS:
             y = self._blockwise_product(x)
         else:
             y = F.linear(x, self.weight_int8.to(x.dtype))

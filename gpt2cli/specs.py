@@ -52,6 +52,8 @@ def _check_device(value: str) -> str:
 
 
 Device = Annotated[str, AfterValidator(_check_device)]
+# Weight-only quantization of the linear layers for sampling and scoring (gpt2cli.quantize).
+Quantize = Literal["none", "int8"]
 
 
 # --------------------------------------------------------------------------------------- model
@@ -508,7 +510,7 @@ class EvaluateSpec(_Spec):
     seq_len: int | None = Field(None, gt=1, description="Window length; default: the model's block_size.")
     device: Device = Field("auto", description=DEVICE_HELP)
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="Compute precision.")
-    quantize: Literal["none", "int8"] = Field(
+    quantize: Quantize = Field(
         "none",
         description="Score the models with int8 weight-only linear layers (as gpt2 generate --quantize "
         "int8 samples from them): what the quantization costs in loss.",
@@ -533,7 +535,7 @@ class GenerateSpec(_Spec):
     device: Device = Field("auto", description=DEVICE_HELP)
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="Compute precision.")
     compile: bool = Field(False, description="torch.compile the decoding step.")
-    quantize: Literal["none", "int8"] = Field(
+    quantize: Quantize = Field(
         "none",
         description="Weight-only quantization of the linear layers: int8 = int8 weights with one scale per "
         "output row (a quarter of the fp32 bytes, half of bf16). Faster only with --compile.",
