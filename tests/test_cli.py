@@ -160,3 +160,20 @@ def test_ctrl_c_while_the_command_is_still_loading_is_aborted_not_a_traceback():
             "from gpt2cli.console import main\nmain()\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert (proc.returncode, proc.stderr, proc.stdout) == (130, "Aborted.\n", "")
+
+
+def test_a_piped_table_keeps_every_cell_on_one_line(capsys):
+    """Into a file or a pipe (not a terminal) a table is as wide as its longest cell: a long
+    checkpoint path stays whole on its row instead of wrapping at 80 columns."""
+    from rich.table import Table
+
+    from gpt2cli.cli.common import print_wide
+
+    long_path = "/runs/" + "deep-folder-" * 12 + "best.pt"
+    table = Table("checkpoint", "loss")
+    table.add_row(long_path, "nan")
+    print_wide(table)
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if long_path in line)
+    assert row.split("│")[2].strip() == "nan"
+    assert all(line == line.rstrip() for line in out.splitlines())

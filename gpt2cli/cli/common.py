@@ -5,6 +5,7 @@ Only the cli package prints for humans; library code returns values or raises Us
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 from typing import Annotated, Any
@@ -12,6 +13,8 @@ from typing import Annotated, Any
 import typer
 from pydantic import BaseModel
 from rich.console import Console
+from rich.measure import Measurement
+from rich.table import Table
 
 from gpt2cli.specs import build_spec
 
@@ -73,3 +76,17 @@ def si(value: float, digits: int = 1) -> str:
         if abs(value) >= scale:
             return f"{value / scale:.{digits}f}{unit}"
     return f"{value:.0f}"
+
+
+def print_wide(table: Table, console: Console | None = None) -> None:
+    """On a terminal, rich fits the table to it; piped, the table is as wide as it needs, so
+    that cells never wrap or get cut in files and docs. ``console``: stdout's (``out``) unless given."""
+    console = console or out
+    if console.is_terminal:
+        console.print(table)
+    else:
+        width = Measurement.get(console, console.options.update_width(10_000), table).maximum
+        buf = io.StringIO()
+        Console(file=buf, width=max(console.width, width), highlight=False, color_system=None).print(table)
+        console.file.write("".join(line.rstrip() + "\n" for line in buf.getvalue().splitlines()))
+        console.file.flush()

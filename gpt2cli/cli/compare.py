@@ -6,7 +6,6 @@ Results go to stdout; messages (plot written, sweep progress) to stderr.
 
 from __future__ import annotations
 
-import io
 import shlex
 import sys
 from enum import Enum
@@ -14,12 +13,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
-from gpt2cli.cli.common import FLAT_PRECEDENCE_HELP, ConfigOpt, err, field_help, flat_set_opt, out
+from gpt2cli.cli.common import (
+    FLAT_PRECEDENCE_HELP,
+    ConfigOpt,
+    err,
+    field_help,
+    flat_set_opt,
+    out,
+    print_wide,
+)
 from gpt2cli.errors import EXIT_INTERRUPTED, NonFiniteLossError, UserError
 from gpt2cli.specs import CompareSpec, build_spec
 
@@ -337,16 +342,3 @@ def _print_grid(sweep: Sweep) -> None:
         table.add_row(point.name, *(point.overrides.get(path, "") for path in paths), str(point.seed),
                       f"{plan.total_steps:,}", f"{plan.total_steps * plan.tokens_per_step:,}")
     print_wide(table)
-
-
-def print_wide(table: Table) -> None:
-    """On a terminal, rich fits the table to it; piped, the table is as wide as it needs, so
-    that cells never wrap or get cut in files and docs."""
-    if out.is_terminal:
-        out.print(table)
-    else:
-        width = Measurement.get(out, out.options.update_width(10_000), table).maximum
-        buf = io.StringIO()
-        Console(file=buf, width=max(out.width, width), highlight=False, color_system=None).print(table)
-        sys.stdout.write("".join(line.rstrip() + "\n" for line in buf.getvalue().splitlines()))
-        sys.stdout.flush()

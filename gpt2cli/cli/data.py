@@ -14,7 +14,7 @@ import typer
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from gpt2cli.cli.common import ConfigOpt, err, field_help, flat_set_opt, out, si
+from gpt2cli.cli.common import ConfigOpt, err, field_help, flat_set_opt, out, print_wide, si
 from gpt2cli.errors import StoppedBySignal
 from gpt2cli.specs import PrepareSpec, build_spec
 
@@ -180,7 +180,7 @@ def _print_summary(path: Path, seconds: float) -> None:
         tokens += info["tokens"]
         text_bytes += info["text_bytes"]
     table.add_row("total", f"{folder.meta['documents']:,}", f"{tokens:,}", f"{text_bytes:,}", "meta.json", style="bold")
-    out.print(table)
+    print_wide(table)
     out.print(
         f"{tokens:,} tokens in {seconds:.2f} s ({si(tokens / max(seconds, 1e-9), 2)} tokens/s), "
         f"fingerprint {folder.fingerprint[:16]}"

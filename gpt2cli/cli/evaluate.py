@@ -29,6 +29,7 @@ from gpt2cli.cli.common import (
     out,
     plural,
     print_json,
+    print_wide,
 )
 from gpt2cli.errors import NonFiniteLossError
 from gpt2cli.specs import EvaluateSpec, build_spec
@@ -194,9 +195,4 @@ def _print_table(report: dict[str, Any]) -> None:
             f"{r['bits_per_byte']:.4f}", f"{r['tokens']:,}", f"{r['tokens_per_s']:,.0f}",
             style="red" if r["error"] else None,
         )
-    console = out
-    if not out.is_terminal:  # piped or redirected: whole paths on one line each, however wide
-        from rich.console import Console
-
-        console = Console(highlight=False, width=max(out.width, table.__rich_measure__(out, out.options).maximum))
-    console.print(table)
+    print_wide(table, out)  # piped or redirected: whole paths on one line each, however wide

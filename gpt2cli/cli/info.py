@@ -8,7 +8,16 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from gpt2cli.cli.common import ConfigOpt, SetOpt, field_help, make_spec, out, plural, print_json
+from gpt2cli.cli.common import (
+    ConfigOpt,
+    SetOpt,
+    field_help,
+    make_spec,
+    out,
+    plural,
+    print_json,
+    print_wide,
+)
 from gpt2cli.errors import UserError
 from gpt2cli.specs import ModelSpec, TrainSpec
 
@@ -173,7 +182,7 @@ def _print_tables(model: ModelSpec, stats: dict[str, Any]) -> None:
             *(_bytes(memory[s][part]) for s in ("single", "ddp", "fsdp")),
             style="bold" if part == "total" else None,
         )
-    out.print(table)
+    print_wide(table)
 
 
 def _count(n: float) -> str:

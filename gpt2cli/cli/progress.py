@@ -17,7 +17,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from gpt2cli.cli.common import err, out, si
+from gpt2cli.cli.common import err, out, print_wide, si
 
 
 class TrainProgress:
@@ -101,7 +101,7 @@ class TrainProgress:
         table.add_row("checkpoint", str(result.checkpoint))
         if result.best is not None:
             table.add_row("best model", str(result.best))
-        out.print(table)
+        print_wide(table)
         run_dir = shlex.quote(str(result.run_dir))  # copy-pastable with spaces in the path
         if result.status == "completed":
             out.print(f'next: gpt2 generate {run_dir} "ROMEO:"   |   gpt2 eval {run_dir}', soft_wrap=True)
