@@ -25,6 +25,7 @@ import codecs
 import glob
 import gzip
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -269,7 +270,9 @@ def _json_lines(lines: Iterable[bytes], spec: PrepareSpec, label: str) -> Iterat
 
 
 class JsonFile(Source):
-    """A .json file: a list of records (or strings), a single record, or JSON lines."""
+    """A .json file: a list of records (or strings), a single record, or several top-level values
+    (JSON lines). Read a chunk at a time, like a text file: the records of a top-level list come
+    one by one (:class:`_JsonStream`), so memory holds one chunk and one record, not the file."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -277,21 +280,113 @@ class JsonFile(Source):
 
     def documents(self, spec: PrepareSpec) -> Iterator[str]:
         with _open_binary(self.path) as fh:
-            data = fh.read()
-        text = _decode(data, spec.errors, self.label)
-        try:
-            content = json.loads(text)
-        except json.JSONDecodeError as exc:
-            if exc.msg == "Extra data":  # several top-level values: it is JSON lines after all
-                yield from _json_lines(data.splitlines(), spec, self.label)
+            stream = _JsonStream(_decode_chunks(fh, spec.errors, self.label), self.label)
+            if stream.peek() is None:
+                raise stream.invalid("Expecting value", stream.pos)
+            if stream.peek() == "[":
+                yield from self._list_records(stream, spec)
+                if stream.peek() is not None:  # e.g. "[...]\n[...]": lines of lists, not records
+                    raise stream.invalid("Extra data", stream.pos)
                 return
-            raise UserError(f"{self.label} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-        records = content if isinstance(content, list) else [content]
-        for index, record in enumerate(records):
-            yield _text_of(record, spec.text_column, f"{self.label} record {index}")
+            count = 0
+            while stream.peek() is not None:  # one record, or JSON lines in a .json file
+                line = stream.line_at(stream.pos)
+                record = stream.value()
+                yield _text_of(record, spec.text_column, f"{self.label} line {line}" if count else
+                               f"{self.label} record 0")
+                count += 1
+
+    def _list_records(self, stream: _JsonStream, spec: PrepareSpec) -> Iterator[str]:
+        stream.pos += 1  # the "["
+        if stream.peek() == "]":
+            stream.pos += 1
+            return
+        for index in itertools.count():
+            yield _text_of(stream.value(), spec.text_column, f"{self.label} record {index}")
+            after = stream.peek()
+            stream.pos += 1
+            if after == "]":
+                return
+            if after != ",":
+                raise stream.invalid("Expecting ',' delimiter", stream.pos - 1)
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "json", "path": self.label}
+
+
+_JSON_DECODER = json.JSONDecoder()
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+class _JsonStream:
+    """JSON values, one at a time, from a text that arrives in chunks.
+
+    ``buffer[pos:]`` is the unread text. :meth:`value` decodes the value at ``pos`` with
+    ``json.JSONDecoder.raw_decode`` (the standard library's parser); when the buffer ends inside
+    that value, it reads more text, at least as much again as the value's part so far (so a huge
+    value is parsed a bounded number of times), and tries again. Text already read is dropped
+    from the buffer as it is passed, so memory holds one chunk and the current value."""
+
+    def __init__(self, chunks: Iterator[str], label: str) -> None:
+        self._chunks = chunks
+        self.label = label
+        self.buffer = ""
+        self.pos = 0
+        self.eof = False
+        self._lines_dropped = 0  # newlines in the text dropped from the front of the buffer
+
+    def _read(self, at_least: int) -> None:
+        """Append at least ``at_least`` characters (fewer at the end of the text)."""
+        if self.pos > len(self.buffer) // 2:  # drop what was passed before growing the buffer
+            self._lines_dropped += self.buffer.count("\n", 0, self.pos)
+            self.buffer, self.pos = self.buffer[self.pos:], 0
+        parts, got = [self.buffer], 0
+        while got < at_least:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                self.eof = True
+                break
+            parts.append(chunk)
+            got += len(chunk)
+        self.buffer = "".join(parts)
+
+    def peek(self) -> str | None:
+        """The next character that is not whitespace (``pos`` moves to it); None at the end."""
+        while True:
+            self.pos = _JSON_SPACE.match(self.buffer, self.pos).end()
+            if self.pos < len(self.buffer):
+                return self.buffer[self.pos]
+            if self.eof:
+                return None
+            self._read(1)
+
+    def value(self) -> Any:
+        if self.peek() is None:  # raw_decode takes no whitespace before the value
+            raise self.invalid("Expecting value", self.pos)
+        while True:
+            try:
+                value, end = _JSON_DECODER.raw_decode(self.buffer, self.pos)
+            except json.JSONDecodeError as exc:
+                if self.eof or not self._may_go_on(exc):
+                    raise self.invalid(exc.msg, exc.pos) from None
+            else:
+                # A number (or a literal) that ends with the buffer may go on in the next chunk.
+                if end < len(self.buffer) or self.eof:
+                    self.pos = end
+                    return value
+            self._read(max(READ_BYTES, len(self.buffer) - self.pos))
+
+    def _may_go_on(self, exc: json.JSONDecodeError) -> bool:
+        """Whether more text could make this error go away: a string still open, or an error
+        within the last few characters (a number, literal or escape cut by the buffer's end)."""
+        return exc.msg.startswith("Unterminated string") or exc.pos >= len(self.buffer) - 8
+
+    def line_at(self, pos: int) -> int:
+        return self._lines_dropped + self.buffer.count("\n", 0, pos) + 1
+
+    def invalid(self, message: str, pos: int) -> UserError:
+        # json's own messages may end in " at" ("Invalid control character at")
+        return UserError(f"{self.label} is not valid JSON ({message.removesuffix(' at')} at line {self.line_at(pos)})")
 
 
 class ParquetFile(Source):

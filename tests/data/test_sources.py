@@ -274,3 +274,91 @@ def test_summary_reports_skipped_documents(tmp_path):
     (tmp_path / "y.jsonl").write_text('{"text": "hello"}\n{"text": "world"}\n')
     proc = run_gpt2("data", "y.jsonl", "--out", "e", cwd=tmp_path, env=env, check=True)
     assert "skipped" not in proc.stdout
+
+
+# --------------------------------------------------------------------------- .json, streamed
+
+JSON_RECORDS = [
+    {"id": 1, "text": "plain"},
+    {"text": "caf\u00e9 \U0001F600 \u4e2d\u6587", "meta": {"nested": [1, 2.5e-3, -7, True, None]}},
+    {"text": "brackets ] [ } { and , commas \"quoted\" \\ backslash\nnewline\ttab"},
+    {"text": None},
+    "a bare string record",
+    {"text": "x" * 300, "n": 12345678901234567890},
+]
+
+
+def json_texts(path: Path, monkeypatch, read_bytes: int) -> list[str]:
+    """The documents of a .json file read ``read_bytes`` bytes at a time."""
+    monkeypatch.setattr(prep, "READ_BYTES", read_bytes)
+    return list(prep.JsonFile(path).documents(PrepareSpec(sources=[str(path)])))
+
+
+def expected_texts(values: list) -> list[str]:
+    return [v if isinstance(v, str) else (v["text"] or "") for v in values]
+
+
+@pytest.mark.parametrize("read_bytes", [1, 3, 7, 64, 1 << 22])
+@pytest.mark.parametrize("layout", ["compact", "indented", "lines", "one record"])
+def test_a_json_file_read_in_chunks_gives_the_records_of_the_whole_file(tmp_path, monkeypatch, read_bytes, layout):
+    """Chunk boundaries anywhere (inside strings, escapes, numbers, multi-byte characters) change
+    nothing: the records are json.loads' records of the whole file."""
+    path = tmp_path / "c.json"
+    if layout == "compact":
+        text, values = json.dumps(JSON_RECORDS, ensure_ascii=False, separators=(",", ":")), JSON_RECORDS
+    elif layout == "indented":
+        text, values = "\ufeff \n" + json.dumps(JSON_RECORDS, indent=2) + "\n\n", JSON_RECORDS
+    elif layout == "lines":  # several top-level values: JSON lines in a .json file
+        text, values = "\n".join(json.dumps(r, ensure_ascii=False) for r in JSON_RECORDS) + "\n", JSON_RECORDS
+    else:
+        text, values = json.dumps(JSON_RECORDS[1]), [JSON_RECORDS[1]]
+    path.write_text(text, encoding="utf-8")
+    assert json_texts(path, monkeypatch, read_bytes) == expected_texts(values)
+
+
+def test_a_large_json_list_is_read_one_record_at_a_time(tmp_path, monkeypatch):
+    """Memory holds a chunk and the record being read, not the file: the buffer stays a few
+    chunks long while the file is a thousand times longer. A record longer than a chunk is read
+    whole, and parsed a few times, not once per chunk."""
+    records = [{"text": f"document {i} " + "word " * 10} for i in range(6000)]
+    records.insert(3000, {"text": "long " * 20_000})
+    path = tmp_path / "big.json"
+    path.write_text(json.dumps(records))
+    largest, long_parses = [0], [0]
+    real_read, real_decode = prep._JsonStream._read, prep._JSON_DECODER.raw_decode
+
+    def read(self, at_least):
+        real_read(self, at_least)
+        largest[0] = max(largest[0], len(self.buffer))
+
+    def decode(text, pos):
+        long_parses[0] += text.startswith('{"text": "long', pos)
+        return real_decode(text, pos)
+
+    monkeypatch.setattr(prep._JsonStream, "_read", read)
+    monkeypatch.setattr(prep._JSON_DECODER, "raw_decode", decode)
+    texts = json_texts(path, monkeypatch, 256)
+    assert texts == [r["text"] for r in records]
+    assert path.stat().st_size > 500_000 and largest[0] < 250_000  # the long record is 100,012 characters
+    assert long_parses[0] <= 12  # the buffer doubles: not 100,012 / 256 = 390 tries
+
+
+@pytest.mark.parametrize("content,expected", [
+    ('[{"text": "a"},\n {"text": "b"}\n {"text": "c"}]', "x.json is not valid JSON (Expecting ',' delimiter at line 3)"),
+    ('[{"text": "a"},\n {"text": "b",}]', "x.json is not valid JSON (Expecting property name enclosed in double quotes at line 2)"),
+    ('[{"text": "a"},\n {"text": "unterminated}]', "x.json is not valid JSON (Unterminated string starting at line 2)"),
+    ('[{"text": "a"},\n {"text": "new\nline"}]', "x.json is not valid JSON (Invalid control character at line 2)"),
+    ('[{"text": "a"}', "x.json is not valid JSON (Expecting ',' delimiter at line 1)"),
+    ('[{"text": "a"}]\n[{"text": "b"}]', "x.json is not valid JSON (Extra data at line 2)"),
+    ("", "x.json is not valid JSON (Expecting value at line 1)"),
+    ('[{"text": "a"}, 7]', "x.json record 1 is a JSON number, not an object with a text field"),
+    ('{"text": "a"}\n{"body": "b"}', "x.json line 2 has no column 'text' (columns: body)"),
+    ('{"body": "b"}', "x.json record 0 has no column 'text' (columns: body)"),
+])
+def test_a_bad_json_file_is_one_error_that_names_the_line(tmp_path, monkeypatch, content, expected):
+    path = tmp_path / "x.json"
+    path.write_text(content)
+    for read_bytes in (2, 1 << 22):
+        with pytest.raises(UserError) as info:
+            json_texts(path, monkeypatch, read_bytes)
+        assert expected in info.value.render()
