@@ -92,7 +92,8 @@ def stages(out: Path, dry: bool) -> list[Stage]:
         Stage("train_profile_b16", [PY, str(bench), *train, "--batch", b16, "--vocab", "50304", "--steps", "5",
                                     "--profile", "3"], 80, 150),
         Stage("tests", [PY, "-m", "pytest", "-q", "-m", "gpu", "tests/test_gpu.py", "-p", "no:cacheprovider",
-                        *(["-n", "4"] if not dry else [])], 90, 240, tests_env),
+                        # one file: spread its tests over the workers (pyproject's default is a file each)
+                        *(["-n", "4", "--dist", "load"] if not dry else [])], 90, 240, tests_env),
         Stage("generate_b8", [PY, str(HERE / "generate_speed.py"), *gen, "--batch", "8",
                               "--figure", str(out / "generate_b8.png")], 80, 260),
         # int8 weight-only decoding (gpt2 generate --quantize int8) next to bf16, compiled and eager:
