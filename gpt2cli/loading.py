@@ -58,6 +58,34 @@ def load_model(source: str | os.PathLike, device: torch.device | str = "cpu") ->
     from gpt2cli.parallel.base import resolve_device
 
     device = resolve_device(device)
+    kind, where, run_dir = _resolve(source)
+    if kind == "safetensors":
+        return load_safetensors(where, device)
+    if kind == "hf":
+        return _load_hf(str(where), device)
+    return _load_checkpoint_file(Path(where), device, run_dir=run_dir)
+
+
+def model_spec_of(source: str | os.PathLike) -> ModelSpec:
+    """The ModelSpec of what :func:`load_model` would load from ``source``, reading as little as
+    it can: a safetensors header, a config.json, a checkpoint's spec without its tensors (memory-
+    mapped, so the digest is left to the load itself)."""
+    kind, where, _ = _resolve(source)
+    if kind == "safetensors":
+        return model_spec_from_json(_our_metadata(Path(where)).get("spec"), repr(str(where)))
+    if kind == "hf":
+        from gpt2cli.model.hf import hf_gpt2_spec
+
+        return hf_gpt2_spec(str(where))
+    _refuse_foreign_file(Path(where))
+    record = ckpt.load_checkpoint(where, verify=False)
+    return model_spec_from_json(record.get("spec"), repr(str(where)))
+
+
+def _resolve(source: str | os.PathLike) -> tuple[str, Path | str, Path | None]:
+    """What CKPT names, in the order of the module docstring: (kind, where, run folder), kind one
+    of ``safetensors`` (our export file), ``hf`` (a folder or hub name) or ``checkpoint`` (a file,
+    with the run folder it was picked from, if any)."""
     text = str(source)
     if not text.strip():
         raise UserError("no checkpoint given", "pass a checkpoint file, a run folder or a GPT-2 model")
@@ -65,29 +93,24 @@ def load_model(source: str | os.PathLike, device: torch.device | str = "cpu") ->
     if path.is_file():
         if path.suffix == ".safetensors":
             if (path.parent / "config.json").is_file() and not _is_our_safetensors(path):
-                loaded = _load_hf(str(path.parent), device)
-            else:
-                loaded = load_safetensors(path, device)
-        else:
-            loaded = _load_checkpoint_file(path, device)
-    elif path.is_dir():
+                return "hf", str(path.parent), None
+            return "safetensors", path, None
+        return "checkpoint", path, None
+    if path.is_dir():
         from gpt2cli.model.hf import is_hf_gpt2_dir
 
         if is_hf_gpt2_dir(path):
-            loaded = _load_hf(str(path), device)
-        elif (path / SAFETENSORS_NAME).is_file():
-            loaded = load_safetensors(path / SAFETENSORS_NAME, device)
-        elif (path / "config.json").is_file():
-            loaded = _load_hf(str(path), device)  # reports what the folder lacks
-        else:
-            loaded = _load_checkpoint_file(ckpt.model_checkpoint_in(path), device, run_dir=path)
-    elif path.exists():
+            return "hf", str(path), None
+        if (path / SAFETENSORS_NAME).is_file():
+            return "safetensors", path / SAFETENSORS_NAME, None
+        if (path / "config.json").is_file():
+            return "hf", str(path), None  # loading it reports what the folder lacks
+        return "checkpoint", ckpt.model_checkpoint_in(path), path
+    if path.exists():
         raise UserError(f"{text!r} is neither a file nor a folder", "pass a checkpoint file or a run folder")
-    elif _looks_like_a_path(text):
+    if _looks_like_a_path(text):
         raise UserError(f"checkpoint {text!r} does not exist", "check the path")
-    else:
-        loaded = _load_hf(text, device)
-    return loaded
+    return "hf", text, None
 
 
 def refuse_nonfinite_weights(model: torch.nn.Module, source: str) -> None:
@@ -233,12 +256,8 @@ def _is_our_safetensors(path: Path) -> bool:
         return False
 
 
-def load_safetensors(path: str | os.PathLike, device: torch.device | str = "cpu") -> LoadedModel:
-    """Load a file written by :func:`save_safetensors`."""
-    from gpt2cli.parallel.base import resolve_device
-
-    device = resolve_device(device)
-    path = Path(path)
+def _our_metadata(path: Path) -> dict[str, str]:
+    """The header metadata of a file written by :func:`save_safetensors` (a UserError otherwise)."""
     where = repr(str(path))
     meta = _read_metadata(path)
     if meta.get("gpt2cli_format") != SAFETENSORS_FORMAT:
@@ -251,7 +270,17 @@ def load_safetensors(path: str | os.PathLike, device: torch.device | str = "cpu"
             f"{where} has export format version {meta.get('format_version')!r}, this gpt2 reads {SAFETENSORS_VERSION}",
             "export it again with this version of gpt2",
         )
-    spec = model_spec_from_json(meta.get("spec"), where)
+    return meta
+
+
+def load_safetensors(path: str | os.PathLike, device: torch.device | str = "cpu") -> LoadedModel:
+    """Load a file written by :func:`save_safetensors`."""
+    from gpt2cli.parallel.base import resolve_device
+
+    device = resolve_device(device)
+    path = Path(path)
+    where = repr(str(path))
+    spec = model_spec_from_json(_our_metadata(path).get("spec"), where)
     from safetensors.torch import load_file
 
     try:

@@ -33,6 +33,9 @@ RECOMMENDED_LR: dict[str, float] = {
     "gpt2-xl": 2e-4,
 }
 FALLBACK_LR = 6e-4  # a model without a preset (e.g. imported)
+# Fine-tuning (gpt2 train --init): pretrained weights move a tenth as fast as from scratch by
+# default (gpt2: 6e-5, in the range nanoGPT's and HF's GPT-2 fine-tuning recipes use).
+FINETUNE_LR_SCALE = 0.1
 
 # The preset `gpt2 train` uses when none is given, by device type.
 DEFAULT_PRESET_CPU = "nano"
@@ -41,3 +44,10 @@ DEFAULT_PRESET_CUDA = "mini"
 
 def preset_names() -> list[str]:
     return list(PRESETS)
+
+
+def matching_preset(fields: dict[str, Any]) -> str | None:
+    """The preset whose sizes ``fields`` (a ModelSpec's dump) have, if any: an imported model of
+    GPT-2's shape is the gpt2 preset, with its recommended learning rate and run name."""
+    return next((name for name, sizes in PRESETS.items()
+                 if all(fields.get(k) == v for k, v in sizes.items())), None)

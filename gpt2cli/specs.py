@@ -30,7 +30,14 @@ from pydantic import (
 )
 
 from gpt2cli.errors import UserError
-from gpt2cli.presets import DEFAULT_PRESET_CPU, FALLBACK_LR, PRESETS, RECOMMENDED_LR, preset_names
+from gpt2cli.presets import (
+    DEFAULT_PRESET_CPU,
+    FALLBACK_LR,
+    FINETUNE_LR_SCALE,
+    PRESETS,
+    RECOMMENDED_LR,
+    preset_names,
+)
 
 SpecT = TypeVar("SpecT", bound=BaseModel)
 
@@ -237,7 +244,7 @@ class OptimSpec(_Spec):
     lr: float = Field(
         6e-4, gt=0.0, le=MAX_LR, allow_inf_nan=False,
         description=f"Peak learning rate, at most {MAX_LR:g}; in gpt2 train the default depends on the preset "
-        "(nano 2e-3, gpt2 6e-4).",
+        "(nano 2e-3, gpt2 6e-4), a tenth of that when fine-tuning (run.init).",
     )
     min_lr: float | None = Field(
         None, ge=0.0, allow_inf_nan=False,
@@ -402,6 +409,12 @@ class RunSpec(_Spec):
     resume: str | None = Field(
         None, description="auto (the run's latest complete checkpoint, if any), a run folder or a checkpoint file."
     )
+    init: str | None = Field(
+        None,
+        description="Fine-tune: start from these weights (a checkpoint, run folder, safetensors export, "
+        "Hugging Face GPT-2 folder or hub name such as gpt2); the model's shape comes from them, the "
+        "optimizer, schedule and data order start fresh. A resumed run continues from its checkpoint.",
+    )
     save_every: int | None = Field(None, gt=0, description="Steps between ckpt.pt writes; default: eval.every.")
     keep: int = Field(0, ge=0, description="Also keep the last K step checkpoints (step-N.pt).")
     quiet: bool = Field(False, description="Print only errors and the final summary.")
@@ -441,6 +454,9 @@ class TrainSpec(_Spec):
         preset = model.preset if isinstance(model, ModelSpec) else model.get("preset") if isinstance(model, dict) else None
         if isinstance(optim, dict) and optim.get("lr") is None:
             lr = RECOMMENDED_LR.get(preset or "", FALLBACK_LR)
+            run = data.get("run", {})
+            if (run.init if isinstance(run, RunSpec) else run.get("init") if isinstance(run, dict) else None):
+                lr *= FINETUNE_LR_SCALE
             data = {**data, "optim": {**optim, "lr": lr}}
         return data
 

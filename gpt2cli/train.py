@@ -596,6 +596,21 @@ class _Trainer:
         )
         return folder, loader
 
+    def _read_init(self) -> tuple[dict[str, torch.Tensor], str]:
+        """The state dict of the weights ``run.init`` names and how to name them: their shape
+        must be the run's (the CLI checked it from their spec; a --spec file or a file replaced
+        since is checked here), and every value finite."""
+        from gpt2cli.loading import load_model, refuse_nonfinite_weights
+
+        loaded = load_model(self.spec.run.init, "cpu")
+        ours, theirs = self.spec.model.shape_fields(), loaded.spec.shape_fields()
+        if ours != theirs:
+            changed = ", ".join(f"{k} {ours[k]} (the weights: {theirs[k]})" for k in ours if ours[k] != theirs[k])
+            raise UserError(f"run.init {loaded.source}: the run's model has another shape: {changed}",
+                            "start from weights of the run's shape, or leave out the model settings")
+        refuse_nonfinite_weights(loaded.model, loaded.source)
+        return loaded.model.state_dict(), loaded.source
+
     def _build_model(self) -> tuple[GPT, nn.Module]:
         torch.manual_seed(self.spec.train.seed)  # identical initialisation on every rank
         model = GPT(self.spec.model).to(self.device)
@@ -640,7 +655,15 @@ class _Trainer:
                     "the continuation may differ in the last bits from an uninterrupted run"
                 )
 
+        # Fine-tuning: the weights are read (and checked) before the run folder appears. A resume
+        # has its own weights in the checkpoint, and a run started from --init keeps it in its spec.
+        init = self._read_init() if resume_from is None and spec.run.init is not None else None
+
         model, trained = self._build_model()
+        if init is not None:
+            strategy.load_model_state(trained, init[0])
+        init_source = init[1] if init is not None else None
+        init = None  # the model holds the weights now
         optimizer = build_optimizer(trained, spec, self.device)
         step, tokens_seen, best_val = 0, 0, math.inf
         if saved_state is not None:
@@ -695,6 +718,7 @@ class _Trainer:
             "seq_len": plan.seq_len, "grad_accum": plan.grad_accum, "global_batch": plan.global_batch,
             "tokens_per_step": plan.tokens_per_step, "total_steps": plan.total_steps, "start_step": start_step,
             "resumed_from": str(resume_from) if resume_from else None, "data": str(folder.path),
+            "init": init_source,
         })
         warmup = warmup_steps(spec, plan.total_steps)
         if warmup > plan.total_steps:

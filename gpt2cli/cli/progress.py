@@ -35,6 +35,8 @@ class TrainProgress:
         if self.quiet:
             return
         resumed = f", resumed from {info['resumed_from']} at step {info['start_step']}" if info["resumed_from"] else ""
+        if info.get("init"):
+            resumed += f", fine-tuning {info['init']}"
         err.print(
             f"[bold]gpt2 train[/] -> {info['run_dir']}{resumed}\n"
             f"  model {info['params'] / 1e6:.2f}M params | {info['strategy']} x{info['world_size']} on "

@@ -14,6 +14,7 @@ import typer
 
 from gpt2cli.cli.common import PRECEDENCE_HELP, ConfigOpt, SetOpt, err, out
 from gpt2cli.errors import EXIT_INTERRUPTED, StoppedBySignal, UserError
+from gpt2cli.presets import matching_preset
 from gpt2cli.specs import (
     DataSpec,
     EvalSpec,
@@ -57,7 +58,7 @@ FLAG_FIELDS: dict[str, tuple[str, str]] = {
     "--fsdp-reshard-after-forward": ("parallel", "fsdp_reshard_after_forward"),
     "--fsdp-cpu-offload": ("parallel", "fsdp_cpu_offload"),
     "--activation-checkpointing": ("parallel", "activation_checkpointing"),
-    "--out": ("run", "out"), "--runs-dir": ("run", "runs_dir"), "--resume": ("run", "resume"),
+    "--out": ("run", "out"), "--runs-dir": ("run", "runs_dir"), "--resume": ("run", "resume"), "--init": ("run", "init"),
     "--save-every": ("run", "save_every"), "--keep": ("run", "keep"), "--quiet": ("run", "quiet"),
 }
 FLAG_FOR_FIELD = {f"{section}.{name}": flag for flag, (section, name) in FLAG_FIELDS.items()}
@@ -94,6 +95,7 @@ def _parse_betas(text: str | None) -> list[float] | None:
 
 def train(
     # model
+    init: Annotated[str | None, typer.Option(metavar="CKPT", help=h("--init"), rich_help_panel=M, show_default=False)] = None,
     preset: Annotated[str | None, typer.Option(help=h("--preset"), rich_help_panel=M, show_default=False)] = None,
     attn: Annotated[str | None, typer.Option(help=h("--attn"), rich_help_panel=M, show_default=False)] = None,
     kv_heads: Annotated[int | None, typer.Option("--kv-heads", help=h("--kv-heads"), rich_help_panel=M)] = None,
@@ -166,7 +168,7 @@ def train(
     seeds: Annotated[int | None, typer.Option("--seeds", help="Train every point with N seeds (--seed, --seed + 1, ...); the comparison shows mean ± std.", rich_help_panel="Sweep")] = None,
 ) -> None:
     values: dict[str, Any] = {
-        "--preset": preset, "--attn": attn, "--kv-heads": kv_heads, "--pos": pos, "--rope-base": rope_base,
+        "--init": init, "--preset": preset, "--attn": attn, "--kv-heads": kv_heads, "--pos": pos, "--rope-base": rope_base,
         "--rope-learnable": rope_learnable, "--n-layer": n_layer, "--n-head": n_head, "--n-embd": n_embd,
         "--block-size": block_size, "--dropout": dropout, "--data": data, "--optimizer": optimizer, "--lr": lr,
         "--min-lr": min_lr, "--warmup": warmup, "--schedule": schedule, "--weight-decay": weight_decay,
@@ -222,10 +224,54 @@ def resolve_train_spec(values: dict[str, Any], config: str | None, sets: list[st
     if base is not None:
         base = _drop_stored_layout(base, given.get("parallel", {}))
         base = _drop_stored_derived(base, given)
+    init, init_model = run_given.get("init"), None
+    if base is None and init is not None:
+        init_model = _model_of_init(str(init), model_given)
+        fields = init_model.model_dump()
+        base = {"model": {**fields, "preset": fields["preset"] or matching_preset(fields)}}
     if base is None and "preset" not in model_given:
         device, gpus = given.get("train", {}).get("device"), given.get("parallel", {}).get("gpus")
         base = {"model": {"preset": _default_preset(device, gpus)}}
-    return build_spec(TrainSpec, config_file=config, flags=flags, sets=sets, base=base, flag_names=FLAG_FOR_FIELD)
+    spec = build_spec(TrainSpec, config_file=config, flags=flags, sets=sets, base=base, flag_names=FLAG_FOR_FIELD)
+    if init_model is not None:
+        check_init_shape(spec, init_model)
+    return spec
+
+
+def _model_of_init(init: str, model_given: dict[str, Any]) -> ModelSpec:
+    """The model of the weights --init names (read without their tensors, where the format allows):
+    the run's model starts from it. A preset would name another model: refused."""
+    from gpt2cli.loading import model_spec_of
+
+    if "preset" in model_given:
+        raise UserError(
+            f"--preset {model_given['preset']} and --init {init} both choose the model",
+            "drop --preset: with --init the model's shape comes from the weights",
+        )
+    source = model_spec_of(init)
+    fixed = {**source.shape_fields(), "attn": source.attn}
+    changed = [f"{FLAG_FOR_FIELD.get(f'model.{k}', 'model.' + k)} {v} (the weights: {fixed[k]})"
+               for k, v in model_given.items() if k in fixed and v != fixed[k]]
+    if changed:
+        raise _shape_change(init, changed)
+    return source
+
+
+def check_init_shape(spec: TrainSpec, init_model: ModelSpec) -> None:
+    """The run's model has the shape of the --init weights: settings of the model may change what
+    leaves the shapes alone (dropout), nothing else."""
+    ours, theirs = spec.model.shape_fields(), init_model.shape_fields()
+    changed = [f"{FLAG_FOR_FIELD.get(f'model.{k}', 'model.' + k)} {ours[k]} (the weights: {theirs[k]})"
+               for k in ours if ours[k] != theirs[k]]
+    if changed:
+        raise _shape_change(str(spec.run.init), changed)
+
+
+def _shape_change(init: str, changed: list[str]) -> UserError:
+    return UserError(
+        f"--init {init}: the model settings change the shape of its weights: {', '.join(changed)}",
+        "drop them: with --init the model's shape comes from the weights (--dropout may change)",
+    )
 
 
 # How many processes a run had and where they met: not carried over to a one-process resume.

@@ -112,16 +112,7 @@ def load_hf_gpt2(path_or_name: str, device: torch.device | str = "cpu") -> GPT:
     ``openai-community/gpt2``) into a :class:`GPT` in fp32 on ``device``; ``model.spec`` says its
     shape. Raises UserError for anything missing, unreadable or not representable."""
     folder = _resolve_folder(path_or_name)
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise UserError(f"{str(folder)!r} has no config.json", "pass a Hugging Face GPT-2 folder")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UserError(
-            f"cannot read {str(config_path)!r}: {exc}", "the folder looks damaged"
-        ) from exc
-    spec = hf_config_to_spec(config)
+    spec = _folder_spec(folder)
     hf_state = _read_weights(folder)
     wte = hf_state.get("transformer.wte.weight", hf_state.get("wte.weight"))
     if (
@@ -163,6 +154,24 @@ def load_hf_gpt2(path_or_name: str, device: torch.device | str = "cpu") -> GPT:
     with torch.no_grad():
         model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     return model.eval()
+
+
+def hf_gpt2_spec(path_or_name: str) -> ModelSpec:
+    """The ModelSpec of a Hugging Face GPT-2 folder or hub name, from its config.json alone."""
+    return _folder_spec(_resolve_folder(path_or_name))
+
+
+def _folder_spec(folder: Path) -> ModelSpec:
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"{str(folder)!r} has no config.json", "pass a Hugging Face GPT-2 folder")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"cannot read {str(config_path)!r}: {exc}", "the folder looks damaged"
+        ) from exc
+    return hf_config_to_spec(config)
 
 
 def _resolve_folder(path_or_name: str) -> Path:
