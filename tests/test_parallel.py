@@ -198,3 +198,17 @@ def test_gpus_without_gpus_is_refused(tmp_path):
     proc = run_gpt2("train", "--strategy", "ddp", "--gpus", "2", "--out", str(tmp_path / "r"))
     assert proc.returncode == 2 and "needs CUDA GPUs, and this machine has none" in proc.stderr
     assert "--strategy ddp --nproc 2 --device cpu" in proc.stderr and not (tmp_path / "r").exists()
+
+
+def test_fsdp_fine_tuning_starts_from_the_init_weights(runs, tmp_path):
+    """--init under FSDP: the full weights go into the sharded model the way a resume loads a
+    checkpoint; at a learning rate of 1e-9 the run's checkpoint holds the starting weights."""
+    out = tmp_path / "fsdp-init"
+    without_preset = [a for a in COMMON if a not in ("--preset", "tiny")]  # the model comes from --init
+    run_gpt2("train", *without_preset, "--out", str(out), "--init", str(runs / "single" / "best.pt"), "--steps", "1",
+             "--batch-size", "2", "--lr", "1e-9", "--strategy", "fsdp", "--nproc", "2", check=True, timeout=300)
+    start = ckpt.load_checkpoint(runs / "single" / "best.pt")["model"]
+    tuned = ckpt.load_checkpoint(out / "ckpt.pt")["model"]
+    assert start.keys() == tuned.keys()
+    for name in start:
+        torch.testing.assert_close(tuned[name], start[name], rtol=0, atol=1e-7, msg=name)
