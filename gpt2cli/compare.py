@@ -100,7 +100,7 @@ class Run:
     eval_rows: list[dict[str, Any]]
     step: int
     total_steps: int | None
-    status: str  # done | partial | no metrics | failed | interrupted | ... (a sweep's record wins)
+    status: str  # done | partial | no metrics | failed | interrupted | early-stopped | ... (a sweep's record wins)
     metrics: dict[str, float | None] = field(default_factory=dict)
     # (strategy, world size, first step) of each stretch of train rows trained one way; empty for
     # runs whose rows do not record them (written before they did)
@@ -212,7 +212,7 @@ def load_run(path: str | Path, sweep_status: str | None = None) -> Run:
         status = sweep_status
     elif status != "done":
         ended = (read_status(p) or {}).get("status")  # how the run itself says it ended
-        if ended in ("failed", "interrupted"):
+        if ended in ("failed", "interrupted", "early-stopped"):
             status = ended
     fields = flatten(spec)
     segments = _segments(train_rows)
@@ -445,7 +445,7 @@ class Column:
     def status(self) -> str:
         if len(self.runs) == 1:
             run = self.runs[0]
-            if run.status in ("partial", "failed", "interrupted", "running") and run.total_steps:
+            if run.status in ("partial", "failed", "interrupted", "running", "early-stopped") and run.total_steps:
                 return f"{run.status}: step {run.step:,} of {run.total_steps:,}"
             return run.status
         counts: dict[str, int] = {}

@@ -356,6 +356,11 @@ class EvalSpec(_Spec):
     tokens: int = Field(16384, gt=0, description="Validation tokens per evaluation: the split's first tokens // seq_len windows, "
                         "at least one.")
     batch_size: int | None = Field(None, gt=0, description="Sequences per eval batch; default: the train batch size.")
+    patience: int | None = Field(
+        None, gt=0,
+        description="Stop early once the val loss has not improved for this many evaluations in a row "
+        "(a checkpoint is written there; best.pt holds the best model). Default: off.",
+    )
 
 
 class ParallelSpec(_Spec):

@@ -77,7 +77,7 @@ class SilentReporter:
 @dataclass
 class TrainResult:
     run_dir: Path
-    status: str  # "completed" | "interrupted"
+    status: str  # "completed" | "early-stopped" (--patience) | "interrupted"
     step: int
     total_steps: int
     tokens_seen: int
@@ -666,6 +666,7 @@ class _Trainer:
         init = None  # the model holds the weights now
         optimizer = build_optimizer(trained, spec, self.device)
         step, tokens_seen, best_val = 0, 0, math.inf
+        evals_since_best = 0  # evaluations in a row without a new best (--patience)
         if saved_state is not None:
             strategy.load_model_state(trained, saved_state["model"])
             strategy.load_optimizer_state(trained, optimizer, saved_state["optimizer"])
@@ -676,6 +677,7 @@ class _Trainer:
             # the source's best val loss belongs to a best.pt this folder does not hold.
             forked = resume_from is not None and resume_from.resolve().parent != run_dir.resolve()
             best_val = math.inf if forked else float(saved_state["best_val_loss"])
+            evals_since_best = 0 if forked else int(saved_state.get("evals_since_best", 0))
             _restore_rng(saved_state.get("rng", {}), self.device)
         # The step this process starts (or resumes) at: every metrics row carries it, as gpt2
         # compare's segment boundary. The checkpoint's tensors are in the model and optimizer now.
@@ -748,6 +750,7 @@ class _Trainer:
                 "step": step_now,
                 "tokens_seen": tokens_seen,
                 "best_val_loss": best_val,
+                "evals_since_best": evals_since_best,
                 "world_size": strategy.world_size,
                 "global_batch": plan.global_batch,
                 "data_fingerprint": folder.fingerprint,
@@ -760,7 +763,7 @@ class _Trainer:
             return path
 
         def run_eval(step_now: int) -> float:
-            nonlocal best_val, best_path
+            nonlocal best_val, best_path, evals_since_best
             t0 = time.perf_counter()
             val = evaluate_loss(
                 trained, val_tokens, seq_len=plan.seq_len, batch_size=spec.eval_batch_size,
@@ -773,6 +776,7 @@ class _Trainer:
                    "time_s": time.perf_counter() - started,
                    "start_step": start_step}
             improved = val < best_val
+            evals_since_best = 0 if improved else evals_since_best + 1
             if improved:
                 best_val = val
                 state = strategy.model_state(trained)
@@ -898,11 +902,21 @@ class _Trainer:
                 if is_eval:
                     last_val = run_eval(step)
                     trained.train()
-                if is_save:
+                # The val loss is the same number on every rank (reduced), so every rank stops here.
+                stop_early = (is_eval and spec.eval.patience is not None and step < plan.total_steps
+                              and evals_since_best >= spec.eval.patience)
+                if is_save or stop_early:
                     ckpt_path = save(step)
                 # Evaluation and checkpoints are not training: the window (tokens/s, MFU) skips
                 # their time; time_s stays wall-clock.
                 window_start += time.perf_counter() - paused_at
+                if stop_early and not stop_now:
+                    status = "early-stopped"
+                    reporter.message(
+                        f"stopped early after step {step}: the val loss has not improved for {evals_since_best} "
+                        f"evaluations (--patience {spec.eval.patience}); best.pt holds the best, val loss {best_val:.4f}"
+                    )
+                    break
                 if stop_now:
                     status = "interrupted"
                     reporter.message(
@@ -928,7 +942,7 @@ class _Trainer:
 
 
 def write_status(run_dir: Path, status: str, step: int, total_steps: int, error: str | None = None) -> None:
-    """status.json: running | completed | interrupted | failed (with the error's line). Only a
+    """status.json: running | completed | early-stopped | interrupted | failed (with the error's line). Only a
     process stopped outright (SIGKILL, a second Ctrl-C, power) leaves "running" behind. Lets the
     torchrun launcher report an interrupted run, and `gpt2 compare` show how a run ended."""
     record = {"status": status, "step": step, "total_steps": total_steps, "updated": datetime.now().isoformat()}

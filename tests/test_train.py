@@ -655,3 +655,51 @@ def test_validating_again_keeps_every_resolved_value(tmp_path, sections):
     spec = tiny_spec(tmp_path / "run", **sections)
     again = _revalidate(spec)
     assert again.model_dump() == spec.model_dump() and again == spec
+
+
+def scripted_val_losses(monkeypatch, losses: list[float]) -> None:
+    """Evaluations return these val losses in order (the model is not scored)."""
+    import gpt2cli.train as train_module
+
+    queue = list(losses)
+    monkeypatch.setattr(train_module, "evaluate_loss", lambda *args, **kwargs: queue.pop(0))
+
+
+def test_patience_stops_early_with_a_checkpoint_and_a_resume_keeps_the_count(tmp_path, cache_dir, monkeypatch,
+                                                                              capsys):
+    """--patience 2: two evaluations in a row without a new best end the run there (exit 0, status
+    early-stopped, ckpt.pt at that step, best.pt at the best); the count is in the checkpoint,
+    so a resume with --patience 3 stops at the very next evaluation without a new best."""
+    from gpt2cli.cli import main
+
+    run = tmp_path / "run"
+    args = ["train", "--preset", "tiny", "--device", "cpu", "--steps", "12", "--batch-size", "2", "--seq-len", "16",
+            "--eval-every", "1", "--save-every", "6", "--log-every", "1", "--out", str(run)]
+    scripted_val_losses(monkeypatch, [5.0, 4.0, 4.5, 4.2, 4.1, 3.0, 3.5, 2.9, 3.6, 2.8, 3.7, 3.8])
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--patience", "2"])
+    assert exit_info.value.code in (0, None)
+    captured = capsys.readouterr()
+    assert ("stopped early after step 4: the val loss has not improved for 2 evaluations (--patience 2); best.pt "
+            "holds the best, val loss 4.0000") in captured.err.replace("\n", " ")
+    assert "status" in captured.out and "early-stopped" in captured.out and "next: gpt2 generate" in captured.out
+    assert json.loads((run / "status.json").read_text())["status"] == "early-stopped"
+    assert ckpt.load_checkpoint(run / "ckpt.pt")["step"] == 4 and ckpt.load_checkpoint(run / "best.pt")["step"] == 2
+
+    with pytest.raises(SystemExit):
+        main([*args, "--resume", "auto", "--patience", "3"])  # 4.1: a third evaluation without a new best
+    assert ckpt.load_checkpoint(run / "ckpt.pt")["step"] == 5
+    assert json.loads((run / "status.json").read_text())["status"] == "early-stopped"
+    with pytest.raises(SystemExit):
+        main([*args, "--resume", "auto", "--patience", "5"])  # 3.0 is a new best: the count starts again
+    assert ckpt.load_checkpoint(run / "ckpt.pt")["step"] == 12 and ckpt.load_checkpoint(run / "best.pt")["step"] == 10
+    assert json.loads((run / "status.json").read_text())["status"] == "completed"
+
+
+def test_compare_shows_an_early_stopped_run_as_such(tmp_path, cache_dir, monkeypatch):
+    from gpt2cli.compare import load_run
+
+    scripted_val_losses(monkeypatch, [5.0, 5.1])
+    result = train(tiny_spec(tmp_path / "run", train={"steps": 8}, eval={"every": 1, "patience": 1}))
+    assert (result.status, result.step) == ("early-stopped", 2)
+    assert load_run(tmp_path / "run").status == "early-stopped"
