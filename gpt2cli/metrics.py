@@ -50,12 +50,14 @@ def perplexity(loss: float) -> float:
 
 
 class MetricsWriter:
-    """Appends JSON rows to metrics.jsonl, flushing each so a crash loses at most one row."""
+    """Appends JSON rows to metrics.jsonl, flushing each so a crash loses at most one row, and
+    hands each row to its mirrors (:class:`TensorBoardWriter`)."""
 
-    def __init__(self, path: Path, enabled: bool = True) -> None:
+    def __init__(self, path: Path, enabled: bool = True, mirrors: tuple[Any, ...] = ()) -> None:
         self.path = Path(path)
         self.enabled = enabled
         self._file = open(self.path, "a", encoding="utf-8") if enabled else None
+        self._mirrors = mirrors if enabled else ()
 
     def write(self, row: dict[str, Any]) -> None:
         if self._file is None:
@@ -65,11 +67,63 @@ class MetricsWriter:
         # as NaN for the loss columns.
         self._file.write(json.dumps(finite_or_null(row), allow_nan=False) + "\n")
         self._file.flush()
+        for mirror in self._mirrors:
+            mirror.write(row)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+        for mirror in self._mirrors:
+            mirror.close()
+        self._mirrors = ()
+
+
+TENSORBOARD_DIR = "tensorboard"
+# metrics.jsonl columns -> TensorBoard tags, by row kind.
+TENSORBOARD_SCALARS: dict[str, tuple[tuple[str, str], ...]] = {
+    "train": (("loss", "train/loss"), ("lr", "train/lr"), ("grad_norm", "train/grad_norm"),
+              ("tokens_per_s", "train/tokens_per_s"), ("mfu", "train/mfu"),
+              ("peak_mem_bytes", "train/peak_mem_bytes"), ("peak_rss_bytes", "train/peak_rss_bytes")),
+    "eval": (("val_loss", "val/loss"), ("val_ppl", "val/ppl")),
+}
+
+
+def tensorboard_missing() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is None
+
+
+class TensorBoardWriter:
+    """The metrics rows as TensorBoard scalars (``RUN/tensorboard/``; ``tensorboard --logdir
+    runs`` shows every run), written beside metrics.jsonl, which stays the record.
+
+    ``purge_step``: a resume from the checkpoint of step S passes S + 1, and TensorBoard hides the
+    events an earlier attempt wrote from there on, as :func:`truncate_metrics` drops those rows.
+    Events are flushed with every row, so a crash loses what metrics.jsonl loses."""
+
+    def __init__(self, log_dir: Path, purge_step: int | None = None, spec_json: str | None = None) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._writer = SummaryWriter(str(log_dir), purge_step=purge_step)
+        if spec_json is not None:
+            self._writer.add_text("spec", f"```json\n{spec_json}\n```", 0)
+            self._writer.flush()
+
+    def write(self, row: dict[str, Any]) -> None:
+        kind, step = row.get("kind"), row.get("step")
+        for column, tag in TENSORBOARD_SCALARS.get(str(kind), ()):
+            value = row.get(column)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self._writer.add_scalar(tag, value, step)
+        if kind == "resume":
+            changed = ", ".join(f"{name}: {old} -> {new}" for name, (old, new) in row.get("changed", {}).items())
+            self._writer.add_text("resume", f"resumed at step {step} with {changed}", step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
 
 
 # Columns that read_metrics gives back as NaN where the file holds null (a non-finite value).

@@ -423,6 +423,11 @@ class RunSpec(_Spec):
     save_every: int | None = Field(None, gt=0, description="Steps between ckpt.pt writes; default: eval.every.")
     keep: int = Field(0, ge=0, description="Also keep the last K step checkpoints (step-N.pt).")
     quiet: bool = Field(False, description="Print only errors and the final summary.")
+    tensorboard: bool = Field(
+        False,
+        description="Also write the metrics as TensorBoard events into RUN/tensorboard/ (view with "
+        "tensorboard --logdir runs); needs the tensorboard package: pip install 'gpt2cli[tensorboard]'.",
+    )
 
 
 class TrainSpec(_Spec):

@@ -31,10 +31,13 @@ from gpt2cli.evaluate import evaluate_loss
 from gpt2cli.fsutil import FolderLock
 from gpt2cli.metrics import (
     STATUS_NAME,
+    TENSORBOARD_DIR,
     MetricsWriter,
+    TensorBoardWriter,
     mfu,
     peak_flops,
     perplexity,
+    tensorboard_missing,
     truncate_metrics,
 )
 from gpt2cli.model import GPT
@@ -229,6 +232,13 @@ def build_optimizer(model: nn.Module, spec: TrainSpec, device: torch.device) -> 
 
 
 # ------------------------------------------------------------------------------ run folder
+
+
+def check_tensorboard(spec: TrainSpec) -> None:
+    """--tensorboard without the package: one line before anything is written."""
+    if spec.run.tensorboard and tensorboard_missing():
+        raise UserError("--tensorboard needs the tensorboard package, which is not installed",
+                        "pip install 'gpt2cli[tensorboard]' (or tensorboard), or drop --tensorboard")
 
 
 def auto_run_name(spec: TrainSpec) -> str:
@@ -625,6 +635,7 @@ class _Trainer:
         started = time.perf_counter()
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 matmuls
+        check_tensorboard(spec)
         run_dir = resolve_run_dir(spec, strategy.world_size)
         self.lock_run_folder(run_dir)
         folder, loader = self._open_data()
@@ -699,7 +710,15 @@ class _Trainer:
             write_status(run_dir, "running", step, plan.total_steps)
             self.running_at = (run_dir, step)
         strategy.barrier()
-        metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=strategy.is_main)
+        mirrors: tuple[Any, ...] = ()
+        if spec.run.tensorboard and strategy.is_main:
+            mirrors = (TensorBoardWriter(
+                run_dir / TENSORBOARD_DIR,
+                # Resumed (or started over): hide what an earlier attempt logged past this start.
+                purge_step=step + 1 if spec.run.resume is not None else None,
+                spec_json=spec_to_json(spec) if step == 0 else None,
+            ),)
+        metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=strategy.is_main, mirrors=mirrors)
         if resume_changes:
             # spec.json now describes the continuation; the run's earlier settings stay on record.
             metrics.write({"kind": "resume", "step": step, "tokens": tokens_seen, "changed": resume_changes})

@@ -61,6 +61,7 @@ FLAG_FIELDS: dict[str, tuple[str, str]] = {
     "--activation-checkpointing": ("parallel", "activation_checkpointing"),
     "--out": ("run", "out"), "--runs-dir": ("run", "runs_dir"), "--resume": ("run", "resume"), "--init": ("run", "init"),
     "--save-every": ("run", "save_every"), "--keep": ("run", "keep"), "--quiet": ("run", "quiet"),
+    "--tensorboard": ("run", "tensorboard"),
 }
 FLAG_FOR_FIELD = {f"{section}.{name}": flag for flag, (section, name) in FLAG_FIELDS.items()}
 _SECTIONS = {"model": ModelSpec, "data": DataSpec, "optim": OptimSpec, "train": TrainingSpec, "eval": EvalSpec,
@@ -160,6 +161,7 @@ def train(
     save_every: Annotated[int | None, typer.Option(help=h("--save-every"), rich_help_panel=R)] = None,
     keep: Annotated[int | None, typer.Option(help=h("--keep"), rich_help_panel=R)] = None,
     quiet: Annotated[bool | None, typer.Option("--quiet/--no-quiet", "-q", help=h("--quiet"), rich_help_panel=R)] = None,
+    tensorboard: Annotated[bool | None, typer.Option("--tensorboard/--no-tensorboard", help=h("--tensorboard"), rich_help_panel=R)] = None,
     # spec plumbing
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -185,7 +187,7 @@ def train(
         "--max-restarts": max_restarts, "--dist-timeout": dist_timeout,
         "--fsdp-reshard-after-forward": fsdp_reshard_after_forward, "--fsdp-cpu-offload": fsdp_cpu_offload,
         "--activation-checkpointing": activation_checkpointing, "--out": out_dir, "--runs-dir": runs_dir,
-        "--resume": resume, "--save-every": save_every, "--keep": keep, "--quiet": quiet,
+        "--resume": resume, "--save-every": save_every, "--keep": keep, "--quiet": quiet, "--tensorboard": tensorboard,
     }
     if spec_file is not None:
         extra = [f for f, v in values.items() if v is not None] + (["--config"] if config else []) + (["--set"] if set_ else [])
@@ -363,7 +365,7 @@ def run(spec: TrainSpec, dry_run: bool = False) -> None:
         take_worker_error,
         under_torchrun,
     )
-    from gpt2cli.train import plan_batches, refuse_existing_run, take_run_folder
+    from gpt2cli.train import check_tensorboard, plan_batches, refuse_existing_run, take_run_folder
 
     p = spec.parallel
     world = p.procs_per_node * p.nnodes
@@ -371,6 +373,7 @@ def run(spec: TrainSpec, dry_run: bool = False) -> None:
         check_gpus(p)
         check_rendezvous(p)
         _check_device(spec)
+        check_tensorboard(spec)
     plan = plan_batches(spec, int(os.environ.get("WORLD_SIZE", world)))
     if dry_run:
         _print_dry_run(spec, plan)
