@@ -22,6 +22,7 @@ The pipeline streams, so corpora larger than memory work:
 from __future__ import annotations
 
 import codecs
+import fnmatch
 import glob
 import gzip
 import hashlib
@@ -703,7 +704,7 @@ def _glob_sources(argument: str, pattern: Path) -> list[Source]:
     the files twice), except saved datasets."""
     found: list[Source] = []
     prepared: dict[Path, bool] = {}  # folder -> written by `gpt2 data`: asked once per folder
-    for match in sorted(glob.glob(str(pattern), recursive=True)):
+    for match in _glob(pattern):
         path = Path(match)
         if path.is_dir():
             if _is_saved_dataset(path):
@@ -716,6 +717,59 @@ def _glob_sources(argument: str, pattern: Path) -> list[Source]:
     if not found:
         raise UserError(f"no {SUPPORTED_TYPES} files match {argument!r}", "check the pattern")
     return found
+
+
+def _glob(pattern: Path) -> list[str]:
+    """``sorted(glob.glob(pattern, recursive=True))``, except that ``**`` walks links to folders
+    as a folder source does: followed, each real folder once. (glob.glob went round a link to an
+    ancestor until the path was 40 links deep, reading every file 40 times, and two such links
+    took time exponential in that depth.) Wildcards do not match hidden names, as in glob."""
+    parts = pattern.parts
+    if "**" not in parts:
+        return sorted(glob.glob(str(pattern), recursive=True))
+    first = next(i for i, part in enumerate(parts) if _GLOB_CHARS.search(part))
+    base = Path(*parts[:first]) if first else Path(".")
+    wanted = parts[first:]
+    names_hidden = any(part.startswith(".") for part in wanted)
+    matches: list[str] = []
+    if _glob_match(wanted, ()):  # "DIR/**" matches DIR itself, as glob.glob gives "DIR/"
+        matches.append(str(base) + os.sep)
+    seen: set[tuple[int, int]] = set()
+    for root, dirs, files in os.walk(base, followlinks=True):
+        here = Path(root)
+        stat = os.stat(here)
+        if (stat.st_dev, stat.st_ino) in seen:  # reached again through a link
+            dirs.clear()
+            continue
+        seen.add((stat.st_dev, stat.st_ino))
+        # glob's ** skips hidden folders (a part naming one, as ".cache", still reaches it)
+        dirs[:] = sorted(d for d in dirs if names_hidden or not d.startswith("."))
+        below = here.relative_to(base)
+        for name in (*dirs, *files):
+            relative = below / name
+            if _glob_match(wanted, relative.parts):
+                matches.append(str(base / relative) if first else str(relative))
+        # A saved dataset is one source: its own files (state.json, ...) are not corpora.
+        dirs[:] = [d for d in dirs if not _is_saved_dataset(here / d)]
+    return sorted(matches)
+
+
+def _glob_match(parts: tuple[str, ...], names: tuple[str, ...]) -> bool:
+    """Whether the names of a relative path match the pattern's parts, as glob.glob would: each
+    part one name (fnmatch), ``**`` any number of names, and no wildcard taking a hidden name."""
+    if not parts:
+        return not names
+    head, rest = parts[0], parts[1:]
+    if head == "**":
+        for taken in range(len(names) + 1):
+            if taken and names[taken - 1].startswith("."):
+                return False
+            if _glob_match(rest, names[taken:]):
+                return True
+        return False
+    if not names or (names[0].startswith(".") and not head.startswith(".")):
+        return False
+    return fnmatch.fnmatch(names[0], head) and _glob_match(rest, names[1:])
 
 
 def _argument_sources(argument: str) -> list[Source]:

@@ -163,6 +163,11 @@ def test_links_to_folders_are_followed_and_each_folder_is_read_once(tmp_path):
     (root / "same-again").symlink_to("real")
     looped = prepare(tmp_path, root, name="looped", val_fraction=0.0)
     assert looped.meta["source"] == want and looped.fingerprint == by_folder.fingerprint
+    # ** as well: glob.glob went round real/up 40 times (every file read again each time), and
+    # with two such links took time exponential in that depth
+    (root / "real" / "up-too").symlink_to("../..")
+    looped_glob = prepare(tmp_path, root / "**" / "*.txt", name="looped-glob", val_fraction=0.0)
+    assert looped_glob.meta["source"] == want and looped_glob.fingerprint == by_folder.fingerprint
 
 
 def test_jsonl_json_and_gzip(tmp_path):
@@ -425,3 +430,21 @@ def test_token_folder_validation(tmp_path):
         fh.truncate(10)
     with pytest.raises(UserError, match="incomplete or damaged"):
         TokenFolder(folder.path)
+
+
+def test_a_double_star_glob_matches_what_glob_glob_matches_where_no_link_loops(tmp_path):
+    """Without links, the walk behind ** gives glob.glob's matches: hidden names only where the
+    pattern names them, ** as zero or more folders, DIR/** including DIR."""
+    import glob
+    import random
+
+    rng = random.Random(0)
+    for tree in range(8):
+        root = tmp_path / f"tree{tree}"
+        for _ in range(20):
+            folder = root.joinpath(*(rng.choice(["a", "b", ".h", "c.d"]) for _ in range(rng.randint(0, 3))))
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / rng.choice(["x.txt", "y.md", ".z.txt", "w"])).write_text("t")
+        for pattern in ("**/*.txt", "**", "a/**/*.txt", "**/a/*", "*/**/*.md", "**/.h/*.txt", "a/**", "**/[ab]/?.*"):
+            full = root / pattern
+            assert prep._glob(full) == sorted(glob.glob(str(full), recursive=True)), pattern
