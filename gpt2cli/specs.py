@@ -426,7 +426,7 @@ class RunSpec(_Spec):
     tensorboard: bool = Field(
         False,
         description="Also write the metrics as TensorBoard events into RUN/tensorboard/ (view with "
-        "tensorboard --logdir runs); needs the tensorboard package: pip install 'gpt2cli[tensorboard]'.",
+        "tensorboard --logdir runs); needs the tensorboard package (pip install tensorboard).",
     )
 
 

@@ -416,3 +416,24 @@ def test_a_model_spec_object_gets_its_presets_learning_rate_like_a_dict():
     # an object is taken as built: without a preset it is GPT-2's shape (a dict would start from nano)
     assert TrainSpec(model=ModelSpec(n_layer=2)).model.n_embd == 768
     assert TrainSpec(model={"n_layer": 2}).model.n_embd == ModelSpec(preset="nano").n_embd
+
+
+def test_every_field_description_survives_rich_markup_in_help():
+    """--help renders descriptions as rich markup: "[tensorboard]" in a description vanished from
+    the help (it read "pip install 'gpt2cli'"). Every description must render as written."""
+    from rich.text import Text
+
+    from gpt2cli import specs
+
+    classes, pending = set(), [specs._Spec]
+    while pending:
+        cls = pending.pop()
+        classes.add(cls)
+        pending.extend(cls.__subclasses__())
+    checked = 0
+    for cls in classes:
+        for name, field in cls.model_fields.items():
+            if field.description:
+                assert Text.from_markup(field.description).plain == field.description, f"{cls.__name__}.{name}"
+                checked += 1
+    assert checked > 50
