@@ -236,9 +236,16 @@ def build_optimizer(model: nn.Module, spec: TrainSpec, device: torch.device) -> 
 
 def check_tensorboard(spec: TrainSpec) -> None:
     """--tensorboard without the package: one line before anything is written."""
-    if spec.run.tensorboard and tensorboard_missing():
+    if not spec.run.tensorboard:
+        return
+    if tensorboard_missing():
         raise UserError("--tensorboard needs the tensorboard package, which is not installed",
                         "pip install 'gpt2cli[tensorboard]' (or tensorboard), or drop --tensorboard")
+    try:  # installed but broken (e.g. a protobuf it does not work with): said now, not mid-run
+        import torch.utils.tensorboard  # noqa: F401
+    except Exception as exc:
+        raise UserError(f"--tensorboard: the tensorboard package does not load ({str(exc).splitlines()[0][:200]})",
+                        "repair the installation (pip install -U tensorboard), or drop --tensorboard") from exc
 
 
 def auto_run_name(spec: TrainSpec) -> str:
@@ -621,6 +628,18 @@ class _Trainer:
         refuse_nonfinite_weights(loaded.model, loaded.source)
         return loaded.model.state_dict(), loaded.source
 
+    def _check_same_init_everywhere(self, state: dict[str, torch.Tensor]) -> None:
+        """Every process reads run.init itself: a file replaced meanwhile (the best.pt of a run
+        still training) would give the replicas different weights, silently. A sum of every
+        weight, compared across ranks, refuses that."""
+        if self.strategy.world_size == 1:
+            return
+        total = sum(float(t.double().sum()) for t in state.values())
+        both = self.strategy.all_reduce_max(torch.tensor([total, -total], dtype=torch.float64, device=self.device))
+        if float(both[0]) != -float(both[1]):
+            raise UserError(f"the processes read different weights from run.init {self.spec.run.init!r}: it changed "
+                            "while the run started", "start from a file that is not being rewritten")
+
     def _build_model(self) -> tuple[GPT, nn.Module]:
         torch.manual_seed(self.spec.train.seed)  # identical initialisation on every rank
         model = GPT(self.spec.model).to(self.device)
@@ -672,6 +691,7 @@ class _Trainer:
 
         model, trained = self._build_model()
         if init is not None:
+            self._check_same_init_everywhere(init[0])
             strategy.load_model_state(trained, init[0])
         init_source = init[1] if init is not None else None
         init = None  # the model holds the weights now

@@ -170,10 +170,11 @@ def test_a_piped_table_keeps_every_cell_on_one_line(capsys):
     from gpt2cli.cli.common import print_wide
 
     long_path = "/runs/" + "deep-folder-" * 12 + "best.pt"
-    table = Table("checkpoint", "loss")
+    table = Table("checkpoint", "loss", title="run /runs/" + "a-title-longer-than-the-cells-" * 6)
     table.add_row(long_path, "nan")
     print_wide(table)
     out = capsys.readouterr().out
+    assert "a-title-longer-than-the-cells-" * 6 in out  # the title too, on one line
     row = next(line for line in out.splitlines() if long_path in line)
     assert row.split("│")[2].strip() == "nan"
     assert all(line == line.rstrip() for line in out.splitlines())

@@ -149,3 +149,42 @@ def test_the_real_command_fine_tunes_and_refuses_bad_weights_before_the_run_fold
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
         assert not (tmp_path / "bad").exists()
+
+
+def test_a_resume_that_names_another_init_is_refused(source_run, tmp_path):
+    train(finetune_spec(tmp_path / "ft", source_run, **{"--lr": 1e-3}))
+    for other in (str(tmp_path / "elsewhere.pt"), None):
+        if other is None:  # a plain run resumed with an --init it never had
+            train(finetune_spec(tmp_path / "plain", None, **{"--lr": 1e-3}))
+        run = tmp_path / ("ft" if other else "plain")
+        given = other or str(source_run)
+        with pytest.raises(UserError) as info:
+            resolve_train_spec({"--out": str(run), "--resume": "auto", "--steps": 3, "--init": given}, None, [])
+        started = f"started from --init {source_run}" if other else "started without --init"
+        assert info.value.render().startswith(f"Error: --init {given}: the run being resumed {started}")
+    same = resolve_train_spec({"--out": str(tmp_path / "ft"), "--resume": "auto", "--steps": 3,
+                               "--init": str(source_run)}, None, [])
+    assert same.run.init == str(source_run)  # naming the same weights again is fine
+
+
+def test_processes_that_read_different_init_weights_refuse_to_train():
+    """Each process reads --init itself; a file rewritten meanwhile would give the replicas other
+    weights. The sum of every weight, compared across ranks, stops that."""
+    from types import SimpleNamespace
+
+    from gpt2cli.train import _Trainer
+
+    state = {"w": torch.ones(3, 2), "b": torch.full((2,), 0.5)}
+
+    def runner(other_rank_total: float | None):
+        def all_reduce_max(values):  # what a max over this rank and one other gives
+            other = values if other_rank_total is None else torch.tensor([other_rank_total, -other_rank_total],
+                                                                         dtype=torch.float64)
+            return torch.maximum(values, other)
+        strategy = SimpleNamespace(world_size=2, all_reduce_max=all_reduce_max)
+        return SimpleNamespace(strategy=strategy, device=torch.device("cpu"),
+                               spec=SimpleNamespace(run=SimpleNamespace(init="runs/base")))
+
+    _Trainer._check_same_init_everywhere(runner(None), state)  # the same weights everywhere
+    with pytest.raises(UserError, match="the processes read different weights from run.init 'runs/base'"):
+        _Trainer._check_same_init_everywhere(runner(7.5), state)

@@ -70,3 +70,13 @@ def test_without_the_package_it_is_one_error_before_the_run_folder(tmp_path, cac
     assert info.value.render() == ("Error: --tensorboard needs the tensorboard package, which is not installed "
                                    "(pip install 'gpt2cli[tensorboard]' (or tensorboard), or drop --tensorboard)")
     assert not (tmp_path / "run").exists()
+
+
+def test_an_installed_but_broken_tensorboard_is_one_error_before_the_run_folder(tmp_path, cache_dir, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # its import now fails
+    with pytest.raises(UserError) as info:
+        train(tiny_spec(tmp_path / "run", run={"tensorboard": True}))
+    assert info.value.render().startswith("Error: --tensorboard: the tensorboard package does not load (")
+    assert not (tmp_path / "run").exists()

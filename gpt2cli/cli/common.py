@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
+from rich.text import Text
 
 from gpt2cli.specs import build_spec
 
@@ -86,6 +87,11 @@ def print_wide(table: Table, console: Console | None = None) -> None:
         console.print(table)
     else:
         width = Measurement.get(console, console.options.update_width(10_000), table).maximum
+        for heading in (table.title, table.caption):  # rich wraps a title to the table's width
+            if heading:
+                heading_width = Text.from_markup(heading).cell_len if isinstance(heading, str) else heading.cell_len
+                table.min_width = max(table.min_width or 0, heading_width)
+                width = max(width, heading_width)
         buf = io.StringIO()
         Console(file=buf, width=max(console.width, width), highlight=False, color_system=None).print(table)
         console.file.write("".join(line.rstrip() + "\n" for line in buf.getvalue().splitlines()))

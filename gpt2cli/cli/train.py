@@ -229,6 +229,13 @@ def resolve_train_spec(values: dict[str, Any], config: str | None, sets: list[st
         base = _drop_stored_layout(base, given.get("parallel", {}))
         base = _drop_stored_derived(base, given)
     init, init_model = run_given.get("init"), None
+    stored_init = (base or {}).get("run", {}).get("init")
+    if base is not None and init is not None and str(init) != str(stored_init):
+        # A resume takes its weights from the checkpoint: another --init would be recorded in
+        # spec.json as where the run started, and would not be.
+        started = f"started from --init {stored_init}" if stored_init else "started without --init"
+        raise UserError(f"--init {init}: the run being resumed {started}, and a resume continues from its checkpoint",
+                        "drop --init to resume, or fine-tune into a new --out")
     if base is None and init is not None:
         init_model = _model_of_init(str(init), model_given)
         fields = init_model.model_dump()

@@ -720,38 +720,51 @@ def _glob_sources(argument: str, pattern: Path) -> list[Source]:
 
 
 def _glob(pattern: Path) -> list[str]:
-    """``sorted(glob.glob(pattern, recursive=True))``, except that ``**`` walks links to folders
-    as a folder source does: followed, each real folder once. (glob.glob went round a link to an
-    ancestor until the path was 40 links deep, reading every file 40 times, and two such links
-    took time exponential in that depth.) Wildcards do not match hidden names, as in glob."""
+    """``sorted(glob.glob(pattern, recursive=True))``, except that ``**`` goes through links to
+    folders without going round a loop, and reads a file reached by several links once.
+
+    glob.glob went round a link to an ancestor until the path was 40 links deep, reading every
+    file 40 times, and two such links took time exponential in that depth. Here the part before
+    the first ``**`` is expanded by glob.glob; below it, a link to a folder is followed unless it
+    leads back to a folder of the path it is on, and of the matches that are the same file (or
+    dataset folder) under several names, the first in sorted order is kept. Wildcards do not
+    match hidden names, as in glob."""
     parts = pattern.parts
     if "**" not in parts:
         return sorted(glob.glob(str(pattern), recursive=True))
-    first = next(i for i, part in enumerate(parts) if _GLOB_CHARS.search(part))
-    base = Path(*parts[:first]) if first else Path(".")
-    wanted = parts[first:]
+    star = parts.index("**")
+    head, wanted = (Path(*parts[:star]) if star else None), parts[star:]
+    roots = [None] if head is None else [Path(r) for r in sorted(glob.glob(str(head))) if os.path.isdir(r)]
     names_hidden = any(part.startswith(".") for part in wanted)
     matches: list[str] = []
-    if _glob_match(wanted, ()):  # "DIR/**" matches DIR itself, as glob.glob gives "DIR/"
-        matches.append(str(base) + os.sep)
-    seen: set[tuple[int, int]] = set()
-    for root, dirs, files in os.walk(base, followlinks=True):
-        here = Path(root)
-        stat = os.stat(here)
-        if (stat.st_dev, stat.st_ino) in seen:  # reached again through a link
-            dirs.clear()
-            continue
-        seen.add((stat.st_dev, stat.st_ino))
-        # glob's ** skips hidden folders (a part naming one, as ".cache", still reaches it)
-        dirs[:] = sorted(d for d in dirs if names_hidden or not d.startswith("."))
-        below = here.relative_to(base)
-        for name in (*dirs, *files):
-            relative = below / name
-            if _glob_match(wanted, relative.parts):
-                matches.append(str(base / relative) if first else str(relative))
-        # A saved dataset is one source: its own files (state.json, ...) are not corpora.
-        dirs[:] = [d for d in dirs if not _is_saved_dataset(here / d)]
-    return sorted(matches)
+    for root in roots:
+        top = root if root is not None else Path(".")
+        if _glob_match(wanted, ()):  # "DIR/**" matches DIR itself, as glob.glob gives "DIR/"
+            matches.append(str(top) + os.sep)
+        top_text = str(top)
+        on_path: dict[str, set[str]] = {top_text: {os.path.realpath(top)}}  # real folders above and at each
+        for here_text, dirs, files in os.walk(top_text, followlinks=True):
+            here = Path(here_text)
+            above = on_path.pop(here_text)
+            # glob's ** skips hidden folders (a part naming one, as ".cache", still reaches it)
+            dirs[:] = sorted(d for d in dirs if names_hidden or not d.startswith("."))
+            below = here.relative_to(top)
+            for name in (*dirs, *files):
+                relative = below / name
+                if _glob_match(wanted, relative.parts):
+                    matches.append(str(relative) if root is None else str(root / relative))
+            kept = []
+            for name in dirs:
+                real = os.path.realpath(here / name)
+                # A saved dataset is one source: its own files (state.json, ...) are not corpora.
+                if real not in above and not _is_saved_dataset(here / name):
+                    kept.append(name)
+                    on_path[os.path.join(here_text, name)] = above | {real}  # as os.walk will name it
+            dirs[:] = kept
+    unique: dict[str, str] = {}
+    for match in sorted(matches):
+        unique.setdefault(os.path.realpath(match), match)
+    return sorted(unique.values())
 
 
 def _glob_match(parts: tuple[str, ...], names: tuple[str, ...]) -> bool:

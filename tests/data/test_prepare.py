@@ -445,6 +445,18 @@ def test_a_double_star_glob_matches_what_glob_glob_matches_where_no_link_loops(t
             folder = root.joinpath(*(rng.choice(["a", "b", ".h", "c.d"]) for _ in range(rng.randint(0, 3))))
             folder.mkdir(parents=True, exist_ok=True)
             (folder / rng.choice(["x.txt", "y.md", ".z.txt", "w"])).write_text("t")
-        for pattern in ("**/*.txt", "**", "a/**/*.txt", "**/a/*", "*/**/*.md", "**/.h/*.txt", "a/**", "**/[ab]/?.*"):
+        for pattern in ("**/*.txt", "**", "a/**/*.txt", "**/a/*", "*/**/*.md", "**/.h/*.txt", "a/**", "**/[ab]/?.*",
+                        "*/b/**/*.txt"):
             full = root / pattern
             assert prep._glob(full) == sorted(glob.glob(str(full), recursive=True)), pattern
+
+
+def test_a_double_star_glob_finds_a_folder_also_when_a_link_to_it_comes_first(tmp_path):
+    """Only a link back to a folder of its own path is cut: a folder reached first through a
+    link is still searched under its own name, and a file found under both names is read once."""
+    (tmp_path / "data" / "a").mkdir(parents=True)
+    (tmp_path / "data" / "b").mkdir()
+    (tmp_path / "data" / "b" / "x.txt").write_text(DOCS[0])
+    (tmp_path / "data" / "a" / "link").symlink_to("../b")
+    assert prep._glob(tmp_path / "data" / "**" / "b" / "*.txt") == [str(tmp_path / "data" / "b" / "x.txt")]
+    assert prep._glob(tmp_path / "data" / "**" / "*.txt") == [str(tmp_path / "data" / "a" / "link" / "x.txt")]
