@@ -157,8 +157,9 @@ def load_hf_gpt2(path_or_name: str, device: torch.device | str = "cpu") -> GPT:
 
 
 def hf_gpt2_spec(path_or_name: str) -> ModelSpec:
-    """The ModelSpec of a Hugging Face GPT-2 folder or hub name, from its config.json alone."""
-    return _folder_spec(_resolve_folder(path_or_name))
+    """The ModelSpec of a Hugging Face GPT-2 folder or hub name, from its config.json alone (a
+    hub repository's weights are not fetched for it)."""
+    return _folder_spec(_resolve_folder(path_or_name, weights=False))
 
 
 def _folder_spec(folder: Path) -> ModelSpec:
@@ -174,7 +175,7 @@ def _folder_spec(folder: Path) -> ModelSpec:
     return hf_config_to_spec(config)
 
 
-def _resolve_folder(path_or_name: str) -> Path:
+def _resolve_folder(path_or_name: str, weights: bool = True) -> Path:
     """A local folder as it is; otherwise a hub repository id through the HF cache."""
     path = Path(path_or_name).expanduser()
     if path.is_dir():
@@ -188,11 +189,12 @@ def _resolve_folder(path_or_name: str) -> Path:
             f"folder {path_or_name!r} does not exist",
             "pass a Hugging Face GPT-2 folder or a hub name like gpt2",
         )
-    return _snapshot(path_or_name)
+    return _snapshot(path_or_name, weights=weights)
 
 
-def _snapshot(repo_id: str) -> Path:
-    """Fetch config.json and one weights file of a hub repository (or find them in the cache)."""
+def _snapshot(repo_id: str, weights: bool = True) -> Path:
+    """Fetch config.json and one weights file of a hub repository (or find them in the cache);
+    ``weights=False``: config.json alone (a spec, e.g. for `gpt2 train --init gpt2-xl --dry-run`)."""
     try:
         from huggingface_hub import constants, snapshot_download
     except ImportError as exc:
@@ -203,6 +205,8 @@ def _snapshot(repo_id: str) -> Path:
     try:
         # The published repositories hold the same weights in several formats; take safetensors
         # and fall back to pytorch_model.bin only when a repository has no safetensors.
+        if not weights:
+            return Path(snapshot_download(repo_id, allow_patterns=["config.json"]))
         folder = Path(
             snapshot_download(repo_id, allow_patterns=["config.json", "model.safetensors*"])
         )

@@ -217,3 +217,24 @@ def test_hub_name_offline_and_not_cached_is_one_clear_error(monkeypatch, tmp_pat
     with pytest.raises(UserError, match="offline") as info:
         load_hf_gpt2("openai-community/gpt2")
     assert "local folder" in info.value.render() and "\n" not in info.value.render()
+
+
+def test_the_spec_of_a_cached_hub_model_needs_its_config_only(monkeypatch, tmp_path, hf_dir):
+    """`gpt2 train --init NAME` reads the model's shape first: from config.json, without the
+    weights (gpt2-xl's are 6 GB); loading the model is what needs them."""
+    import huggingface_hub.constants
+
+    from gpt2cli.model.hf import hf_gpt2_spec
+
+    revision = "0" * 40
+    repo = tmp_path / "models--someone--tiny-gpt2"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    (repo / "snapshots" / revision).mkdir(parents=True)
+    (repo / "snapshots" / revision / "config.json").write_text((hf_dir / "config.json").read_text())
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    assert hf_gpt2_spec("someone/tiny-gpt2").shape_fields() == hf_gpt2_spec(str(hf_dir)).shape_fields()
+    with pytest.raises(UserError):
+        load_hf_gpt2("someone/tiny-gpt2")
