@@ -289,13 +289,13 @@ class JsonFile(Source):
                 if stream.peek() is not None:  # e.g. "[...]\n[...]": lines of lists, not records
                     raise stream.invalid("Extra data", stream.pos)
                 return
-            count = 0
-            while stream.peek() is not None:  # one record, or JSON lines in a .json file
+            lines = False  # several top-level values: JSON lines in a .json file, named by line
+            while stream.peek() is not None:  # one record, or JSON lines
                 line = stream.line_at(stream.pos)
                 record = stream.value()
-                yield _text_of(record, spec.text_column, f"{self.label} line {line}" if count else
+                lines = lines or stream.peek() is not None
+                yield _text_of(record, spec.text_column, f"{self.label} line {line}" if lines else
                                f"{self.label} record 0")
-                count += 1
 
     def _list_records(self, stream: _JsonStream, spec: PrepareSpec) -> Iterator[str]:
         stream.pos += 1  # the "["

@@ -354,6 +354,7 @@ def test_a_large_json_list_is_read_one_record_at_a_time(tmp_path, monkeypatch):
     ('[{"text": "a"}, 7]', "x.json record 1 is a JSON number, not an object with a text field"),
     ('{"text": "a"}\n{"body": "b"}', "x.json line 2 has no column 'text' (columns: body)"),
     ('{"body": "b"}', "x.json record 0 has no column 'text' (columns: body)"),
+    ('{"body": "b"}\n{"text": "a"}', "x.json line 1 has no column 'text' (columns: body)"),
 ])
 def test_a_bad_json_file_is_one_error_that_names_the_line(tmp_path, monkeypatch, content, expected):
     path = tmp_path / "x.json"
