@@ -37,8 +37,14 @@ SPEC_NAME = "spec.json"
 METRICS_NAME = "metrics.jsonl"
 SWEEP_MANIFEST = "sweep.json"
 
-# Spec sections that never change what is trained (where it is written, resume, printing).
+# Spec sections that never change what is trained (where it is written, resume, printing),
+# except the fields named in COMPARED_RUN_FIELDS: the weights a fine-tuning run starts from do.
 IGNORED_SECTIONS = ("run",)
+COMPARED_RUN_FIELDS = ("run.init",)
+
+
+def _ignored(key: str) -> bool:
+    return key.split(".")[0] in IGNORED_SECTIONS and key not in COMPARED_RUN_FIELDS
 SEED_FIELD = "train.seed"
 STRATEGY_FIELD = "parallel.strategy"
 
@@ -606,7 +612,7 @@ def _group_key(run: Run, paths: Sequence[str] | None) -> str:
     if paths is not None:
         return json.dumps([run.fields.get(p) for p in paths], default=str)
     kept = {k: v for k, v in run.fields.items()
-            if k.split(".")[0] not in IGNORED_SECTIONS and k != SEED_FIELD}
+            if not _ignored(k) and k != SEED_FIELD}
     return json.dumps(sorted(kept.items()), default=str)
 
 
@@ -643,7 +649,7 @@ def compare_runs(
     # values) those that vary within a column; seeds within a column of seeds go without saying.
     spec_fields, between = [], []
     for key in known:
-        if key.split(".")[0] in IGNORED_SECTIONS:
+        if _ignored(key):
             continue
         shown = [json.dumps(c.field_values(key), default=str) for c in columns]
         if len(set(shown)) > 1:

@@ -188,3 +188,16 @@ def test_processes_that_read_different_init_weights_refuse_to_train():
     _Trainer._check_same_init_everywhere(runner(None), state)  # the same weights everywhere
     with pytest.raises(UserError, match="the processes read different weights from run.init 'runs/base'"):
         _Trainer._check_same_init_everywhere(runner(7.5), state)
+
+
+def test_compare_shows_where_a_fine_tuning_run_started(source_run, tmp_path):
+    """The run section is left out of compare's setting rows (folders, resume, printing), but
+    --init changes what is trained: a fine-tuned and a from-scratch run differ in run.init."""
+    from gpt2cli.compare import compare_runs, load_run
+
+    train(finetune_spec(tmp_path / "tuned", source_run, **{"--lr": 1e-3}))
+    train(finetune_spec(tmp_path / "fresh", None, **{"--lr": 1e-3, "--pos": "rope", "--attn": "gqa"}))
+    comparison = compare_runs([load_run(tmp_path / "tuned"), load_run(tmp_path / "fresh")])
+    row = next(r for r in comparison.rows if r.key == "run.init")
+    assert [comparison.cell(row, i) for i in range(2)] == [str(source_run), "null"]
+    assert not any(r.key in ("run.out", "run.tensorboard") for r in comparison.rows)
