@@ -41,12 +41,12 @@ SWEEP_MANIFEST = "sweep.json"
 # except the fields named in COMPARED_RUN_FIELDS: the weights a fine-tuning run starts from do.
 IGNORED_SECTIONS = ("run",)
 COMPARED_RUN_FIELDS = ("run.init",)
+SEED_FIELD = "train.seed"
+STRATEGY_FIELD = "parallel.strategy"
 
 
 def _ignored(key: str) -> bool:
     return key.split(".")[0] in IGNORED_SECTIONS and key not in COMPARED_RUN_FIELDS
-SEED_FIELD = "train.seed"
-STRATEGY_FIELD = "parallel.strategy"
 
 # Values closer than this (relative), or equal as printed, are ties: they share a rank and a mark.
 TIE_REL_TOL = 1e-6

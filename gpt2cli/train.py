@@ -687,14 +687,14 @@ class _Trainer:
 
         # Fine-tuning: the weights are read (and checked) before the run folder appears. A resume
         # has its own weights in the checkpoint, and a run started from --init keeps it in its spec.
-        init = self._read_init() if resume_from is None and spec.run.init is not None else None
+        init_state, init_source = (self._read_init() if resume_from is None and spec.run.init is not None
+                                   else (None, None))
 
         model, trained = self._build_model()
-        if init is not None:
-            self._check_same_init_everywhere(init[0])
-            strategy.load_model_state(trained, init[0])
-        init_source = init[1] if init is not None else None
-        init = None  # the model holds the weights now
+        if init_state is not None:
+            self._check_same_init_everywhere(init_state)
+            strategy.load_model_state(trained, init_state)
+            init_state = None  # the model holds the weights now
         optimizer = build_optimizer(trained, spec, self.device)
         step, tokens_seen, best_val = 0, 0, math.inf
         evals_since_best = 0  # evaluations in a row without a new best (--patience)

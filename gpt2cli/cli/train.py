@@ -228,7 +228,7 @@ def resolve_train_spec(values: dict[str, Any], config: str | None, sets: list[st
     if base is not None:
         base = _drop_stored_layout(base, given.get("parallel", {}))
         base = _drop_stored_derived(base, given)
-    init, init_model = run_given.get("init"), None
+    init = run_given.get("init")
     stored_init = (base or {}).get("run", {}).get("init")
     if base is not None and init is not None and str(init) != str(stored_init):
         # A resume takes its weights from the checkpoint: another --init would be recorded in
@@ -237,16 +237,12 @@ def resolve_train_spec(values: dict[str, Any], config: str | None, sets: list[st
         raise UserError(f"--init {init}: the run being resumed {started}, and a resume continues from its checkpoint",
                         "drop --init to resume, or fine-tune into a new --out")
     if base is None and init is not None:
-        init_model = _model_of_init(str(init), model_given)
-        fields = init_model.model_dump()
+        fields = _model_of_init(str(init), model_given).model_dump()
         base = {"model": {**fields, "preset": fields["preset"] or matching_preset(fields)}}
     if base is None and "preset" not in model_given:
         device, gpus = given.get("train", {}).get("device"), given.get("parallel", {}).get("gpus")
         base = {"model": {"preset": _default_preset(device, gpus)}}
-    spec = build_spec(TrainSpec, config_file=config, flags=flags, sets=sets, base=base, flag_names=FLAG_FOR_FIELD)
-    if init_model is not None:
-        check_init_shape(spec, init_model)
-    return spec
+    return build_spec(TrainSpec, config_file=config, flags=flags, sets=sets, base=base, flag_names=FLAG_FOR_FIELD)
 
 
 def _model_of_init(init: str, model_given: dict[str, Any]) -> ModelSpec:
@@ -264,25 +260,11 @@ def _model_of_init(init: str, model_given: dict[str, Any]) -> ModelSpec:
     changed = [f"{FLAG_FOR_FIELD.get(f'model.{k}', 'model.' + k)} {v} (the weights: {fixed[k]})"
                for k, v in model_given.items() if k in fixed and v != fixed[k]]
     if changed:
-        raise _shape_change(init, changed)
+        raise UserError(
+            f"--init {init}: the model settings change the shape of its weights: {', '.join(changed)}",
+            "drop them: with --init the model's shape comes from the weights (--dropout may change)",
+        )
     return source
-
-
-def check_init_shape(spec: TrainSpec, init_model: ModelSpec) -> None:
-    """The run's model has the shape of the --init weights: settings of the model may change what
-    leaves the shapes alone (dropout), nothing else."""
-    ours, theirs = spec.model.shape_fields(), init_model.shape_fields()
-    changed = [f"{FLAG_FOR_FIELD.get(f'model.{k}', 'model.' + k)} {ours[k]} (the weights: {theirs[k]})"
-               for k in ours if ours[k] != theirs[k]]
-    if changed:
-        raise _shape_change(str(spec.run.init), changed)
-
-
-def _shape_change(init: str, changed: list[str]) -> UserError:
-    return UserError(
-        f"--init {init}: the model settings change the shape of its weights: {', '.join(changed)}",
-        "drop them: with --init the model's shape comes from the weights (--dropout may change)",
-    )
 
 
 # How many processes a run had and where they met: not carried over to a one-process resume.

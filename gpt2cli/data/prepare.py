@@ -282,9 +282,10 @@ class JsonFile(Source):
     def documents(self, spec: PrepareSpec) -> Iterator[str]:
         with _open_binary(self.path) as fh:
             stream = _JsonStream(_decode_chunks(fh, spec.errors, self.label), self.label)
-            if stream.peek() is None:
+            first = stream.peek()
+            if first is None:
                 raise stream.invalid("Expecting value", stream.pos)
-            if stream.peek() == "[":
+            if first == "[":
                 yield from self._list_records(stream, spec)
                 if stream.peek() is not None:  # e.g. "[...]\n[...]": lines of lists, not records
                     raise stream.invalid("Extra data", stream.pos)
