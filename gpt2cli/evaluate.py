@@ -105,15 +105,19 @@ class EvalRow:
 class EvalProgress(Protocol):
     """What evaluate_checkpoints tells its caller while it works (the CLI draws it on stderr)."""
 
-    def start(self, header: dict[str, Any]) -> None: ...  # the report less its results, after every check
+    # The report less its results, after every check; header["unit"] names what is counted below
+    # (windows, or examples for the HellaSwag task).
+    def start(self, header: dict[str, Any]) -> None: ...
     def model(self, index: int, checkpoint: str, windows: int) -> None: ...  # before scoring model ``index``
-    def windows_done(self, windows: int) -> None: ...  # the current model's windows scored so far
+    def windows_done(self, windows: int) -> None: ...  # the current model's windows (examples) scored so far
+    # Optional: bytes of a download done so far, and its size when known (HellaSwag's data, once).
+    # def download(self, done: int, total: int | None) -> None: ...
 
 
 def evaluate_checkpoints(spec: EvaluateSpec, progress: EvalProgress | None = None) -> dict[str, Any]:
-    """Score every checkpoint of ``spec`` on the same windows; returns the report (the JSON that
-    ``--format json`` prints): data, split, seq_len, windows, tokens, bytes and one row per
-    checkpoint. A model whose loss is not finite does not stop the others: its row holds the
+    """Score every checkpoint of ``spec`` on the same windows (or, with task hellaswag, the same
+    examples: gpt2cli.hellaswag); returns the report (the JSON that ``--format json`` prints):
+    data, split, seq_len, windows, tokens, bytes and one row per checkpoint. A model whose loss is not finite does not stop the others: its row holds the
     NaN/inf values and says so in ``error``; the caller decides how to end."""
     from gpt2cli.data import TokenFolder, default_data_dir
     from gpt2cli.loading import load_model
@@ -121,6 +125,10 @@ def evaluate_checkpoints(spec: EvaluateSpec, progress: EvalProgress | None = Non
     from gpt2cli.tokenizer import token_byte_lengths
     from gpt2cli.train import autocast_context, resolve_dtype
 
+    if spec.task == "hellaswag":
+        from gpt2cli.hellaswag import evaluate_hellaswag
+
+        return evaluate_hellaswag(spec, progress)
     if not spec.checkpoints:
         raise UserError("no checkpoint to evaluate", "pass one or more checkpoints, run folders or GPT-2 folders")
     device = resolve_device(spec.device)
@@ -158,6 +166,8 @@ def evaluate_checkpoints(spec: EvaluateSpec, progress: EvalProgress | None = Non
             )
 
     header = {
+        "task": "loss",
+        "unit": "windows",
         "data": str(folder.path),
         "split": spec.split,
         "seq_len": seq_len,

@@ -521,10 +521,20 @@ class TrainSpec(_Spec):
 # ------------------------------------------------------------------------------ eval, generate
 
 
+# EvaluateSpec fields that only one task reads: setting one for the other task is refused.
+LOSS_TASK_FIELDS = ("data", "split", "tokens", "seq_len")
+HELLASWAG_TASK_FIELDS = ("task_data", "examples")
+
+
 class EvaluateSpec(_Spec):
-    """`gpt2 eval`: score checkpoints on the same token windows."""
+    """`gpt2 eval`: score checkpoints on the same token windows, or on the same HellaSwag examples."""
 
     checkpoints: list[str] = Field(default_factory=list, description="Checkpoint files, run folders or HF GPT-2 folders.")
+    task: Literal["loss", "hellaswag"] = Field(
+        "loss",
+        description="What to score: loss (loss, perplexity and bits per byte on token windows) or hellaswag "
+        "(accuracy at choosing the right one of 4 endings, scored completion style as llm.c does).",
+    )
     data: str | None = Field(None, description="Token folder from `gpt2 data`; default: the embedded corpus.")
     split: str = Field("val", description="Split to score.")
     tokens: int | None = Field(
@@ -532,7 +542,15 @@ class EvaluateSpec(_Spec):
         description="Score the split's first tokens // seq_len windows, at least one (so a value below "
         "seq_len still scores one full window); default: the whole split.",
     )
-    batch_size: int = Field(8, gt=0, description="Windows per batch.")
+    task_data: str | None = Field(
+        None,
+        description="--task hellaswag: a HellaSwag .jsonl file or URL; default: the validation set (10,042 "
+        "examples), downloaded once into the cache.",
+    )
+    examples: int | None = Field(
+        None, gt=0, description="--task hellaswag: how many examples to score, from the start of the file; default: all of them."
+    )
+    batch_size: int = Field(8, gt=0, description="Windows per batch (--task hellaswag: examples, all their endings).")
     seq_len: int | None = Field(None, gt=1, description="Window length; default: the model's block_size.")
     device: Device = Field("auto", description=DEVICE_HELP)
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="Compute precision.")
@@ -542,6 +560,16 @@ class EvaluateSpec(_Spec):
         "int8 samples from them): what the quantization costs in loss.",
     )
     format: Literal["table", "json"] = Field("table", description="Output format.")
+
+    @model_validator(mode="after")
+    def _check_task_fields(self) -> EvaluateSpec:
+        other = HELLASWAG_TASK_FIELDS if self.task == "loss" else LOSS_TASK_FIELDS
+        given = [name for name in other if name in self.model_fields_set and getattr(self, name) is not None]
+        if given:
+            names = " and ".join(given)
+            raise ValueError(f"{names} {'does' if len(given) == 1 else 'do'} not apply to task {self.task}; "
+                             f"leave {'it' if len(given) == 1 else 'them'} out or use the other --task")
+        return self
 
 
 class GenerateSpec(_Spec):

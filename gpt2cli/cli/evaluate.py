@@ -1,4 +1,5 @@
-"""`gpt2 eval`: Score checkpoints: loss, perplexity and bits per byte on the same token windows.
+"""`gpt2 eval`: Score checkpoints: loss, perplexity and bits per byte on the same token windows,
+or HellaSwag accuracy on the same examples (``--task hellaswag``, :mod:`gpt2cli.hellaswag`).
 
 Every checkpoint is scored on the same windows (:mod:`gpt2cli.evaluate`: the split's first
 ``tokens // seq_len`` non-overlapping windows, at least one, in order), so the rows of one table
@@ -34,13 +35,19 @@ from gpt2cli.cli.common import (
 from gpt2cli.errors import NonFiniteLossError
 from gpt2cli.specs import EvaluateSpec, build_spec
 
-HELP = "Score checkpoints: loss, perplexity and bits per byte on the same token windows."
+HELP = ("Score checkpoints: loss, perplexity and bits per byte on the same token windows, or HellaSwag "
+        "accuracy (--task hellaswag).")
 SetOpt = flat_set_opt("eval")
 FLAG_FOR_FIELD = {
     "data": "--data", "split": "--split", "tokens": "--tokens", "batch_size": "--batch-size",
     "seq_len": "--seq-len", "device": "--device", "dtype": "--dtype", "format": "--format",
-    "quantize": "--quantize",
+    "quantize": "--quantize", "task": "--task", "task_data": "--task-data", "examples": "--examples",
 }
+
+
+class Task(str, Enum):
+    loss = "loss"
+    hellaswag = "hellaswag"
 
 
 class OutputFormat(str, Enum):
@@ -61,6 +68,9 @@ def evaluate(
         list[str] | None,
         typer.Argument(metavar="CKPT", help=_h("checkpoints") + " Also safetensors exports and hub names.", show_default=False),
     ] = None,
+    task: Annotated[Task | None, typer.Option("--task", help=_h("task"), show_default=False)] = None,
+    task_data: Annotated[str | None, typer.Option("--task-data", help=_h("task_data"), show_default=False)] = None,
+    examples: Annotated[int | None, typer.Option("--examples", help=_h("examples"), show_default=False)] = None,
     data: Annotated[str | None, typer.Option("--data", help=_h("data"), show_default=False)] = None,
     split: Annotated[str | None, typer.Option("--split", help=_h("split"), show_default=False)] = None,
     tokens: Annotated[int | None, typer.Option("--tokens", help=_h("tokens"), show_default=False)] = None,
@@ -79,7 +89,7 @@ def evaluate(
     flags: dict[str, Any] = {
         "checkpoints": list(checkpoints) if checkpoints else None, "data": data, "split": split,
         "tokens": tokens, "batch_size": batch_size, "seq_len": seq_len, "device": device, "dtype": dtype,
-        "quantize": quantize,
+        "quantize": quantize, "task": task.value if task else None, "task_data": task_data, "examples": examples,
         "format": output_format.value if output_format else None,
     }
     spec = build_spec(EvaluateSpec, config_file=config, flags=flags, sets=set_ or (), flag_names=FLAG_FOR_FIELD,
@@ -98,10 +108,15 @@ def evaluate(
         _print_table(report)
     failed = [r for r in report["results"] if r["error"]]
     if failed:  # every row is out first: the finished models' scores are kept, stdout stays whole
-        raise _nonfinite_error(failed, len(report["results"]), report["dtype"])
+        raise _nonfinite_error(failed, len(report["results"]), report["dtype"], report["task"])
 
 
 def _header_line(header: dict[str, Any]) -> str:
+    if header["task"] == "hellaswag":
+        return (
+            f"HellaSwag {header['data']}: {plural(header['examples'], 'example')}, completion style "
+            f"({header['device']}, {header['dtype']}{', int8 weights' if header['quantize'] == 'int8' else ''})"
+        )
     return (
         f"{header['data']}, split {header['split']}: {plural(header['windows'], 'window')} x "
         f"{plural(header['seq_len'], 'token')} = {plural(header['tokens'], 'token')}, "
@@ -122,16 +137,42 @@ class _ScoringDisplay:
         self.header_on_stdout = header_on_stdout
         self.progress: Any = None
         self.task: Any = None
+        self.downloading: Any = None  # a bar while HellaSwag's data downloads (before start)
 
     def __enter__(self) -> _ScoringDisplay:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._end_download()
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
 
+    def download(self, done: int, total: int | None) -> None:
+        if not err.is_terminal:
+            return
+        if self.downloading is None:
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TransferSpeedColumn,
+            )
+
+            self.downloading = Progress(TextColumn("[bold]downloading[/] HellaSwag"), BarColumn(), DownloadColumn(),
+                                        TransferSpeedColumn(), console=err, transient=True)
+            self.downloading.start()
+            self.downloading.add_task("download", total=total)
+        self.downloading.update(self.downloading.task_ids[0], completed=done, total=total)
+
+    def _end_download(self) -> None:
+        if self.downloading is not None:
+            self.downloading.stop()
+            self.downloading = None
+
     def start(self, header: dict[str, Any]) -> None:
+        self._end_download()
         if self.header_on_stdout and out.is_terminal:
             out.print(escape(_header_line(header)), soft_wrap=True)
         elif err.is_terminal:
@@ -149,7 +190,7 @@ class _ScoringDisplay:
 
         self.progress = Progress(
             TextColumn("[bold]scoring[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("windows"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+            TextColumn(header["unit"]), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
             console=err, transient=True,
         )
         self.progress.start()
@@ -168,9 +209,12 @@ class _ScoringDisplay:
             self.progress.update(self.task, completed=windows)
 
 
-def _nonfinite_error(failed: list[dict[str, Any]], rows: int, dtype: str) -> NonFiniteLossError:
-    named = ", ".join(f"{r['checkpoint']!r} ({r['loss']})" for r in failed)
-    what = f"the loss of {named} is not finite" if len(failed) == 1 else f"the losses of {named} are not finite"
+def _nonfinite_error(failed: list[dict[str, Any]], rows: int, dtype: str, task: str) -> NonFiniteLossError:
+    if task == "hellaswag":
+        what = "; ".join(f"{r['checkpoint']!r}: {r['error']}" for r in failed)
+    else:
+        named = ", ".join(f"{r['checkpoint']!r} ({r['loss']})" for r in failed)
+        what = f"the loss of {named} is not finite" if len(failed) == 1 else f"the losses of {named} are not finite"
     if rows > len(failed):
         what += "; the other rows are valid"
     cause = "its weights hold NaN or inf" if len(failed) == 1 else "their weights hold NaN or inf"
@@ -183,16 +227,27 @@ def _print_table(report: dict[str, Any]) -> None:
     """The results table (its header line went out before the scoring, see _ScoringDisplay)."""
     from rich.table import Table
 
+    if report["task"] == "hellaswag":
+        columns = ("checkpoint", "params", "acc", "acc_norm", "examples", "truncated", "examples/s")
+        cells = [
+            (f"{r['params']:,}", f"{r['acc']:.4f}", f"{r['acc_norm']:.4f}", f"{r['examples']:,}",
+             f"{r['truncated']:,}", f"{r['examples_per_s']:,.1f}")
+            for r in report["results"]
+        ]
+    else:
+        columns = ("checkpoint", "params", "loss", "ppl", "bits/byte", "tokens", "tokens/s")
+        cells = [
+            (f"{r['params']:,}", f"{r['loss']:.4f}", f"{r['perplexity']:.2f}", f"{r['bits_per_byte']:.4f}",
+             f"{r['tokens']:,}", f"{r['tokens_per_s']:,.0f}")
+            for r in report["results"]
+        ]
     table = Table()
-    for col in ("checkpoint", "params", "loss", "ppl", "bits/byte", "tokens", "tokens/s"):
+    for col in columns:
         if col == "checkpoint":
             table.add_column(col, overflow="fold")  # whole paths, wrapped rather than cut
         else:
             table.add_column(col, justify="right", no_wrap=True)
-    for r in report["results"]:
-        table.add_row(  # a NaN/inf shows as nan/inf, in red: honest, and not mistaken for a score
-            escape(r["checkpoint"]), f"{r['params']:,}", f"{r['loss']:.4f}", f"{r['perplexity']:.2f}",
-            f"{r['bits_per_byte']:.4f}", f"{r['tokens']:,}", f"{r['tokens_per_s']:,.0f}",
-            style="red" if r["error"] else None,
-        )
+    for r, row_cells in zip(report["results"], cells, strict=True):
+        # a NaN/inf shows as nan/inf, in red: honest, and not mistaken for a score
+        table.add_row(escape(r["checkpoint"]), *row_cells, style="red" if r["error"] else None)
     print_wide(table, out)  # piped or redirected: whole paths on one line each, however wide

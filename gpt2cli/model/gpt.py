@@ -168,6 +168,28 @@ class GPT(nn.Module):
 
     # ----------------------------------------------------------------------------- forward
 
+    def hidden_states(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, *,
+                      kv_len: int | None = None) -> torch.Tensor:
+        """The final LayerNorm's output (B, T, n_embd) for token ids idx (B, T): what the output
+        layer turns into logits. For callers that need the logits of a few positions only
+        (multiple-choice scoring, gpt2cli.hellaswag): ``lm_head`` over those alone. Under FSDP
+        call ``forward``, whose hooks gather the root's weights; this bypasses them."""
+        T = idx.shape[1]
+        if T > self.spec.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.spec.block_size}")
+        if input_pos is None:
+            if self.has_kv_cache:
+                raise ValueError("with a KV cache set up, pass input_pos (the positions of idx)")
+            input_pos = torch.arange(T, device=idx.device)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if "wpe" in self.transformer:
+            x = x + self.transformer.wpe(input_pos)  # (T, C) broadcast over the batch
+        x = self.transformer.drop(x)
+        rope = self.rope(input_pos) if self.rope is not None else None  # (T, hs/2) cos and sin
+        for block in self.transformer.h:
+            x = block(x, rope, input_pos, kv_len)
+        return self.transformer.ln_f(x)
+
     def forward(
         self,
         idx: torch.Tensor,
@@ -196,21 +218,7 @@ class GPT(nn.Module):
         position + 1; attention then reads only those instead of the whole preallocated buffer.
         For eager CPU decoding: each value is a new shape, so compiled decoding leaves it None, and
         so does CUDA, where an attention kernel may plan per shape (gpt2cli.generate)."""
-        B, T = idx.shape
-        if T > self.spec.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.spec.block_size}")
-        if input_pos is None:
-            if self.has_kv_cache:
-                raise ValueError("with a KV cache set up, pass input_pos (the positions of idx)")
-            input_pos = torch.arange(T, device=idx.device)
-        x = self.transformer.wte(idx)  # (B, T, C)
-        if "wpe" in self.transformer:
-            x = x + self.transformer.wpe(input_pos)  # (T, C) broadcast over the batch
-        x = self.transformer.drop(x)
-        rope = self.rope(input_pos) if self.rope is not None else None  # (T, hs/2) cos and sin
-        for block in self.transformer.h:
-            x = block(x, rope, input_pos, kv_len)
-        x = self.transformer.ln_f(x)
+        x = self.hidden_states(idx, input_pos, kv_len=kv_len)
         if targets is not None and loss_chunk > 0:
             return chunked_linear_cross_entropy(x, self.lm_head.weight, targets, chunk_tokens=loss_chunk,
                                                 reduction=reduction)
