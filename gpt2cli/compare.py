@@ -67,7 +67,7 @@ class RowDef:
     key: str
     label: str
     better: str | None
-    kind: str  # loss | ppl | si | bytes | duration | pct | int | text
+    kind: str  # loss | ppl | acc | si | bytes | duration | pct | int | text
 
 
 METRIC_ROWS: tuple[RowDef, ...] = (
@@ -79,6 +79,9 @@ METRIC_ROWS: tuple[RowDef, ...] = (
     RowDef("best_val_ppl", "best val perplexity", "min", "ppl"),
     RowDef("final_val_ppl", "final val perplexity", "min", "ppl"),
     RowDef("final_train_loss", "final train loss", "min", "loss"),
+    # --hellaswag runs only: the last evaluation's accuracies (scored on the same examples each time)
+    RowDef("final_hellaswag_acc_norm", "final HellaSwag acc_norm", "max", "acc"),
+    RowDef("final_hellaswag_acc", "final HellaSwag acc", "max", "acc"),
     RowDef("tokens_to_target", "tokens to target", "min", "si"),
     RowDef("time_to_target_s", "time to target", "min", "duration"),
     RowDef("tokens_per_s", "train tokens/s", "max", "si"),
@@ -377,6 +380,8 @@ def _run_metrics(run: Run) -> dict[str, float | None]:
         "best_val_ppl": _ppl(best),
         "final_val_ppl": _ppl(final_val),
         "final_train_loss": _last(run.train_rows, "loss"),
+        "final_hellaswag_acc_norm": _last(run.eval_rows, "hellaswag_acc_norm"),
+        "final_hellaswag_acc": _last(run.eval_rows, "hellaswag_acc"),
         "tokens_per_s": _median([r["tokens_per_s"] for r in windows if _finite(r.get("tokens_per_s"))]),
         "mfu": _median([r["mfu"] for r in windows if _finite(r.get("mfu"))]),
         "peak_mem_bytes": max(mem) if mem else None,
@@ -891,7 +896,7 @@ def format_field(value: Any) -> str:
 
 
 def format_value(value: float, kind: str) -> str:
-    if kind == "loss":
+    if kind in ("loss", "acc"):
         return f"{value:.4f}"
     if kind == "ppl":
         return f"{value:.2f}" if value < 1000 else f"{value:,.0f}"

@@ -39,25 +39,28 @@ def evaluate_loss(
     autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
     loss_chunk: int = DEFAULT_LOSS_CHUNK,
     vocab_size: int | None = None,
+    device: torch.device | None = None,
 ) -> float:
     """Mean cross-entropy (nats per token) of ``model`` on the evaluation windows of ``tokens``."""
     stats = evaluate_sums(model, tokens, seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens,
-                          strategy=strategy, autocast=autocast, loss_chunk=loss_chunk, vocab_size=vocab_size)
+                          strategy=strategy, autocast=autocast, loss_chunk=loss_chunk, vocab_size=vocab_size,
+                          device=device)
     return stats[0] / stats[1]
 
 
 @torch.no_grad()
 def evaluate_sums(model, tokens, *, seq_len, batch_size, max_tokens=None, strategy=None, autocast=None,
                   loss_chunk=DEFAULT_LOSS_CHUNK, on_windows: Callable[[int], None] | None = None,
-                  vocab_size: int | None = None):
+                  vocab_size: int | None = None, device: torch.device | None = None):
     """(summed loss, token count) over the evaluation windows, reduced over ranks. ``loss_chunk``:
     see GPT.forward (0 for a compiled model, whose compiler fuses the loss). ``vocab_size``: ids
     at or above it are refused (see gpt2cli.data.loader). ``on_windows`` gets
     this rank's windows handed to the model so far, after every batch (no device sync: on a GPU it
-    can run a few batches ahead of the arithmetic)."""
+    can run a few batches ahead of the arithmetic). ``device``: where the batches go; default: the
+    parameters' device (not the compute device under FSDP with CPU offload: training passes it)."""
     rank = strategy.rank if strategy is not None else 0
     world = strategy.world_size if strategy is not None else 1
-    device = next(model.parameters()).device
+    device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)

@@ -47,6 +47,7 @@ from torch import nn
 from gpt2cli.errors import UserError
 
 HELLASWAG_VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+VALIDATION_SET = "val"  # what --hellaswag / --task-data call the validation set
 FORMAT_HINT = "a HellaSwag .jsonl file holds one JSON object per line with ctx, endings and label"
 DOWNLOAD_TIMEOUT_S = 60.0
 
@@ -140,8 +141,8 @@ def _parse_example(line: str, where: str) -> Example:
 
 def resolve_source(source: str | None, on_download: DownloadProgress | None = None) -> Path:
     """The local file of ``source``: a path as it is, a URL (http, https, file) downloaded once into
-    the cache, None the validation set's URL."""
-    source = source or HELLASWAG_VAL_URL
+    the cache, None or ``val`` the validation set's URL (a file named val: ``./val``)."""
+    source = HELLASWAG_VAL_URL if source in (None, "", VALIDATION_SET) else source
     if "://" in source:
         return download(source, on_download)
     path = Path(source).expanduser()
@@ -224,11 +225,13 @@ def encode_examples(examples: list[Example], block_size: int) -> list[EncodedExa
 
 @torch.no_grad()
 def ending_losses(model: nn.Module, rows: list[np.ndarray], starts: list[int], *,
-                  autocast: Callable[[], contextlib.AbstractContextManager] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+                  device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed loss, scored tokens) of each row's tokens from its start on, in one forward pass:
     the rows are padded on the right (causal attention: padding never reaches an earlier token),
-    and the output layer runs only at the positions that predict a scored token."""
-    device = next(model.parameters()).device
+    and the output layer runs only at the positions that predict a scored token. ``device``: where
+    the tokens go; default: the parameters' device."""
+    device = device or next(model.parameters()).device
     width = max(len(r) for r in rows)
     x = np.zeros((len(rows), width), dtype=np.int64)
     row_index, position = [], []
@@ -240,8 +243,7 @@ def ending_losses(model: nn.Module, rows: list[np.ndarray], starts: list[int], *
     scored = torch.from_numpy(np.concatenate(position)).to(device)
     tokens = torch.from_numpy(x).to(device)
     with autocast() if autocast else contextlib.nullcontext():
-        hidden = model.hidden_states(tokens)  # (rows, width, n_embd)
-        logits = model.lm_head(hidden[row_of, scored - 1])  # (scored tokens, vocab): position t-1 predicts t
+        logits = model(tokens, logits_at=(row_of, scored - 1))  # (scored tokens, vocab): position t-1 predicts t
     losses = F.cross_entropy(logits.float(), tokens[row_of, scored], reduction="none")
     sums = torch.zeros(len(rows), dtype=torch.float64, device=device).index_add_(0, row_of, losses.double())
     counts = torch.bincount(row_of, minlength=len(rows)).double()
@@ -250,16 +252,21 @@ def ending_losses(model: nn.Module, rows: list[np.ndarray], starts: list[int], *
 
 def score_examples(model: nn.Module, encoded: list[EncodedExample], *, batch_size: int,
                    autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
-                   on_examples: Callable[[int], None] | None = None) -> HellaSwagScore:
-    """Accuracy of ``model`` on the examples, ``batch_size`` examples (all their rows) per forward."""
+                   on_examples: Callable[[int], None] | None = None, forwards: int | None = None,
+                   device: torch.device | None = None) -> HellaSwagScore:
+    """Accuracy of ``model`` on the examples, ``batch_size`` examples (all their rows) per forward.
+    ``forwards``: make that many forward passes in all, the ones past the examples on a dummy row
+    whose result is dropped (FSDP: every rank must gather the weights as often as the others)."""
     was_training = model.training
     model.eval()
     score = HellaSwagScore()
+    made = 0
     try:
         for batch in _batches(encoded, batch_size):
+            made += 1
             rows = [row for example in batch for row in example.rows]
             starts = [start for example in batch for start in example.starts]
-            sums, counts = ending_losses(model, rows, starts, autocast=autocast)
+            sums, counts = ending_losses(model, rows, starts, autocast=autocast, device=device)
             first = 0
             for example in batch:
                 n = len(example.rows)
@@ -274,10 +281,30 @@ def score_examples(model: nn.Module, encoded: list[EncodedExample], *, batch_siz
                 score.correct_norm += int(mean.argmin()) == example.label
             if on_examples is not None:
                 on_examples(score.examples)
+        for _ in range((forwards or 0) - made):
+            ending_losses(model, [np.zeros(2, dtype=np.int64)], [1], autocast=autocast, device=device)
     finally:
         if was_training:
             model.train()
     return score
+
+
+def score_on_ranks(model: nn.Module, encoded: list[EncodedExample], *, batch_size: int, strategy,
+                   autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+                   device: torch.device | None = None) -> HellaSwagScore:
+    """score_examples under several processes (training's evaluation): each rank scores every
+    world_size-th example, every rank makes as many forward passes as the busiest one, and the
+    counts are summed over ranks, so the result is the one process's."""
+    world, rank = strategy.world_size, strategy.rank
+    busiest = math.ceil(len(encoded) / world)
+    score = score_examples(model, encoded[rank::world], batch_size=batch_size, autocast=autocast,
+                           forwards=math.ceil(busiest / batch_size), device=device)
+    device = device or next(model.parameters()).device
+    counts = torch.tensor([score.examples, score.correct, score.correct_norm, score.truncated, score.nonfinite],
+                          dtype=torch.float64, device=device)
+    examples, correct, correct_norm, truncated, nonfinite = (int(c) for c in strategy.all_reduce_sum(counts).tolist())
+    return HellaSwagScore(examples=examples, correct=correct, correct_norm=correct_norm, truncated=truncated,
+                          nonfinite=nonfinite)
 
 
 def _batches(items: list[EncodedExample], size: int) -> Iterator[list[EncodedExample]]:

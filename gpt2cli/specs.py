@@ -48,6 +48,7 @@ class _Spec(BaseModel):
 
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps."
+GPT2_VOCAB_SIZE = 50257  # the GPT-2 BPE's tokens: gpt2cli.tokenizer.VOCAB_SIZE, here without importing tiktoken
 
 
 def _check_device(value: str) -> str:
@@ -74,7 +75,7 @@ class ModelSpec(_Spec):
         description="Named size the other fields start from (tiny, nano, mini, gpt2, gpt2-medium, "
         "gpt2-large, gpt2-xl); explicit fields override it.",
     )
-    vocab_size: int = Field(50257, gt=0, description="Vocabulary size (GPT-2 BPE: 50257).")
+    vocab_size: int = Field(GPT2_VOCAB_SIZE, gt=0, description="Vocabulary size (GPT-2 BPE: 50257).")
     block_size: int = Field(1024, gt=0, description="Context length: the most positions the model sees.")
     n_layer: int = Field(12, gt=0, description="Number of decoder blocks.")
     n_head: int = Field(12, gt=0, description="Number of query heads per attention layer.")
@@ -361,6 +362,22 @@ class EvalSpec(_Spec):
         description="Stop early once the val loss has not improved for this many evaluations in a row "
         "(a checkpoint is written there; best.pt holds the best model). Default: off.",
     )
+    hellaswag: str | None = Field(
+        None,
+        description="Also score HellaSwag at every evaluation (acc and acc_norm, in metrics.jsonl): val for "
+        "its validation set (downloaded once into the cache), a .jsonl file or a URL. Default: off.",
+    )
+    hellaswag_examples: int | None = Field(
+        None, gt=0,
+        description="With eval.hellaswag: the examples each evaluation scores, from the start of the file; "
+        "default: all of them.",
+    )
+
+    @model_validator(mode="after")
+    def _check_hellaswag(self) -> EvalSpec:
+        if self.hellaswag_examples is not None and self.hellaswag is None:
+            raise ValueError("eval.hellaswag_examples needs eval.hellaswag (the HellaSwag data to score)")
+        return self
 
 
 class ParallelSpec(_Spec):
@@ -494,6 +511,9 @@ class TrainSpec(_Spec):
             # --device auto is checked where the device is resolved (gpt2cli.parallel.check_cpu_offload).
             raise ValueError(f"--fsdp-cpu-offload (parallel.fsdp_cpu_offload) needs a CUDA device, not --device "
                              f"{device}: it moves FSDP's shards from GPU memory to the CPU; drop it")
+        if self.eval.hellaswag is not None and self.model.vocab_size < GPT2_VOCAB_SIZE:
+            raise ValueError(f"eval.hellaswag needs the GPT-2 vocabulary ({GPT2_VOCAB_SIZE:,} tokens) that its text "
+                             f"is encoded with; model.vocab_size is {self.model.vocab_size:,}")
         world = p.procs_per_node * p.nnodes
         if p.strategy == "single" and world > 1:
             given = [f"--gpus {p.gpus}" if p.gpus else f"--nproc {p.nproc}" if p.nproc else None,

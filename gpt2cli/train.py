@@ -9,6 +9,7 @@ single-device, DDP and FSDP share this code.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -634,11 +635,30 @@ class _Trainer:
         weight, compared across ranks, refuses that."""
         if self.strategy.world_size == 1:
             return
-        total = sum(float(t.double().sum()) for t in state.values())
-        both = self.strategy.all_reduce_max(torch.tensor([total, -total], dtype=torch.float64, device=self.device))
-        if float(both[0]) != -float(both[1]):
+        if not self._same_on_every_rank(sum(float(t.double().sum()) for t in state.values())):
             raise UserError(f"the processes read different weights from run.init {self.spec.run.init!r}: it changed "
                             "while the run started", "start from a file that is not being rewritten")
+
+    def _same_on_every_rank(self, value: float) -> bool:
+        """Whether every process holds the same ``value`` (collective: every rank must ask)."""
+        both = self.strategy.all_reduce_max(torch.tensor([value, -value], dtype=torch.float64, device=self.device))
+        return float(both[0]) == -float(both[1])
+
+    def _read_hellaswag(self):
+        """eval.hellaswag's examples as token rows for the trained context (plan.seq_len: positions
+        past it are untrained), read (and downloaded, the first time) before the run folder appears.
+        Every process reads them itself, so they are compared: a file rewritten meanwhile, or a
+        cache that differs between nodes, would give the ranks different examples."""
+        from gpt2cli.hellaswag import encode_examples, read_examples, resolve_source
+
+        examples = read_examples(resolve_source(self.spec.eval.hellaswag), self.spec.eval.hellaswag_examples)
+        encoded = encode_examples(examples, self.plan.seq_len)
+        if self.strategy.world_size > 1:
+            digest = hashlib.sha256(b"".join(row.tobytes() for e in encoded for row in e.rows)).digest()
+            if not self._same_on_every_rank(int.from_bytes(digest[:6], "big")):  # 48 bits: exact in a float64
+                raise UserError(f"the processes read different examples from eval.hellaswag {self.spec.eval.hellaswag!r}",
+                                "give every node the same file")
+        return encoded
 
     def _build_model(self) -> tuple[GPT, nn.Module]:
         torch.manual_seed(self.spec.train.seed)  # identical initialisation on every rank
@@ -655,6 +675,7 @@ class _Trainer:
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 matmuls
         check_tensorboard(spec)
+        hellaswag = self._read_hellaswag() if spec.eval.hellaswag is not None else None
         run_dir = resolve_run_dir(spec, strategy.world_size)
         self.lock_run_folder(run_dir)
         folder, loader = self._open_data()
@@ -801,6 +822,18 @@ class _Trainer:
             strategy.barrier()
             return path
 
+        def score_hellaswag() -> dict[str, Any]:
+            from gpt2cli.hellaswag import score_on_ranks
+
+            t0 = time.perf_counter()
+            # The bare model, FSDP's hooks included: neither DDP's wrapper (nothing to synchronise
+            # without gradients) nor torch.compile's (each batch's width would be a new graph).
+            score = score_on_ranks(model, hellaswag, batch_size=spec.eval_batch_size, strategy=strategy,
+                                   autocast=lambda: autocast_context(self.device, self.dtype), device=self.device)
+            return {"hellaswag_acc": score.acc, "hellaswag_acc_norm": score.acc_norm,
+                    "hellaswag_examples": score.examples, "hellaswag_truncated": score.truncated,
+                    "hellaswag_nonfinite": score.nonfinite, "hellaswag_s": time.perf_counter() - t0}
+
         def run_eval(step_now: int) -> float:
             nonlocal best_val, best_path, evals_since_best
             t0 = time.perf_counter()
@@ -808,12 +841,14 @@ class _Trainer:
                 trained, val_tokens, seq_len=plan.seq_len, batch_size=spec.eval_batch_size,
                 max_tokens=spec.eval.tokens, strategy=strategy,
                 autocast=lambda: autocast_context(self.device, self.dtype), loss_chunk=self.loss_chunk,
-                vocab_size=spec.model.vocab_size,
+                vocab_size=spec.model.vocab_size, device=self.device,
             )
             row = {"kind": "eval", "step": step_now, "tokens": tokens_seen, "val_loss": val,
                    "val_ppl": perplexity(val), "eval_s": time.perf_counter() - t0,
                    "time_s": time.perf_counter() - started,
                    "start_step": start_step}
+            if hellaswag is not None:
+                row.update(score_hellaswag())
             improved = val < best_val
             evals_since_best = 0 if improved else evals_since_best + 1
             if improved:

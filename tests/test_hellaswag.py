@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -197,7 +198,7 @@ def test_acc_takes_the_lowest_sum_and_acc_norm_the_lowest_mean(monkeypatch):
     ]
     per_example = [([5.0, 4.0, 9.0], [10, 3, 3]), ([5.0, 4.0, 9.0], [10, 3, 3]), ([5.0, math.nan, 1.0], [10, 3, 3])]
 
-    def fake_losses(model, rows, starts, autocast=None):
+    def fake_losses(model, rows, starts, autocast=None, device=None):
         batch = per_example[:len(rows) // 3]
         del per_example[:len(rows) // 3]
         sums = torch.tensor([s for sums, _ in batch for s in sums], dtype=torch.float64)
@@ -353,7 +354,7 @@ def test_nonfinite_scores_keep_every_row_and_exit_3(capsys, monkeypatch, hs_chec
     real = hellaswag.ending_losses
     calls = []
 
-    def nan_for_the_second_model(model, rows, starts, autocast=None):
+    def nan_for_the_second_model(model, rows, starts, autocast=None, device=None):
         sums, counts = real(model, rows, starts, autocast=autocast)
         calls.append(model)
         if model is not calls[0]:
@@ -368,3 +369,48 @@ def test_nonfinite_scores_keep_every_row_and_exit_3(capsys, monkeypatch, hs_chec
     assert rows[1]["error"] == "2 of 6 examples have NaN/inf scores" and rows[1]["acc"] is None
     assert err.strip() == (f"Error: {str(hs_checkpoints[1])!r}: 2 of 6 examples have NaN/inf scores; "
                            "the other rows are valid (its weights hold NaN or inf)")
+
+
+# ------------------------------------------------------------------ during training (--hellaswag)
+
+TRAIN = ["--preset", "tiny", "--device", "cpu", "--steps", "6", "--eval-every", "3", "--eval-tokens", "256",
+         "--batch-size", "2", "--quiet"]
+
+
+def test_training_scores_hellaswag_at_every_evaluation(tmp_path, hs_file, cache_dir):
+    """--hellaswag adds acc and acc_norm to each eval row; the last equals `gpt2 eval --task
+    hellaswag` of the checkpoint written at that step, and compare shows it."""
+    run = tmp_path / "run"
+    proc = run_gpt2("train", *TRAIN, "--out", str(run), "--hellaswag", str(hs_file), "--hellaswag-examples", "9")
+    assert proc.returncode == 0, proc.stderr
+    from gpt2cli.metrics import read_metrics
+
+    evals = [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [3, 6] and all(r["hellaswag_examples"] == 9 for r in evals)
+    scored = json.loads(run_gpt2("eval", str(run / "ckpt.pt"), "--task", "hellaswag", "--task-data", str(hs_file),
+                                 "--examples", "9", "--format", "json", check=True).stdout)["results"][0]
+    assert (evals[-1]["hellaswag_acc"], evals[-1]["hellaswag_acc_norm"]) == (scored["acc"], scored["acc_norm"])
+    assert evals[-1]["hellaswag_truncated"] == scored["truncated"] and evals[-1]["hellaswag_nonfinite"] == 0
+    table = run_gpt2("compare", str(run), check=True).stdout
+    assert re.search(rf"final HellaSwag acc_norm +│ +{scored['acc_norm']:.4f}", table)
+
+
+def test_hellaswag_settings_are_checked_before_the_run_folder(tmp_path, hs_file, cache_dir):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"ctx": "x", "endings": ["a", "b"], "label": 5}])
+    for args, expected in (
+        (["--hellaswag", str(bad)], f"{bad}:1: label 5 is not the index of one of its 2 endings"),
+        (["--hellaswag", str(tmp_path / "none.jsonl")], "does not exist"),
+        (["--hellaswag-examples", "4"], "eval.hellaswag_examples needs eval.hellaswag"),
+        (["--hellaswag", str(hs_file), "--set", "model.vocab_size=1000"], "eval.hellaswag needs the GPT-2 vocabulary"),
+    ):
+        proc = run_gpt2("train", *TRAIN, "--out", str(tmp_path / "run"), *args)
+        assert proc.returncode == 2 and expected in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, (
+            args, proc.stderr)
+        assert not (tmp_path / "run").exists()
+
+
+def test_the_vocabulary_constants_agree():
+    from gpt2cli.specs import GPT2_VOCAB_SIZE
+    from gpt2cli.tokenizer import VOCAB_SIZE
+
+    assert GPT2_VOCAB_SIZE == VOCAB_SIZE

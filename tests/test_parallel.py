@@ -19,6 +19,7 @@ import torch
 from gpt2cli import checkpoint as ckpt
 from gpt2cli.metrics import read_metrics
 from tests.conftest import gpt2_command, run_gpt2
+from tests.test_hellaswag import shakespeare_examples, write_jsonl
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -42,9 +43,13 @@ def train(run: Path, *extra: str, env: dict | None = None, check: bool = True):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, cache_dir):
     root = tmp_path_factory.mktemp("parallel")
-    train(root / "single", "--steps", str(STEPS), "--batch-size", "4")
-    train(root / "ddp", "--steps", str(STEPS), "--batch-size", "2", "--strategy", "ddp", "--nproc", "2")
-    train(root / "fsdp", "--steps", str(STEPS), "--batch-size", "2", "--strategy", "fsdp", "--nproc", "2")
+    # HellaSwag at every evaluation: 5 examples, 2 per batch on 2 ranks, so one rank makes a
+    # forward pass without examples (FSDP gathers the weights on every rank or none).
+    hellaswag = write_jsonl(root / "hellaswag.jsonl", shakespeare_examples(5, seed=3))
+    scored = ("--hellaswag", str(hellaswag), "--eval-batch-size", "2")
+    train(root / "single", "--steps", str(STEPS), "--batch-size", "4", *scored)
+    train(root / "ddp", "--steps", str(STEPS), "--batch-size", "2", "--strategy", "ddp", "--nproc", "2", *scored)
+    train(root / "fsdp", "--steps", str(STEPS), "--batch-size", "2", "--strategy", "fsdp", "--nproc", "2", *scored)
     return root
 
 
@@ -60,6 +65,19 @@ def test_two_processes_match_one(runs, strategy):
     single_norms, other_norms = grad_norms(runs / "single"), grad_norms(runs / strategy)
     for step in single_norms:
         assert other_norms[step] == pytest.approx(single_norms[step], rel=1e-5), step
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_hellaswag_on_two_processes_matches_one(runs, strategy):
+    """Each rank scores every other example and the counts are summed: the accuracies of one process."""
+    keys = ("hellaswag_acc", "hellaswag_acc_norm", "hellaswag_examples", "hellaswag_truncated")
+
+    def scores(run: Path) -> list[tuple]:
+        return [tuple(r[k] for k in keys) for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "eval"]
+
+    single = scores(runs / "single")
+    assert len(single) == 2 and all(s[2] == 5 for s in single)
+    assert scores(runs / strategy) == single
 
 
 def test_only_rank_zero_writes(runs):

@@ -74,8 +74,11 @@ class TrainProgress:
         if self.quiet:
             return
         mark = " (best)" if row.get("best") else ""
-        line = f"eval step {row['step']:>6} | val loss {row['val_loss']:.4f} | ppl {row['val_ppl']:.1f}{mark}"
-        (self.progress.console if self.progress else err).print(line)
+        line = f"eval step {row['step']:>6} | val loss {row['val_loss']:.4f} | ppl {row['val_ppl']:.1f}"
+        if "hellaswag_acc_norm" in row:
+            line += f" | hellaswag acc_norm {row['hellaswag_acc_norm']:.4f}"
+        line += mark
+        (self.progress.console if self.progress else err).print(line, soft_wrap=True)  # one line, however narrow
 
     def message(self, text: str) -> None:
         # Plain text (a path may hold "[") and never folded: paths in messages stay copy-pastable.

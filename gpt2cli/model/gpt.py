@@ -168,12 +168,8 @@ class GPT(nn.Module):
 
     # ----------------------------------------------------------------------------- forward
 
-    def hidden_states(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, *,
-                      kv_len: int | None = None) -> torch.Tensor:
-        """The final LayerNorm's output (B, T, n_embd) for token ids idx (B, T): what the output
-        layer turns into logits. For callers that need the logits of a few positions only
-        (multiple-choice scoring, gpt2cli.hellaswag): ``lm_head`` over those alone. Under FSDP
-        call ``forward``, whose hooks gather the root's weights; this bypasses them."""
+    def _hidden_states(self, idx: torch.Tensor, input_pos: torch.Tensor | None, kv_len: int | None) -> torch.Tensor:
+        """The final LayerNorm's output (B, T, n_embd): what the output layer turns into logits."""
         T = idx.shape[1]
         if T > self.spec.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.spec.block_size}")
@@ -200,6 +196,7 @@ class GPT(nn.Module):
         loss_chunk: int = 0,
         kv_len: int | None = None,
         last_only: bool = False,
+        logits_at: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """idx: (B, T) token ids; input_pos: (T,) their positions (default 0..T-1; required with
         a KV cache). Returns logits (B, T, vocab_size) in the compute dtype (``last_only``: of the
@@ -217,8 +214,16 @@ class GPT(nn.Module):
         ``kv_len`` (with a KV cache): the cache slots in use once idx is written, i.e. the last
         position + 1; attention then reads only those instead of the whole preallocated buffer.
         For eager CPU decoding: each value is a new shape, so compiled decoding leaves it None, and
-        so does CUDA, where an attention kernel may plan per shape (gpt2cli.generate)."""
-        x = self.hidden_states(idx, input_pos, kv_len=kv_len)
+        so does CUDA, where an attention kernel may plan per shape (gpt2cli.generate).
+
+        ``logits_at`` (rows, positions), two (N,) index tensors: the logits of those N positions
+        only, (N, vocab_size). For scoring a few tokens of each sequence (HellaSwag's endings,
+        gpt2cli.hellaswag) without the output layer over every position. An argument of forward,
+        not a method of its own, so that wrappers (FSDP's hooks that gather the weights) apply."""
+        x = self._hidden_states(idx, input_pos, kv_len)
+        if logits_at is not None:
+            rows, positions = logits_at
+            return self.lm_head(x[rows, positions])
         if targets is not None and loss_chunk > 0:
             return chunked_linear_cross_entropy(x, self.lm_head.weight, targets, chunk_tokens=loss_chunk,
                                                 reduction=reduction)
