@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
+import string
 from pathlib import Path
 from typing import Any
 
@@ -80,13 +82,24 @@ class MetricsWriter:
 
 
 TENSORBOARD_DIR = "tensorboard"
-# metrics.jsonl columns -> TensorBoard tags, by row kind.
-TENSORBOARD_SCALARS: dict[str, tuple[tuple[str, str], ...]] = {
+# metrics.jsonl columns -> the names of their curves in TensorBoard and W&B, by row kind.
+MIRRORED_SCALARS: dict[str, tuple[tuple[str, str], ...]] = {
     "train": (("loss", "train/loss"), ("lr", "train/lr"), ("grad_norm", "train/grad_norm"),
               ("tokens_per_s", "train/tokens_per_s"), ("mfu", "train/mfu"),
               ("peak_mem_bytes", "train/peak_mem_bytes"), ("peak_rss_bytes", "train/peak_rss_bytes")),
-    "eval": (("val_loss", "val/loss"), ("val_ppl", "val/ppl")),
+    "eval": (("val_loss", "val/loss"), ("val_ppl", "val/ppl"),
+             ("hellaswag_acc", "hellaswag/acc"), ("hellaswag_acc_norm", "hellaswag/acc_norm")),
 }
+
+
+def mirrored_scalars(row: dict[str, Any]) -> dict[str, float]:
+    """The row's numbers that the mirrors log, under their curve names."""
+    values = {}
+    for column, tag in MIRRORED_SCALARS.get(str(row.get("kind")), ()):
+        value = row.get(column)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            values[tag] = value
+    return values
 
 
 def tensorboard_missing() -> bool:
@@ -113,10 +126,8 @@ class TensorBoardWriter:
 
     def write(self, row: dict[str, Any]) -> None:
         kind, step = row.get("kind"), row.get("step")
-        for column, tag in TENSORBOARD_SCALARS.get(str(kind), ()):
-            value = row.get(column)
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                self._writer.add_scalar(tag, value, step)
+        for tag, value in mirrored_scalars(row).items():
+            self._writer.add_scalar(tag, value, step)
         if kind == "resume":
             changed = ", ".join(f"{name}: {old} -> {new}" for name, (old, new) in row.get("changed", {}).items())
             self._writer.add_text("resume", f"resumed at step {step} with {changed}", step)
@@ -124,6 +135,55 @@ class TensorBoardWriter:
 
     def close(self) -> None:
         self._writer.close()
+
+
+WANDB_ID_FILE = "wandb-id"  # in the run folder: the W&B run a resume continues
+WANDB_DEFAULT_PROJECT = "gpt2"
+
+
+def wandb_missing() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("wandb") is None
+
+
+class WandbWriter:
+    """The metrics rows logged to a Weights & Biases run, beside metrics.jsonl (which stays the
+    record). The W&B run's id is kept in ``RUN/wandb-id``: a resume continues the same W&B run
+    (``resume="allow"``). W&B keeps one value per step and never goes back, so the rows that a
+    resume from an older checkpoint logs again, up to the step the W&B run had reached, are left
+    out rather than sent to be refused. W&B's capture of the console is off: the progress bar's
+    redraws would fill its log. W&B's own lines (where the run is, how to sync an offline one) go
+    to stderr."""
+
+    def __init__(self, run_dir: Path, *, project: str | None, name: str, config: dict[str, Any],
+                 quiet: bool = False) -> None:
+        import wandb
+
+        id_path = run_dir / WANDB_ID_FILE
+        run_id = id_path.read_text(encoding="utf-8").strip() if id_path.exists() else None
+        if not run_id:
+            run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # W&B's form
+            staging = id_path.with_name(f".{WANDB_ID_FILE}.tmp-{os.getpid()}")
+            staging.write_text(run_id + "\n", encoding="utf-8")
+            os.replace(staging, id_path)
+        self._run = wandb.init(  # its files go into RUN/wandb/
+            project=project or os.environ.get("WANDB_PROJECT") or WANDB_DEFAULT_PROJECT, name=name, id=run_id,
+            resume="allow", dir=str(run_dir), config=config,
+            settings=wandb.Settings(console="off", silent=quiet),  # --quiet: not even W&B's banner
+        )
+        self.run_id = run_id
+        self._floor = int(getattr(self._run, "step", 0) or 0)  # steps below it were logged before
+
+    def write(self, row: dict[str, Any]) -> None:
+        step = row.get("step")
+        values = mirrored_scalars(row)
+        if not values or not isinstance(step, int) or step < self._floor:
+            return
+        self._run.log(values, step=step)
+
+    def close(self) -> None:
+        self._run.finish()
 
 
 # Columns that read_metrics gives back as NaN where the file holds null (a non-finite value).

@@ -445,6 +445,13 @@ class RunSpec(_Spec):
         description="Also write the metrics as TensorBoard events into RUN/tensorboard/ (view with "
         "tensorboard --logdir runs); needs the tensorboard package (pip install tensorboard).",
     )
+    wandb: bool = Field(
+        False,
+        description="Also log the metrics to Weights & Biases (a resume continues the same W&B run); needs "
+        "the wandb package (pip install wandb) and wandb login, or WANDB_MODE=offline (wandb sync later).",
+    )
+    wandb_project: str | None = Field(None, description="W&B project; default: $WANDB_PROJECT, else gpt2.")
+    wandb_name: str | None = Field(None, description="W&B run name; default: the run folder's name.")
 
 
 class TrainSpec(_Spec):

@@ -35,11 +35,13 @@ from gpt2cli.metrics import (
     TENSORBOARD_DIR,
     MetricsWriter,
     TensorBoardWriter,
+    WandbWriter,
     mfu,
     peak_flops,
     perplexity,
     tensorboard_missing,
     truncate_metrics,
+    wandb_missing,
 )
 from gpt2cli.model import GPT
 from gpt2cli.parallel import Strategy, make_strategy
@@ -235,6 +237,36 @@ def build_optimizer(model: nn.Module, spec: TrainSpec, device: torch.device) -> 
 # ------------------------------------------------------------------------------ run folder
 
 
+def check_metric_mirrors(spec: TrainSpec) -> None:
+    """--tensorboard and --wandb: what they need, checked before anything is written."""
+    check_tensorboard(spec)
+    check_wandb(spec)
+
+
+def check_wandb(spec: TrainSpec) -> None:
+    """--wandb without the package, or online without credentials: one line, before the run folder.
+    (The network itself is first met by wandb.init, in the run.)"""
+    if not spec.run.wandb:
+        return
+    if wandb_missing():
+        raise UserError("--wandb needs the wandb package, which is not installed",
+                        "pip install 'gpt2cli[wandb]' (or wandb), or drop --wandb")
+    try:
+        import wandb
+    except Exception as exc:
+        raise UserError(f"--wandb: the wandb package does not load ({str(exc).splitlines()[0][:200]})",
+                        "repair the installation (pip install -U wandb), or drop --wandb") from exc
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun", "disabled"):
+        return
+    try:  # reads WANDB_API_KEY, the settings files or ~/.netrc; no network, no prompt
+        logged_in = wandb.login(verify=False, prompt=False)
+    except TypeError:  # a wandb without prompt=: leave the check to wandb.init
+        return
+    if not logged_in:
+        raise UserError("--wandb: no W&B credentials (no WANDB_API_KEY, no wandb login)",
+                        "run wandb login, or set WANDB_MODE=offline to log locally and wandb sync later")
+
+
 def check_tensorboard(spec: TrainSpec) -> None:
     """--tensorboard without the package: one line before anything is written."""
     if not spec.run.tensorboard:
@@ -247,6 +279,18 @@ def check_tensorboard(spec: TrainSpec) -> None:
     except Exception as exc:
         raise UserError(f"--tensorboard: the tensorboard package does not load ({str(exc).splitlines()[0][:200]})",
                         "repair the installation (pip install -U tensorboard), or drop --tensorboard") from exc
+
+
+def _start_wandb(run_dir: Path, spec: TrainSpec) -> WandbWriter:
+    """The W&B mirror; a W&B run that does not start (network, permissions) is one line."""
+    try:
+        return WandbWriter(run_dir, project=spec.run.wandb_project, name=spec.run.wandb_name or run_dir.name,
+                           config=json.loads(spec_to_json(spec)), quiet=spec.run.quiet)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"--wandb: W&B did not start a run ({reason})",
+                        "check wandb login and the network, or set WANDB_MODE=offline; the run folder is kept: "
+                        "--resume auto continues it") from exc
 
 
 def auto_run_name(spec: TrainSpec) -> str:
@@ -674,7 +718,7 @@ class _Trainer:
         started = time.perf_counter()
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 matmuls
-        check_tensorboard(spec)
+        check_metric_mirrors(spec)
         hellaswag = self._read_hellaswag() if spec.eval.hellaswag is not None else None
         run_dir = resolve_run_dir(spec, strategy.world_size)
         self.lock_run_folder(run_dir)
@@ -751,15 +795,17 @@ class _Trainer:
             write_status(run_dir, "running", step, plan.total_steps)
             self.running_at = (run_dir, step)
         strategy.barrier()
-        mirrors: tuple[Any, ...] = ()
+        mirrors: list[Any] = []
         if spec.run.tensorboard and strategy.is_main:
-            mirrors = (TensorBoardWriter(
+            mirrors.append(TensorBoardWriter(
                 run_dir / TENSORBOARD_DIR,
                 # Resumed (or started over): hide what an earlier attempt logged past this start.
                 purge_step=step + 1 if spec.run.resume is not None else None,
                 spec_json=spec_to_json(spec) if step == 0 else None,
-            ),)
-        metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=strategy.is_main, mirrors=mirrors)
+            ))
+        if spec.run.wandb and strategy.is_main:
+            mirrors.append(_start_wandb(run_dir, spec))
+        metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=strategy.is_main, mirrors=tuple(mirrors))
         if resume_changes:
             # spec.json now describes the continuation; the run's earlier settings stay on record.
             metrics.write({"kind": "resume", "step": step, "tokens": tokens_seen, "changed": resume_changes})

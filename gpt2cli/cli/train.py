@@ -62,7 +62,8 @@ FLAG_FIELDS: dict[str, tuple[str, str]] = {
     "--activation-checkpointing": ("parallel", "activation_checkpointing"),
     "--out": ("run", "out"), "--runs-dir": ("run", "runs_dir"), "--resume": ("run", "resume"), "--init": ("run", "init"),
     "--save-every": ("run", "save_every"), "--keep": ("run", "keep"), "--quiet": ("run", "quiet"),
-    "--tensorboard": ("run", "tensorboard"),
+    "--tensorboard": ("run", "tensorboard"), "--wandb": ("run", "wandb"), "--wandb-project": ("run", "wandb_project"),
+    "--wandb-name": ("run", "wandb_name"),
 }
 FLAG_FOR_FIELD = {f"{section}.{name}": flag for flag, (section, name) in FLAG_FIELDS.items()}
 _SECTIONS = {"model": ModelSpec, "data": DataSpec, "optim": OptimSpec, "train": TrainingSpec, "eval": EvalSpec,
@@ -166,6 +167,9 @@ def train(
     keep: Annotated[int | None, typer.Option(help=h("--keep"), rich_help_panel=R)] = None,
     quiet: Annotated[bool | None, typer.Option("--quiet/--no-quiet", "-q", help=h("--quiet"), rich_help_panel=R)] = None,
     tensorboard: Annotated[bool | None, typer.Option("--tensorboard/--no-tensorboard", help=h("--tensorboard"), rich_help_panel=R)] = None,
+    wandb: Annotated[bool | None, typer.Option("--wandb/--no-wandb", help=h("--wandb"), rich_help_panel=R)] = None,
+    wandb_project: Annotated[str | None, typer.Option(help=h("--wandb-project"), rich_help_panel=R, show_default=False)] = None,
+    wandb_name: Annotated[str | None, typer.Option(help=h("--wandb-name"), rich_help_panel=R, show_default=False)] = None,
     # spec plumbing
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -193,6 +197,7 @@ def train(
         "--fsdp-reshard-after-forward": fsdp_reshard_after_forward, "--fsdp-cpu-offload": fsdp_cpu_offload,
         "--activation-checkpointing": activation_checkpointing, "--out": out_dir, "--runs-dir": runs_dir,
         "--resume": resume, "--save-every": save_every, "--keep": keep, "--quiet": quiet, "--tensorboard": tensorboard,
+        "--wandb": wandb, "--wandb-project": wandb_project, "--wandb-name": wandb_name,
     }
     if spec_file is not None:
         extra = [f for f, v in values.items() if v is not None] + (["--config"] if config else []) + (["--set"] if set_ else [])
@@ -359,7 +364,12 @@ def run(spec: TrainSpec, dry_run: bool = False) -> None:
         take_worker_error,
         under_torchrun,
     )
-    from gpt2cli.train import check_tensorboard, plan_batches, refuse_existing_run, take_run_folder
+    from gpt2cli.train import (
+        check_metric_mirrors,
+        plan_batches,
+        refuse_existing_run,
+        take_run_folder,
+    )
 
     p = spec.parallel
     world = p.procs_per_node * p.nnodes
@@ -367,7 +377,7 @@ def run(spec: TrainSpec, dry_run: bool = False) -> None:
         check_gpus(p)
         check_rendezvous(p)
         _check_device(spec)
-        check_tensorboard(spec)
+        check_metric_mirrors(spec)
     plan = plan_batches(spec, int(os.environ.get("WORLD_SIZE", world)))
     if dry_run:
         _print_dry_run(spec, plan)
