@@ -15,7 +15,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from gpt2cli.cli.common import ConfigOpt, err, field_help, flat_set_opt, out, print_wide, si
-from gpt2cli.errors import StoppedBySignal
+from gpt2cli.errors import StoppedBySignal, UserError
 from gpt2cli.specs import PrepareSpec, build_spec
 
 if TYPE_CHECKING:
@@ -59,6 +59,10 @@ def data(
     errors: Annotated[ErrorsMode | None, _opt("errors", "--errors")] = None,
     overwrite: Annotated[bool, _opt("overwrite", "--overwrite")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    verify: Annotated[bool, typer.Option(
+        "--verify", help="Check prepared folders (the SOURCE arguments) instead of preparing: every token is "
+        "read and hashed against meta.json's fingerprint, and ids outside the vocabulary are counted.",
+    )] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -68,6 +72,20 @@ def data(
     `gpt2 data dump.jsonl --text-column content --out data/dump`,
     `gpt2 data HuggingFaceFW/fineweb-edu --subset sample-10BT --max-tokens 100000000`.
     """
+    if verify:
+        preparing = {"--out": out_dir, "--text-column": text_column, "--subset": subset, "--split": split,
+                     "--val-fraction": val_fraction, "--max-docs": max_docs, "--max-tokens": max_tokens,
+                     "--num-proc": num_proc, "--errors": errors, "--overwrite": overwrite or None,
+                     "--config": config, "--set": set_}
+        given = [flag for flag, value in preparing.items() if value is not None]
+        if given:
+            one = len(given) == 1
+            raise UserError(f"--verify checks prepared folders; {', '.join(given)} {'is' if one else 'are'} for "
+                            "preparing one", f"drop {'it' if one else 'them'}")
+        if not sources:
+            raise UserError("--verify needs the folders to check", "gpt2 data --verify DIR [DIR...]")
+        _verify(sources, progress=not quiet)
+        return
     flags = {
         "sources": list(sources) if sources else None,
         "out": out_dir,
@@ -191,3 +209,40 @@ def _print_summary(path: Path, seconds: float) -> None:
             f"skipped {empty:,} empty document{'s' if empty != 1 else ''} "
             "(empty files, or empty or null text fields)"
         )
+
+
+def _verify(paths: list[str], *, progress: bool) -> None:
+    """`gpt2 data --verify`: a table per folder; one Error line naming the damaged ones."""
+    from rich.markup import escape
+    from rich.progress import BarColumn, DownloadColumn, TransferSpeedColumn
+
+    from gpt2cli.data.shards import TokenFolder, verify_folder
+
+    folders = [TokenFolder(p) for p in paths]  # a missing, foreign or truncated folder: one line, at once
+    damaged = []
+    for folder in folders:
+        total = sum(folder.num_tokens(s) for s in folder.splits) * 2
+        with Progress(TextColumn(f"[bold]verifying[/] {escape(str(folder.path))}"), BarColumn(), DownloadColumn(),
+                      TransferSpeedColumn(), console=err, transient=True, disable=not (progress and err.is_terminal)) as bar:
+            task = bar.add_task("verify", total=total)
+            intact, checks = verify_folder(folder, on_bytes=lambda done, bar=bar, task=task: bar.update(task, completed=done))
+        table = Table(title=f"{folder.path}  (vocabulary {folder.vocab_size:,})", title_justify="left")
+        for column in ("split", "tokens", "largest id", "ids outside the vocabulary"):
+            table.add_column(column, justify="left" if column == "split" else "right")
+        for c in checks:
+            outside = f"{c.out_of_vocabulary:,} (first at {c.first_out_of_vocabulary:,})" if c.out_of_vocabulary else "0"
+            table.add_row(c.split, f"{c.tokens:,}", "-" if c.max_id is None else f"{c.max_id:,}", outside,
+                          style="red" if c.out_of_vocabulary else None)
+        print_wide(table)
+        bad_ids = [c.split for c in checks if c.out_of_vocabulary]
+        if intact and not bad_ids:
+            out.print(f"intact: the tokens match meta.json's fingerprint {folder.fingerprint[:16]}", soft_wrap=True)
+            continue
+        problems = [] if intact else ["the tokens no longer match meta.json's fingerprint"]
+        if bad_ids:
+            problems.append(f"ids outside the vocabulary in {', '.join(bad_ids)}")
+        out.print(f"[red]damaged[/]: {escape('; '.join(problems))}", soft_wrap=True)
+        damaged.append(f"{str(folder.path)!r} ({'; '.join(problems)})")
+    if damaged:
+        raise UserError(f"damaged data: {', '.join(damaged)}",
+                        "prepare the folder again from its sources, which its meta.json names")

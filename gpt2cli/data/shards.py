@@ -17,6 +17,8 @@ import hashlib
 import json
 import os
 import shlex
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,14 +50,59 @@ def write_meta(folder: Path, meta: dict[str, Any]) -> None:
 def fingerprint_files(folder: Path, splits: list[str]) -> str:
     """sha256 over every split's name, token count and token bytes: equal iff the tokens are equal."""
     digest = hashlib.sha256()
+    for _ in _fingerprint_blocks(folder, splits, digest):
+        pass
+    return digest.hexdigest()
+
+
+def _fingerprint_blocks(folder: Path, splits: list[str], digest) -> Iterator[tuple[str, bytes]]:
+    """(split, block) of every split file in fingerprint order, each block already hashed into
+    ``digest`` (with the split's name and token count before its first block)."""
     for split in sorted(splits):
         path = folder / split_file_name(split)
         size = path.stat().st_size
         digest.update(f"{split}\0{size // TOKEN_DTYPE.itemsize}\0".encode())
         with open(path, "rb") as fh:
-            while block := fh.read(1 << 22):
+            while block := fh.read(1 << 22):  # an even number of bytes: whole tokens
                 digest.update(block)
-    return digest.hexdigest()
+                yield split, block
+
+
+@dataclass
+class SplitCheck:
+    """One split as :func:`verify_folder` read it."""
+
+    split: str
+    tokens: int
+    max_id: int | None  # None for an empty split
+    out_of_vocabulary: int  # ids at or above the folder's vocab_size
+    first_out_of_vocabulary: int | None  # the position of the first of them
+
+
+def verify_folder(folder: TokenFolder, on_bytes: Callable[[int], None] | None = None) -> tuple[bool, list[SplitCheck]]:
+    """Read every token of ``folder``: whether they still hash to meta.json's fingerprint (a flipped
+    byte anywhere changes it), and each split's largest id and ids outside the vocabulary (which the
+    loader would otherwise refuse only when a batch holding one is drawn). ``on_bytes``: bytes read
+    so far."""
+    digest = hashlib.sha256()
+    checks = {split: SplitCheck(split, folder.num_tokens(split), None, 0, None) for split in folder.splits}
+    seen = {split: 0 for split in folder.splits}
+    done = 0
+    for split, block in _fingerprint_blocks(folder.path, folder.splits, digest):
+        ids = np.frombuffer(block, dtype=TOKEN_DTYPE)
+        check = checks[split]
+        top = int(ids.max())
+        check.max_id = top if check.max_id is None else max(check.max_id, top)
+        if top >= folder.vocab_size:
+            bad = np.flatnonzero(ids >= folder.vocab_size)
+            if check.first_out_of_vocabulary is None:
+                check.first_out_of_vocabulary = seen[split] + int(bad[0])
+            check.out_of_vocabulary += len(bad)
+        seen[split] += len(ids)
+        done += len(block)
+        if on_bytes is not None:
+            on_bytes(done)
+    return digest.hexdigest() == folder.fingerprint, [checks[s] for s in folder.splits]
 
 
 def is_token_folder(path: str | Path) -> bool:

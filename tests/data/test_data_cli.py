@@ -118,3 +118,76 @@ def test_a_signal_removes_the_staging_folder_and_says_so(tmp_path, env, sig, cod
     assert stderr.strip().splitlines() == [f"Stopped by {sig.name}; the unfinished output was removed."]
     assert stdout == ""
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith((".", "out"))]  # no staging, no output
+
+
+# ------------------------------------------------------------------------------------ --verify
+
+
+def damaged_copy(folder, target, position: int, token: int):
+    """A copy of ``folder`` with the token at ``position`` of train.bin replaced by ``token``."""
+    import shutil
+
+    shutil.copytree(folder, target)
+    with open(target / "train.bin", "r+b") as fh:
+        fh.seek(2 * position)
+        fh.write(int(token).to_bytes(2, "little"))
+    return target
+
+
+@pytest.fixture(scope="module")
+def small_folder(tmp_path_factory):
+    from gpt2cli.data.prepare import prepare_data
+    from gpt2cli.specs import PrepareSpec
+
+    root = tmp_path_factory.mktemp("verify")
+    (root / "corpus.txt").write_text("To be, or not to be, that is the question. " * 400, encoding="utf-8")
+    return prepare_data(PrepareSpec(sources=[str(root / "corpus.txt")], out=str(root / "tokens"), val_fraction=0.5))
+
+
+def test_verify_finds_an_intact_folder_intact(small_folder):
+    from gpt2cli.data.shards import verify_folder
+
+    folder = TokenFolder(small_folder)
+    intact, checks = verify_folder(folder)
+    assert intact and [c.split for c in checks] == folder.splits
+    for c in checks:
+        tokens = folder.tokens(c.split)
+        assert (c.tokens, c.max_id, c.out_of_vocabulary) == (len(tokens), int(tokens.max()), 0)
+    proc = run_gpt2("data", "--verify", str(small_folder), check=True)
+    assert f"intact: the tokens match meta.json's fingerprint {folder.fingerprint[:16]}" in proc.stdout
+
+
+def test_verify_finds_a_flipped_token_and_ids_outside_the_vocabulary(small_folder, tmp_path):
+    """A token changed into another valid id only shows in the fingerprint; an id past the
+    vocabulary is also counted, with its position. Every folder gets its table, the intact one
+    included, and the command ends with one line naming the damaged ones (exit 2)."""
+    from gpt2cli.data.shards import verify_folder
+
+    train = TokenFolder(small_folder).tokens("train")
+    flipped = damaged_copy(small_folder, tmp_path / "flipped", 7, (int(train[7]) + 1) % 50257)
+    outside = damaged_copy(small_folder, tmp_path / "outside", 123, 65535)
+    assert verify_folder(TokenFolder(flipped))[0] is False
+    intact, checks = verify_folder(TokenFolder(outside))
+    train_check = next(c for c in checks if c.split == "train")
+    assert not intact and (train_check.out_of_vocabulary, train_check.first_out_of_vocabulary) == (1, 123)
+    assert train_check.max_id == 65535
+
+    proc = run_gpt2("data", "--verify", str(small_folder), str(flipped), str(outside))
+    error = one_error_line(proc)
+    assert error == (f"Error: damaged data: {str(flipped)!r} (the tokens no longer match meta.json's fingerprint), "
+                     f"{str(outside)!r} (the tokens no longer match meta.json's fingerprint; ids outside the "
+                     "vocabulary in train) (prepare the folder again from its sources, which its meta.json names)")
+    assert proc.stdout.count("intact:") == 1 and proc.stdout.count("damaged:") == 2
+    assert "1 (first at 123)" in proc.stdout
+
+
+def test_verify_refuses_what_it_cannot_check(small_folder, tmp_path):
+    assert "--verify needs the folders to check" in one_error_line(run_gpt2("data", "--verify"))
+    assert ("--verify checks prepared folders; --out is for preparing one (drop it)"
+            in one_error_line(run_gpt2("data", "--verify", str(small_folder), "--out", "x")))
+    import shutil
+
+    shutil.copytree(small_folder, tmp_path / "cut")
+    with open(tmp_path / "cut" / "val.bin", "r+b") as fh:
+        fh.truncate(10)
+    assert "is 10 bytes, meta.json says" in one_error_line(run_gpt2("data", "--verify", str(tmp_path / "cut")))
