@@ -193,12 +193,7 @@ def _refuse_foreign_file(path: Path) -> None:
 def build_model(spec: ModelSpec, state: dict[str, torch.Tensor], where: str,
                 device: torch.device | str = "cpu") -> GPT:
     """A GPT of ``spec`` holding ``state`` (our parameter names; the tied lm_head may be absent)."""
-    with torch.device("meta"):
-        model = GPT(spec)
-    model.to_empty(device="cpu")
-    model.tie_weights()
-    if model.rope is not None:
-        model.rope.reset_parameters()  # a non-persistent buffer: not in the state dict
+    model = GPT.uninitialised(spec, "cpu")
     expected = model.state_dict()
     state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state.items()}
     if "lm_head.weight" not in state and "transformer.wte.weight" in state:

@@ -293,6 +293,12 @@ def _start_wandb(run_dir: Path, spec: TrainSpec) -> WandbWriter:
                         "--resume auto continues it") from exc
 
 
+def _same_on_every_rank(strategy: Strategy, device: torch.device, value: float) -> bool:
+    """Whether every process holds the same ``value`` (collective: every rank must ask)."""
+    both = strategy.all_reduce_max(torch.tensor([value, -value], dtype=torch.float64, device=device))
+    return float(both[0]) == -float(both[1])
+
+
 def auto_run_name(spec: TrainSpec) -> str:
     m = spec.model
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -679,14 +685,9 @@ class _Trainer:
         weight, compared across ranks, refuses that."""
         if self.strategy.world_size == 1:
             return
-        if not self._same_on_every_rank(sum(float(t.double().sum()) for t in state.values())):
+        if not _same_on_every_rank(self.strategy, self.device, sum(float(t.double().sum()) for t in state.values())):
             raise UserError(f"the processes read different weights from run.init {self.spec.run.init!r}: it changed "
                             "while the run started", "start from a file that is not being rewritten")
-
-    def _same_on_every_rank(self, value: float) -> bool:
-        """Whether every process holds the same ``value`` (collective: every rank must ask)."""
-        both = self.strategy.all_reduce_max(torch.tensor([value, -value], dtype=torch.float64, device=self.device))
-        return float(both[0]) == -float(both[1])
 
     def _read_hellaswag(self):
         """eval.hellaswag's examples as token rows for the trained context (plan.seq_len: positions
@@ -699,14 +700,19 @@ class _Trainer:
         encoded = encode_examples(examples, self.plan.seq_len)
         if self.strategy.world_size > 1:
             digest = hashlib.sha256(b"".join(row.tobytes() for e in encoded for row in e.rows)).digest()
-            if not self._same_on_every_rank(int.from_bytes(digest[:6], "big")):  # 48 bits: exact in a float64
+            if not _same_on_every_rank(self.strategy, self.device, int.from_bytes(digest[:6], "big")):  # 48 bits: exact in a float64
                 raise UserError(f"the processes read different examples from eval.hellaswag {self.spec.eval.hellaswag!r}",
                                 "give every node the same file")
         return encoded
 
-    def _build_model(self) -> tuple[GPT, nn.Module]:
+    def _build_model(self, *, weights_follow: bool = False) -> tuple[GPT, nn.Module]:
+        """The model, wrapped for the strategy (and compiled). ``weights_follow``: a state dict
+        (--init) is loaded next, so the random initialisation is skipped."""
         torch.manual_seed(self.spec.train.seed)  # identical initialisation on every rank
-        model = GPT(self.spec.model).to(self.device)
+        if weights_follow:
+            model = GPT.uninitialised(self.spec.model, self.device)
+        else:
+            model = GPT(self.spec.model).to(self.device)
         trained = self.strategy.wrap(model)
         if self.compiled:
             trained = torch.compile(trained)
@@ -755,7 +761,7 @@ class _Trainer:
         init_state, init_source = (self._read_init() if resume_from is None and spec.run.init is not None
                                    else (None, None))
 
-        model, trained = self._build_model()
+        model, trained = self._build_model(weights_follow=init_state is not None)
         if init_state is not None:
             self._check_same_init_everywhere(init_state)
             strategy.load_model_state(trained, init_state)
