@@ -57,7 +57,11 @@ METRICS = {
     "val_ppl": "best_val_ppl",
     # Logged train losses are minibatch values; their minimum is biased low, the final one is not.
     "train_loss": "final_train_loss",
+    "hellaswag_acc_norm": "best_hellaswag_acc_norm",
 }
+HIGHER_IS_BETTER = ("hellaswag_acc_norm",)  # the other metrics: lower is better
+METRIC_LABELS = {"val_loss": "val loss", "val_ppl": "val perplexity", "train_loss": "train loss",
+                 "hellaswag_acc_norm": "HellaSwag acc_norm"}
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,8 @@ METRIC_ROWS: tuple[RowDef, ...] = (
     RowDef("best_val_ppl", "best val perplexity", "min", "ppl"),
     RowDef("final_val_ppl", "final val perplexity", "min", "ppl"),
     RowDef("final_train_loss", "final train loss", "min", "loss"),
-    # --hellaswag runs only: the last evaluation's accuracies (scored on the same examples each time)
+    # --hellaswag runs only (scored on the same examples at every evaluation)
+    RowDef("best_hellaswag_acc_norm", "best HellaSwag acc_norm", "max", "acc"),
     RowDef("final_hellaswag_acc_norm", "final HellaSwag acc_norm", "max", "acc"),
     RowDef("final_hellaswag_acc", "final HellaSwag acc", "max", "acc"),
     RowDef("tokens_to_target", "tokens to target", "min", "si"),
@@ -121,8 +126,11 @@ class Run:
     def train_points(self) -> list[tuple[float, float]]:
         return _points(self.train_rows, "loss")
 
+    def hellaswag_points(self) -> list[tuple[float, float]]:
+        return _points(self.eval_rows, "hellaswag_acc_norm")
+
     def series(self, metric: str) -> list[dict[str, Any]]:
-        """Rows that carry ``metric`` (val_loss, val_ppl or train_loss), in order."""
+        """Rows that carry ``metric`` (one of METRICS), in order."""
         if metric == "train_loss":
             return [{**r, "value": r.get("loss")} for r in self.train_rows]
         return [{**r, "value": r.get(metric)} for r in self.eval_rows]
@@ -371,6 +379,7 @@ def _run_metrics(run: Run) -> dict[str, float | None]:
     mem = [r.get(k) for r in run.train_rows for k in ("peak_mem_bytes", "peak_rss_bytes") if _finite(r.get(k))]
     best = min(vals) if vals else None
     final_val = _last(run.eval_rows, "val_loss")
+    accs = [r["hellaswag_acc_norm"] for r in run.eval_rows if _finite(r.get("hellaswag_acc_norm"))]
     return {
         "params": params,
         "kv_cache_bytes_per_token": kv,
@@ -380,6 +389,7 @@ def _run_metrics(run: Run) -> dict[str, float | None]:
         "best_val_ppl": _ppl(best),
         "final_val_ppl": _ppl(final_val),
         "final_train_loss": _last(run.train_rows, "loss"),
+        "best_hellaswag_acc_norm": max(accs) if accs else None,
         "final_hellaswag_acc_norm": _last(run.eval_rows, "hellaswag_acc_norm"),
         "final_hellaswag_acc": _last(run.eval_rows, "hellaswag_acc"),
         "tokens_per_s": _median([r["tokens_per_s"] for r in windows if _finite(r.get("tokens_per_s"))]),
@@ -394,9 +404,12 @@ def _ppl(loss: float | None) -> float | None:
 
 
 def time_to_target(run: Run, metric: str, target: float) -> tuple[float | None, float | None]:
-    """(tokens, wall seconds) at the first logged row where ``metric`` <= ``target``."""
+    """(tokens, wall seconds) at the first logged row where ``metric`` reaches ``target``: at or
+    below it, at or above it for a metric where higher is better."""
+    higher = metric in HIGHER_IS_BETTER
     for row in run.series(metric):
-        if _finite(row["value"]) and row["value"] <= target:
+        value = row["value"]
+        if _finite(value) and (value >= target if higher else value <= target):
             return row.get("tokens"), row.get("elapsed_s")
     return None, None
 
@@ -681,6 +694,7 @@ def compare_runs(
 
     rank_key = METRICS[metric]
     rank_kind = next(d.kind for d in METRIC_ROWS if d.key == rank_key)
+    higher = metric in HIGHER_IS_BETTER
     means = [c.stats[rank_key].mean for c in columns]
     # A mean over only some runs of a group (no eval yet) ranks after every complete column.
     full = [c.stats[rank_key].n == len(c.runs) for c in columns]
@@ -691,21 +705,23 @@ def compare_runs(
         peers = [m for m, o in zip(means, full, strict=True) if m is not None and (o == ok or not any_full)]
         ahead = 0 if ok or not any_full else sum(1 for m, o in zip(means, full, strict=True) if m is not None and o)
         # ties share a rank: 1, 1, 3
-        col.rank = 1 + ahead + sum(1 for m in peers if m < mean and not _tied_row(m, mean, rank_kind))
+        col.rank = 1 + ahead + sum(1 for m in peers if (m > mean if higher else m < mean)
+                                   and not _tied_row(m, mean, rank_kind))
 
     rows: list[Row] = [Row(k, k, None, "text", spec=True) for k in spec_fields]
     if any(len(c.runs) > 1 for c in columns):
         rows.append(Row("runs", "runs", None, "int"))
     rows.append(Row("status", "status", None, "text"))
     if len(columns) > 1:
-        rows.append(Row("rank", f"rank by {rank_key.replace('_', ' ')}", "min", "int"))
-    metric_label = {"val_loss": "val loss", "val_ppl": "val perplexity", "train_loss": "train loss"}[metric]
+        rows.append(Row("rank", f"rank by {next(d.label for d in METRIC_ROWS if d.key == rank_key)}", "min", "int"))
+    metric_label = METRIC_LABELS[metric]
     for d in METRIC_ROWS:
         if d.key in TARGET_KEYS:
             if target is None:
                 continue
             what = "tokens" if d.key == "tokens_to_target" else "time"
-            rows.append(Row(d.key, f"{what} to {metric_label} <= {target:g}", d.better, d.kind))
+            rows.append(Row(d.key, f"{what} to {metric_label} {'>=' if higher else '<='} {target:g}", d.better,
+                            d.kind))
         elif any(c.stats[d.key].n for c in columns):
             label = d.label
             if d.key == "peak_mem_bytes":

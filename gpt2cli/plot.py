@@ -33,7 +33,7 @@ def mean_curve(series: Sequence[Series]) -> Series:
 
 
 def _column_series(column: Any, which: str) -> list[Series]:
-    getter = "val_points" if which == "val" else "train_points"
+    getter = {"val": "val_points", "train": "train_points", "hellaswag": "hellaswag_points"}[which]
     return [s for s in (getattr(run, getter)() for run in column.runs) if s]
 
 
@@ -64,8 +64,8 @@ def plot_format(path: str | Path) -> str:
 def write_plot(columns: Sequence[Any], path: str | Path, *, metric: str = "val_loss",
                target: float | None = None, title: str | None = None, sweep: Any = None) -> Path:
     """Write val loss (left) and train loss (right) against tokens for every run to ``path``
-    (.png or .svg); with ``sweep`` (gpt2cli.compare.SweepLines) a third panel: the metric against
-    the swept field. Returns the path."""
+    (.png or .svg), then HellaSwag acc_norm where a run logged it (--hellaswag); with ``sweep``
+    (gpt2cli.compare.SweepLines) a last panel: the metric against the swept field. Returns the path."""
     p = Path(path)
     fmt = plot_format(p)
     try:
@@ -75,14 +75,16 @@ def write_plot(columns: Sequence[Any], path: str | Path, *, metric: str = "val_l
     except ImportError as exc:  # pragma: no cover - matplotlib is a dependency
         raise UserError("--plot needs matplotlib", "pip install matplotlib") from exc
 
-    fig = Figure(figsize=(16.5 if sweep else 11, 4.4), layout="constrained")
+    curves = [("val", "validation loss", "loss"), ("train", "train loss", "loss")]
+    if any(_column_series(col, "hellaswag") for col in columns):
+        curves.append(("hellaswag", "HellaSwag acc_norm", "accuracy"))
+    n_panels = len(curves) + (1 if sweep else 0)
+    fig = Figure(figsize=(5.5 * n_panels, 4.4), layout="constrained")
     FigureCanvasAgg(fig)  # the Agg canvas: no display, no pyplot state
-    axes = fig.subplots(1, 3 if sweep else 2)
-    ax_val, ax_train = axes[0], axes[1]
+    axes = fig.subplots(1, n_panels)
     if sweep:
-        _sweep_panel(axes[2], sweep)
-    panels = ((ax_val, "val", "validation loss"), (ax_train, "train", "train loss"))
-    for ax, which, heading in panels:
+        _sweep_panel(axes[-1], sweep)
+    for ax, (which, heading, quantity) in zip(axes, curves, strict=False):
         drawn: list[Series] = []
         for i, col in enumerate(columns):
             color = f"C{i % 10}"
@@ -100,7 +102,7 @@ def write_plot(columns: Sequence[Any], path: str | Path, *, metric: str = "val_l
             drawn.extend(series)
         ax.set_title(heading)
         ax.set_xlabel("tokens")
-        ax.set_ylabel("loss")
+        ax.set_ylabel(quantity)
         ax.xaxis.set_major_formatter(EngFormatter(sep=""))
         ax.grid(alpha=0.3)
         if not drawn:
@@ -112,7 +114,7 @@ def write_plot(columns: Sequence[Any], path: str | Path, *, metric: str = "val_l
             # The axis is loss: a perplexity target is drawn at its loss, and says both.
             text = f"target ppl {target:g} (loss {line:.3f})" if metric == "val_ppl" else f"target {target:g}"
             ax.axhline(line, color="0.3", ls="--", lw=1, label=text)
-        top = _zoom_top(drawn)
+        top = _zoom_top(drawn) if which != "hellaswag" else None  # accuracies rise: nothing to zoom past
         bottom = min(y for s in drawn for _, y in s)
         if top is not None and top > bottom:
             pad = 0.05 * (top - bottom)
@@ -162,6 +164,8 @@ def _target_line(which: str, metric: str, target: float | None) -> float | None:
     if which == "val" and metric == "val_ppl" and target > 0:
         return math.log(target)
     if which == "train" and metric == "train_loss":
+        return target
+    if which == "hellaswag" and metric == "hellaswag_acc_norm":
         return target
     return None
 

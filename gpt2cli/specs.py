@@ -649,14 +649,17 @@ class CompareSpec(_Spec):
     runs: list[str] = Field(
         default_factory=list, description="Run folders, or parent folders of runs (a sweep's folder)."
     )
-    metric: Literal["val_loss", "val_ppl", "train_loss"] = Field(
-        "val_loss", description="Metric (lower is better) that ranks the runs and that --target refers to."
+    metric: Literal["val_loss", "val_ppl", "train_loss", "hellaswag_acc_norm"] = Field(
+        "val_loss",
+        description="Metric that ranks the runs and that --target refers to: val_loss, val_ppl, train_loss "
+        "(lower is better) or hellaswag_acc_norm (higher is better; runs trained with --hellaswag).",
     )
     target: float | None = Field(
         None, description="Report the tokens and wall time each run took to first reach this metric value."
     )
     plot: str | None = Field(
-        None, description="Write val and train loss against tokens to this PNG or SVG file."
+        None, description="Write val and train loss (and HellaSwag acc_norm, where logged) against tokens to "
+        "this PNG or SVG file."
     )
     plot_vs: str | None = Field(
         None,

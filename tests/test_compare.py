@@ -44,9 +44,11 @@ def make_spec(out: Path, steps: int = 4, seed: int = 1337, **model) -> TrainSpec
 
 def make_run(path: Path, val: list[float] | None = None, train: list[float] | None = None, *, steps: int = 4,
              seed: int = 1337, eval_every: int = 2, tokens_per_s: list[float] | None = None,
-             times: list[float] | None = None, lr: float | None = None, **model) -> Path:
+             times: list[float] | None = None, lr: float | None = None, hellaswag: list[float] | None = None,
+             **model) -> Path:
     """A run folder as `gpt2 train` writes it: spec.json and metrics.jsonl (train row every step,
-    eval row every `eval_every` steps; `times` are the time_s of the train rows)."""
+    eval row every `eval_every` steps, with HellaSwag's acc_norm when given; `times` are the time_s
+    of the train rows)."""
     spec = make_spec(path, steps=steps, seed=seed, **model)
     if lr is not None:
         spec = spec.model_copy(update={"optim": spec.optim.model_copy(update={"lr": lr, "min_lr": lr / 10})})
@@ -66,6 +68,8 @@ def make_run(path: Path, val: list[float] | None = None, train: list[float] | No
             v = val[i // eval_every - 1]
             rows.append({"kind": "eval", "step": i, "tokens": i * TOKENS_PER_STEP, "val_loss": v,
                          "val_ppl": math.exp(v), "best": True, "time_s": times[i - 1] + 0.5})
+            if hellaswag:
+                rows[-1].update(hellaswag_acc_norm=hellaswag[i // eval_every - 1], hellaswag_acc=0.25)
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
 
@@ -287,6 +291,36 @@ def test_tokens_and_time_to_target_and_resumed_wall_time(tmp_path):
     assert stat(by_train, "fast", "tokens_to_target").mean == 3 * TOKENS_PER_STEP
     with pytest.raises(UserError, match="unknown metric"):
         compare_paths([fast], metric="accuracy")
+
+
+def test_hellaswag_ranks_higher_first_and_reaches_targets_from_below(tmp_path, capsys):
+    """--metric hellaswag_acc_norm: the best acc_norm over evaluations ranks the runs, higher first,
+    a target is reached at or above it, and a run trained without --hellaswag has no value."""
+    rising = make_run(tmp_path / "rising", val=[3.5, 3.0], train=[5, 4, 3, 2], hellaswag=[0.26, 0.31])
+    falling = make_run(tmp_path / "falling", val=[3.4, 2.9], train=[5, 4, 3, 2], hellaswag=[0.30, 0.27],
+                       pos="rope")
+    plain = make_run(tmp_path / "plain", val=[3.3, 2.8], train=[5, 4, 3, 2], attn="gqa")
+    result = compare_paths([rising, falling, plain], metric="hellaswag_acc_norm", target=0.3)
+    assert stat(result, "rising", "best_hellaswag_acc_norm").mean == 0.31
+    assert stat(result, "falling", "best_hellaswag_acc_norm").mean == 0.30
+    assert stat(result, "falling", "final_hellaswag_acc_norm").mean == 0.27
+    assert stat(result, "plain", "best_hellaswag_acc_norm").n == 0
+    assert [c.rank for c in result.columns] == [1, 2, None]
+    assert result.best["best_hellaswag_acc_norm"] == [0] and result.best["final_hellaswag_acc_norm"] == [0]
+    assert result.best["best_val_loss"] == [2]  # the loss rows still mark the lowest
+    rank_row = next(r for r in result.rows if r.key == "rank")
+    assert rank_row.label == "rank by best HellaSwag acc_norm"
+    target_row = next(r for r in result.rows if r.key == "tokens_to_target")
+    assert target_row.label == "tokens to HellaSwag acc_norm >= 0.3"
+    assert stat(result, "rising", "tokens_to_target").mean == 4 * TOKENS_PER_STEP  # 0.31 at the second eval
+    assert stat(result, "falling", "tokens_to_target").mean == 2 * TOKENS_PER_STEP  # 0.30 at the first
+    code, out, _ = cli(capsys, "compare", str(rising), str(falling), "--metric", "hellaswag_acc_norm")
+    assert code == 0 and "best: rising (best HellaSwag acc_norm 0.3100)" in out
+
+    svg = write_plot(result.columns, tmp_path / "with.svg", metric="hellaswag_acc_norm", target=0.3)
+    assert "HellaSwag acc_norm" in svg.read_text(encoding="utf-8")  # the third panel
+    without = write_plot(compare_paths([plain]).columns, tmp_path / "without.svg")
+    assert "HellaSwag" not in without.read_text(encoding="utf-8")
 
 
 def test_running_runs_and_runs_without_eval_show_what_they_have(tmp_path):

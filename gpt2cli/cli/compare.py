@@ -54,6 +54,7 @@ class Metric(str, Enum):
     val_loss = "val_loss"
     val_ppl = "val_ppl"
     train_loss = "train_loss"
+    hellaswag_acc_norm = "hellaswag_acc_norm"
 
 
 def register(app: typer.Typer) -> None:
@@ -176,11 +177,12 @@ def comparison_table(result: Comparison) -> Table:
 
 
 def print_table(result: Comparison) -> None:
+    from gpt2cli.compare import METRICS
+
     print_wide(comparison_table(result))
     best = result.best_columns()
     if best and len(result.columns) > 1:
-        key = {"val_loss": "best_val_loss", "val_ppl": "best_val_ppl", "train_loss": "final_train_loss"}[result.metric]
-        row = next(r for r in result.rows if r.key == key)
+        row = next(r for r in result.rows if r.key == METRICS[result.metric])
         if len(best) == 1:
             out.print(f"best: {result.columns[best[0]].label} ({row.label} {result.cell(row, best[0])})",
                       soft_wrap=True)
