@@ -198,3 +198,46 @@ def test_ddp_and_fsdp_on_one_gpu_train(strategy, tmp_path, cuda_run):
     single = {r["step"]: r["loss"] for r in train_rows(cuda_run)}
     for r in rows:
         assert abs(r["loss"] - single[r["step"]]) < 0.15, (r, single)
+
+
+# ------------------------------------------------------------------------------------ HellaSwag
+
+
+def test_hellaswag_on_cuda_scores_as_on_the_cpu():
+    """The ending losses on the GPU equal the CPU's in fp32 (the same choices) and stay within
+    bf16's precision under autocast, as `gpt2 eval --task hellaswag --device cuda` runs them."""
+    from gpt2cli.hellaswag import Example, encode_examples, ending_losses, score_examples
+    from gpt2cli.train import autocast_context
+    from tests.test_generate import tiny_gpt2
+    from tests.test_hellaswag import shakespeare_examples
+
+    examples = [Example(r["ctx"], tuple(r["endings"]), r["label"]) for r in shakespeare_examples(12, seed=2)]
+    encoded = encode_examples(examples, block_size=64)
+    model = tiny_gpt2(seed=4)
+    on_cpu = score_examples(model, encoded, batch_size=5)
+    rows = [row for e in encoded for row in e.rows]
+    starts = [s for e in encoded for s in e.starts]
+    cpu_sums, _ = ending_losses(model, rows, starts)
+    model.to(DEVICE)
+    on_device = score_examples(model, encoded, batch_size=5)
+    assert (on_device.correct, on_device.correct_norm) == (on_cpu.correct, on_cpu.correct_norm)
+    device = torch.device(DEVICE)
+    bf16_sums, _ = ending_losses(model, rows, starts, autocast=lambda: autocast_context(device, torch.bfloat16))
+    assert relative_error(bf16_sums, cpu_sums) < 2e-2
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CPU offload is an FSDP setting for CUDA")
+def test_fsdp_with_cpu_offload_evaluates_on_the_gpu(tmp_path, cache_dir):
+    """Under --fsdp-cpu-offload the parameters live on the CPU between uses: the eval batches
+    (val loss and HellaSwag) must still go to the GPU."""
+    from tests.test_hellaswag import shakespeare_examples, write_jsonl
+
+    hellaswag = write_jsonl(tmp_path / "hs.jsonl", shakespeare_examples(6))
+    run = tmp_path / "offload"
+    proc = run_gpt2("train", "--preset", "tiny", "--strategy", "fsdp", "--gpus", "1", "--fsdp-cpu-offload",
+                    "--no-compile", "--steps", "4", "--batch-size", "8", "--seq-len", "64", "--eval-every", "2",
+                    "--eval-tokens", "1024", "--hellaswag", str(hellaswag), "--out", str(run), "--quiet", timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    evals = train_rows(run, "eval")
+    assert [r["step"] for r in evals] == [2, 4]
+    assert all(math.isfinite(r["val_loss"]) and r["hellaswag_examples"] == 6 for r in evals)
