@@ -118,8 +118,8 @@ class EvalProgress(Protocol):
 
 
 def evaluate_checkpoints(spec: EvaluateSpec, progress: EvalProgress | None = None) -> dict[str, Any]:
-    """Score every checkpoint of ``spec`` on the same windows (or, with task hellaswag, the same
-    examples: gpt2cli.hellaswag); returns the report (the JSON that ``--format json`` prints):
+    """Score every checkpoint of ``spec`` on the same windows (or, with a downstream task, the same
+    examples: gpt2cli.hellaswag, gpt2cli.lambada); returns the report (the JSON that ``--format json`` prints):
     data, split, seq_len, windows, tokens, bytes and one row per checkpoint. A model whose loss is not finite does not stop the others: its row holds the
     NaN/inf values and says so in ``error``; the caller decides how to end."""
     from gpt2cli.data import TokenFolder, default_data_dir
@@ -132,6 +132,10 @@ def evaluate_checkpoints(spec: EvaluateSpec, progress: EvalProgress | None = Non
         from gpt2cli.hellaswag import evaluate_hellaswag
 
         return evaluate_hellaswag(spec, progress)
+    if spec.task == "lambada":
+        from gpt2cli.lambada import evaluate_lambada
+
+        return evaluate_lambada(spec, progress)
     if not spec.checkpoints:
         raise UserError("no checkpoint to evaluate", "pass one or more checkpoints, run folders or GPT-2 folders")
     device = resolve_device(spec.device)

@@ -550,17 +550,18 @@ class TrainSpec(_Spec):
 
 # EvaluateSpec fields that only one task reads: setting one for the other task is refused.
 LOSS_TASK_FIELDS = ("data", "split", "tokens", "seq_len")
-HELLASWAG_TASK_FIELDS = ("task_data", "examples")
+DOWNSTREAM_TASK_FIELDS = ("task_data", "examples")  # hellaswag, lambada
 
 
 class EvaluateSpec(_Spec):
-    """`gpt2 eval`: score checkpoints on the same token windows, or on the same HellaSwag examples."""
+    """`gpt2 eval`: score checkpoints on the same token windows, or on the same examples of a downstream task."""
 
     checkpoints: list[str] = Field(default_factory=list, description="Checkpoint files, run folders or HF GPT-2 folders.")
-    task: Literal["loss", "hellaswag"] = Field(
+    task: Literal["loss", "hellaswag", "lambada"] = Field(
         "loss",
-        description="What to score: loss (loss, perplexity and bits per byte on token windows) or hellaswag "
-        "(accuracy at choosing the right one of 4 endings, scored completion style as llm.c does).",
+        description="What to score: loss (loss, perplexity and bits per byte on token windows), hellaswag "
+        "(accuracy at choosing the right one of 4 endings, scored completion style as llm.c does) or lambada "
+        "(accuracy and perplexity of a passage's last word, as lm-evaluation-harness's lambada_openai).",
     )
     data: str | None = Field(None, description="Token folder from `gpt2 data`; default: the embedded corpus.")
     split: str = Field("val", description="Split to score.")
@@ -571,13 +572,16 @@ class EvaluateSpec(_Spec):
     )
     task_data: str | None = Field(
         None,
-        description="--task hellaswag: a HellaSwag .jsonl file or URL; default: the validation set (10,042 "
-        "examples), downloaded once into the cache.",
+        description="--task hellaswag or lambada: the task's .jsonl file or URL; default (or val): its "
+        "published set (HellaSwag's validation set, 10,042 examples; OpenAI's LAMBADA test set, 5,153), "
+        "downloaded once into the cache.",
     )
     examples: int | None = Field(
-        None, gt=0, description="--task hellaswag: how many examples to score, from the start of the file; default: all of them."
+        None, gt=0, description="--task hellaswag or lambada: how many examples to score, from the start of the file; "
+        "default: all of them."
     )
-    batch_size: int = Field(8, gt=0, description="Windows per batch (--task hellaswag: examples, all their endings).")
+    batch_size: int = Field(8, gt=0, description="Windows per batch (--task hellaswag or lambada: examples, all "
+                            "their endings).")
     seq_len: int | None = Field(None, gt=1, description="Window length; default: the model's block_size.")
     device: Device = Field("auto", description=DEVICE_HELP)
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="Compute precision.")
@@ -590,7 +594,7 @@ class EvaluateSpec(_Spec):
 
     @model_validator(mode="after")
     def _check_task_fields(self) -> EvaluateSpec:
-        other = HELLASWAG_TASK_FIELDS if self.task == "loss" else LOSS_TASK_FIELDS
+        other = DOWNSTREAM_TASK_FIELDS if self.task == "loss" else LOSS_TASK_FIELDS
         given = [name for name in other if name in self.model_fields_set and getattr(self, name) is not None]
         if given:
             names = " and ".join(given)

@@ -206,10 +206,10 @@ def test_ddp_and_fsdp_on_one_gpu_train(strategy, tmp_path, cuda_run):
 def test_hellaswag_on_cuda_scores_as_on_the_cpu():
     """The ending losses on the GPU equal the CPU's in fp32 (the same choices) and stay within
     bf16's precision under autocast, as `gpt2 eval --task hellaswag --device cuda` runs them."""
-    from gpt2cli.hellaswag import Example, encode_examples, ending_losses, score_examples
+    from gpt2cli.hellaswag import Example, encode_examples, score_examples
     from gpt2cli.train import autocast_context
     from tests.test_generate import tiny_gpt2
-    from tests.test_hellaswag import shakespeare_examples
+    from tests.test_hellaswag import ending_losses, shakespeare_examples
 
     examples = [Example(r["ctx"], tuple(r["endings"]), r["label"]) for r in shakespeare_examples(12, seed=2)]
     encoded = encode_examples(examples, block_size=64)

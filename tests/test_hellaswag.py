@@ -18,14 +18,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt2cli import hellaswag
+from gpt2cli import downstream, hellaswag
+from gpt2cli.downstream import ContinuationScores, cached_path
 from gpt2cli.errors import UserError
 from gpt2cli.hellaswag import (
     EncodedExample,
     Example,
-    cached_path,
     encode_examples,
-    ending_losses,
     read_examples,
     score_examples,
 )
@@ -33,6 +32,12 @@ from gpt2cli.loading import load_model
 from gpt2cli.tokenizer import encode
 from tests.conftest import random_hf_gpt2, run_gpt2
 from tests.test_generate import cli, one_error_line, random_model, save_model, tiny_gpt2  # noqa: F401
+
+
+def ending_losses(model, rows, starts, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed loss, scored tokens) of each row's continuation, as the tasks score them."""
+    scores = downstream.continuation_scores(model, rows, starts, **kwargs)
+    return scores.sums, scores.counts
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -198,14 +203,14 @@ def test_acc_takes_the_lowest_sum_and_acc_norm_the_lowest_mean(monkeypatch):
     ]
     per_example = [([5.0, 4.0, 9.0], [10, 3, 3]), ([5.0, 4.0, 9.0], [10, 3, 3]), ([5.0, math.nan, 1.0], [10, 3, 3])]
 
-    def fake_losses(model, rows, starts, autocast=None, device=None):
+    def fake_scores(model, rows, starts, autocast=None, device=None):
         batch = per_example[:len(rows) // 3]
         del per_example[:len(rows) // 3]
         sums = torch.tensor([s for sums, _ in batch for s in sums], dtype=torch.float64)
         counts = torch.tensor([c for _, counts in batch for c in counts], dtype=torch.float64)
-        return sums, counts
+        return ContinuationScores(sums, counts, torch.zeros(len(sums), dtype=torch.bool))
 
-    monkeypatch.setattr(hellaswag, "ending_losses", fake_losses)
+    monkeypatch.setattr(downstream, "continuation_scores", fake_scores)
     seen = []
     score = score_examples(torch.nn.Linear(1, 1), examples, batch_size=2, on_examples=seen.append)
     # example 0: sum picks 1 (wrong), mean picks 0 (right); example 1: sum picks 1 (right), mean 0 (wrong)
@@ -324,7 +329,7 @@ def test_the_validation_set_downloads_once_into_the_cache(tmp_path, monkeypatch,
 def test_the_default_source_is_the_hellaswag_validation_url(tmp_path, monkeypatch):
     monkeypatch.setenv("GPT2_CACHE_DIR", str(tmp_path))
     fetched = []
-    monkeypatch.setattr(hellaswag, "download", lambda url, on_download=None: fetched.append(url) or tmp_path / "x")
+    monkeypatch.setattr(downstream, "download", lambda url, check, on_download=None: fetched.append(url) or tmp_path / "x")
     assert hellaswag.resolve_source(None) == tmp_path / "x"
     assert fetched == ["https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"]
     assert cached_path(fetched[0]).name.endswith("-hellaswag_val.jsonl")
@@ -351,17 +356,17 @@ def test_a_model_without_the_gpt2_vocabulary_is_refused(capsys, tmp_path, hs_fil
 def test_nonfinite_scores_keep_every_row_and_exit_3(capsys, monkeypatch, hs_checkpoints, hs_file):
     """An example whose endings score NaN (as from NaN weights or an fp16 overflow) is wrong; the
     row says how many there were, every row is printed, and the command exits 3."""
-    real = hellaswag.ending_losses
+    real = downstream.continuation_scores
     calls = []
 
     def nan_for_the_second_model(model, rows, starts, autocast=None, device=None):
-        sums, counts = real(model, rows, starts, autocast=autocast)
+        scores = real(model, rows, starts, autocast=autocast)
         calls.append(model)
         if model is not calls[0]:
-            sums[0] = math.nan  # the first example of every batch
-        return sums, counts
+            scores.sums[0] = math.nan  # the first example of every batch
+        return scores
 
-    monkeypatch.setattr(hellaswag, "ending_losses", nan_for_the_second_model)
+    monkeypatch.setattr(downstream, "continuation_scores", nan_for_the_second_model)
     code, out, err = cli(capsys, "eval", *hs_checkpoints, "--task", "hellaswag", "--task-data", hs_file,
                          "--examples", "6", "-b", "4", "--format", "json")
     rows = json.loads(out)["results"]

@@ -1,5 +1,6 @@
 """`gpt2 eval`: Score checkpoints: loss, perplexity and bits per byte on the same token windows,
-or HellaSwag accuracy on the same examples (``--task hellaswag``, :mod:`gpt2cli.hellaswag`).
+or accuracy on HellaSwag or LAMBADA on the same examples (``--task hellaswag`` or ``lambada``:
+:mod:`gpt2cli.downstream`).
 
 Every checkpoint is scored on the same windows (:mod:`gpt2cli.evaluate`: the split's first
 ``tokens // seq_len`` non-overlapping windows, at least one, in order), so the rows of one table
@@ -35,8 +36,8 @@ from gpt2cli.cli.common import (
 from gpt2cli.errors import NonFiniteLossError
 from gpt2cli.specs import EvaluateSpec, build_spec
 
-HELP = ("Score checkpoints: loss, perplexity and bits per byte on the same token windows, or HellaSwag "
-        "accuracy (--task hellaswag).")
+HELP = ("Score checkpoints: loss, perplexity and bits per byte on the same token windows, or accuracy on "
+        "HellaSwag or LAMBADA (--task hellaswag, --task lambada).")
 SetOpt = flat_set_opt("eval")
 FLAG_FOR_FIELD = {
     "data": "--data", "split": "--split", "tokens": "--tokens", "batch_size": "--batch-size",
@@ -48,6 +49,7 @@ FLAG_FOR_FIELD = {
 class Task(str, Enum):
     loss = "loss"
     hellaswag = "hellaswag"
+    lambada = "lambada"
 
 
 class OutputFormat(str, Enum):
@@ -112,9 +114,11 @@ def evaluate(
 
 
 def _header_line(header: dict[str, Any]) -> str:
-    if header["task"] == "hellaswag":
+    if header["task"] in ("hellaswag", "lambada"):
+        how = "completion style" if header["task"] == "hellaswag" else "last word"
+        title = "HellaSwag" if header["task"] == "hellaswag" else "LAMBADA"
         return (
-            f"HellaSwag {header['data']}: {plural(header['examples'], 'example')}, completion style "
+            f"{title} {header['data']}: {plural(header['examples'], 'example')}, {how} "
             f"({header['device']}, {header['dtype']}{', int8 weights' if header['quantize'] == 'int8' else ''})"
         )
     return (
@@ -210,7 +214,7 @@ class _ScoringDisplay:
 
 
 def _nonfinite_error(failed: list[dict[str, Any]], rows: int, dtype: str, task: str) -> NonFiniteLossError:
-    if task == "hellaswag":
+    if task in ("hellaswag", "lambada"):
         what = "; ".join(f"{r['checkpoint']!r}: {r['error']}" for r in failed)
     else:
         named = ", ".join(f"{r['checkpoint']!r} ({r['loss']})" for r in failed)
@@ -231,6 +235,13 @@ def _print_table(report: dict[str, Any]) -> None:
         columns = ("checkpoint", "params", "acc", "acc_norm", "examples", "truncated", "examples/s")
         cells = [
             (f"{r['params']:,}", f"{r['acc']:.4f}", f"{r['acc_norm']:.4f}", f"{r['examples']:,}",
+             f"{r['truncated']:,}", f"{r['examples_per_s']:,.1f}")
+            for r in report["results"]
+        ]
+    elif report["task"] == "lambada":
+        columns = ("checkpoint", "params", "acc", "ppl", "examples", "truncated", "examples/s")
+        cells = [
+            (f"{r['params']:,}", f"{r['acc']:.4f}", f"{r['ppl']:,.2f}", f"{r['examples']:,}",
              f"{r['truncated']:,}", f"{r['examples_per_s']:,.1f}")
             for r in report["results"]
         ]
