@@ -102,6 +102,29 @@ def download(url: str, check: Callable[[Path, str], Any], on_download: DownloadP
     return target
 
 
+def read_jsonl(path: Path, parse: Callable[[str, str], Any], *, limit: int | None, name: str | None, hint: str,
+               what: str = "examples") -> list[Any]:
+    """``parse(line, "file:line")`` of the first ``limit`` non-blank lines (all by default) of a
+    .jsonl file; ``parse`` raises a UserError for a line that is not the task's. ``name``: the file
+    as errors name it (the URL of a download being checked); ``hint``: the format, for errors."""
+    name = name or str(path)
+    items: list[Any] = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if limit is not None and len(items) >= limit:
+                    break
+                if line.strip():
+                    items.append(parse(line, f"{name}:{number}"))
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{name} is not UTF-8 text ({exc.reason} at byte {exc.start})", hint) from exc
+    except OSError as exc:
+        raise UserError(f"cannot read {name}: {exc.strerror or exc}", "check the path and its permissions") from exc
+    if not items:
+        raise UserError(f"{name} holds no {what}", hint)
+    return items
+
+
 # ------------------------------------------------------------------------------------ token rows
 
 

@@ -84,22 +84,7 @@ class HellaSwagScore:
 def read_examples(path: Path, limit: int | None = None, *, name: str | None = None) -> list[Example]:
     """The first ``limit`` examples (all by default) of a HellaSwag .jsonl file; a line that is not
     an example is a UserError naming the file (or ``name``: where it came from) and the line."""
-    name = name or str(path)
-    examples: list[Example] = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if limit is not None and len(examples) >= limit:
-                    break
-                if line.strip():
-                    examples.append(_parse_example(line, f"{name}:{number}"))
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{name} is not UTF-8 text ({exc.reason} at byte {exc.start})", FORMAT_HINT) from exc
-    except OSError as exc:
-        raise UserError(f"cannot read {name}: {exc.strerror or exc}", "check the path and its permissions") from exc
-    if not examples:
-        raise UserError(f"{name} holds no examples", FORMAT_HINT)
-    return examples
+    return downstream.read_jsonl(path, _parse_example, limit=limit, name=name, hint=FORMAT_HINT)
 
 
 def _parse_example(line: str, where: str) -> Example:

@@ -76,22 +76,7 @@ class LambadaScore:
 def read_passages(path: Path, limit: int | None = None, *, name: str | None = None) -> list[Passage]:
     """The first ``limit`` passages (all by default) of a LAMBADA .jsonl file; a line that is not a
     passage is a UserError naming the file (or ``name``) and the line."""
-    name = name or str(path)
-    passages: list[Passage] = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if limit is not None and len(passages) >= limit:
-                    break
-                if line.strip():
-                    passages.append(_parse_passage(line, f"{name}:{number}"))
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{name} is not UTF-8 text ({exc.reason} at byte {exc.start})", FORMAT_HINT) from exc
-    except OSError as exc:
-        raise UserError(f"cannot read {name}: {exc.strerror or exc}", "check the path and its permissions") from exc
-    if not passages:
-        raise UserError(f"{name} holds no passages", FORMAT_HINT)
-    return passages
+    return downstream.read_jsonl(path, _parse_passage, limit=limit, name=name, hint=FORMAT_HINT, what="passages")
 
 
 def _parse_passage(line: str, where: str) -> Passage:

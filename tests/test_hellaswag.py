@@ -218,9 +218,9 @@ def test_acc_takes_the_lowest_sum_and_acc_norm_the_lowest_mean(monkeypatch):
     assert seen == [2, 3] and score.acc == pytest.approx(1 / 3)
 
 
-def test_a_trained_model_picks_the_true_continuations():
-    """A model trained on one token sequence (a fixed permutation walk over a 512-token vocabulary)
-    tells its true continuation from passages of the same sequence that start elsewhere."""
+def walk_and_its_model(seed: int = 0) -> tuple[np.ndarray, torch.nn.Module, np.random.Generator]:
+    """A token sequence (a fixed permutation walk over a 512-token vocabulary), a small model trained
+    on it for 150 steps (seconds), and the random generator, for picking passages of the walk."""
     vocab = 512
     walk = [0]
     for _ in range(4 * vocab):
@@ -229,7 +229,7 @@ def test_a_trained_model_picks_the_true_continuations():
     torch.manual_seed(0)
     model = random_model(std=0.02).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     for _ in range(150):
         at = rng.integers(0, len(walk) - 33, 16)
         x = torch.tensor(np.stack([walk[s : s + 32] for s in at]))
@@ -238,7 +238,13 @@ def test_a_trained_model_picks_the_true_continuations():
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    model.eval()
+    return walk, model.eval(), rng
+
+
+def test_a_trained_model_picks_the_true_continuations():
+    """A model trained on one token sequence tells its true continuation from passages of the same
+    sequence that start elsewhere."""
+    walk, model, rng = walk_and_its_model()
     examples = []
     for _ in range(40):
         s = int(rng.integers(0, len(walk) - 15))

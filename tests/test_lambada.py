@@ -23,7 +23,7 @@ from gpt2cli.loading import load_model
 from gpt2cli.tokenizer import encode
 from tests.conftest import random_hf_gpt2, run_gpt2
 from tests.test_generate import cli, one_error_line, random_model, save_model, tiny_gpt2  # noqa: F401
-from tests.test_hellaswag import write_jsonl
+from tests.test_hellaswag import walk_and_its_model, write_jsonl
 
 
 def shakespeare_passages(n: int) -> list[dict]:
@@ -112,25 +112,10 @@ def test_hf_model_scores_as_transformers_does(tmp_path, lambada_file):
 def test_a_trained_model_predicts_the_last_tokens():
     """Trained on one token sequence, a model predicts a passage's last two tokens of it; an
     untrained one does not."""
-    vocab = 512
-    walk = [0]
-    for _ in range(4 * vocab):
-        walk.append((walk[-1] * 7 + 3) % vocab)
-    walk = np.array(walk)
-    torch.manual_seed(0)
-    model = random_model(std=0.02).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    rng = np.random.default_rng(1)
-    for _ in range(150):
-        at = rng.integers(0, len(walk) - 33, 16)
-        loss = model(torch.tensor(np.stack([walk[s : s + 32] for s in at])),
-                     targets=torch.tensor(np.stack([walk[s + 1 : s + 33] for s in at])))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    walk, model, rng = walk_and_its_model(seed=1)
     passages = [EncodedPassage(row=walk[s : s + 12], start=10, truncated=False)
                 for s in rng.integers(0, len(walk) - 12, 30)]
-    trained = score_passages(model.eval(), passages, batch_size=8)
+    trained = score_passages(model, passages, batch_size=8)
     untrained = score_passages(random_model(seed=1), passages, batch_size=8)
     assert trained.correct == 30 and trained.ppl < 1.5
     assert untrained.correct < 3 and untrained.ppl > 50
