@@ -94,21 +94,21 @@ def test_the_metrics_go_to_wandb_and_a_resume_continues_the_same_run(tmp_path, f
         (r["step"], r["val_loss"], r["hellaswag_acc_norm"]) for r in evals]
 
     # Resumed from the checkpoint of step 6 while W&B had reached step 8 (as after a crash two steps
-    # past a checkpoint): the same W&B run, named and projected as asked now; step 7 is not resent.
+    # past a checkpoint): the same W&B run, named as asked now; step 7 is not resent.
     Path(fake_wandb["FAKE_WANDB_LOG"]).unlink()
     proc = run_gpt2("train", "--resume", "auto", "--out", str(run), "--steps", "9", "--wandb", "--quiet",
-                    "--wandb-project", "mine", "--wandb-name", "again", env={**fake_wandb, "FAKE_WANDB_STEP": "8"})
+                    "--wandb-name", "again", env={**fake_wandb, "FAKE_WANDB_STEP": "8", "WANDB_PROJECT": "from-env"})
     assert proc.returncode == 0, proc.stderr
     init, *logs, _ = calls(fake_wandb)
-    assert (init["id"], init["project"], init["name"]) == (run_id, "mine", "again")
+    assert (init["id"], init["project"], init["name"]) == (run_id, "from-env", "again")  # $WANDB_PROJECT
     assert sorted({c["step"] for c in logs}) == [8, 9]
 
-
-def test_project_from_the_environment(tmp_path, fake_wandb, cache_dir):
-    proc = run_gpt2("train", *TRAIN, "--steps", "1", "--out", str(tmp_path / "r"), "--wandb",
-                    env={**fake_wandb, "WANDB_PROJECT": "from-env"})
+    # --wandb-project wins over $WANDB_PROJECT (a resume at the end: nothing left to train, one init).
+    Path(fake_wandb["FAKE_WANDB_LOG"]).unlink()
+    proc = run_gpt2("train", "--resume", "auto", "--out", str(run), "--steps", "10", "--wandb", "--quiet",
+                    "--wandb-project", "mine", env={**fake_wandb, "WANDB_PROJECT": "from-env"})
     assert proc.returncode == 0, proc.stderr
-    assert calls(fake_wandb)[0]["project"] == "from-env"
+    assert calls(fake_wandb)[0]["project"] == "mine"
 
 
 def test_without_credentials_nothing_is_written(tmp_path, fake_wandb, cache_dir):
