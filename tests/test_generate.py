@@ -328,6 +328,36 @@ def test_prompt_from_stdin_and_file(ckpt, capsys, monkeypatch, tmp_path):
     assert code == 0 and out.startswith("From stdin")
 
 
+def test_interactive_samples_every_line_as_a_one_off_call_would(ckpt, capsys):
+    """--interactive: each line of stdin is a prompt (\\n a newline in it); the output equals the
+    one-off calls', one after another; a prompt that cannot be sampled (here, bytes that are not
+    UTF-8 and a prompt past the context) is one Error line and the session goes on to the end of
+    input, exit 0. Through the real command, so that stdin is bytes as a user's is."""
+    import os
+    import subprocess
+
+    from tests.conftest import gpt2_command
+
+    args = ["-n", "5", "--seed", "3", "--ignore-eos"]  # sampled: each prompt as its one-off call, seed and all
+    expected = ""
+    for prompt in ("Hello there", "ROMEO:\nO", "The end"):
+        code, out, _ = cli(capsys, "generate", ckpt, prompt, *args)
+        assert code == 0
+        expected += out
+    too_long = " ".join(["word"] * 100)  # the tiny model's context is 64 tokens
+    lines = b"Hello there\n\xff\xfe\nROMEO:\\nO\n" + too_long.encode() + b"\nThe end"  # no final newline
+    proc = subprocess.run([*gpt2_command(), "generate", str(ckpt), "--interactive", *args], input=lines,
+                          capture_output=True, timeout=120, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.decode() == expected
+    errors = [line for line in proc.stderr.decode().splitlines() if line.startswith("Error:")]
+    assert len(errors) == 2 and "not UTF-8" in errors[0] and "more than the model's context" in errors[1]
+    assert proc.stderr.decode().count(" tokens/s (prefill") == 3  # a timing line per sampled prompt
+
+    code, _, err = cli(capsys, "generate", ckpt, "Hi", "--interactive")
+    assert "--interactive reads its prompts from stdin" in one_error_line(code, err)
+
+
 def test_hf_folder_generates_like_transformers(tmp_path, capsys):
     pytest.importorskip("transformers")
     hf = random_hf_gpt2(0.1)

@@ -1,6 +1,7 @@
 """`gpt2 generate`: Sample text from a checkpoint, a run folder or a GPT-2 model (KV-cached).
 
 Text goes to stdout as it is sampled; timing (and with --verbose the model and cache) to stderr.
+``--interactive`` loads the model once and samples for each line read from stdin.
 """
 
 from __future__ import annotations
@@ -93,6 +94,10 @@ def generate(
     ] = OutputFormat.text,
     echo: Annotated[bool, typer.Option("--echo/--no-echo", help="Print the prompt before the completion (text format).")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also report the model, the KV cache (bytes per token) and window slides on stderr.")] = False,
+    interactive: Annotated[bool, typer.Option(
+        "--interactive", "-i", help="Load the model once, then sample for every line read from stdin (a prompt "
+        "each; \\n in a line is a newline) until end of input (Ctrl-D). A bad prompt is one Error line and the "
+        "session goes on; Ctrl-C stops the sample at hand (on a terminal).")] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -105,6 +110,12 @@ def generate(
     # --top-k 0 (no limit) is a value like any other: the spec stores it as None.
     spec = build_spec(GenerateSpec, config_file=config, flags=flags, sets=set_ or (), flag_names=FLAG_FOR_FIELD,
                       set_prefix="generate")
+    if interactive:
+        if prompt is not None or prompt_file is not None:
+            raise UserError("--interactive reads its prompts from stdin, a line each",
+                            "drop the PROMPT argument or --prompt-file")
+        run_interactive(ckpt, spec, output_format=output_format.value, echo=echo, verbose=verbose)
+        return
     text = _read_prompt(prompt, prompt_file)
     run(ckpt, text, spec, output_format=output_format.value, echo=echo, verbose=verbose)
 
@@ -140,11 +151,50 @@ def _write(text: str) -> None:
 
 def run(ckpt: str, prompt: str, spec: GenerateSpec, *, output_format: str = "text", echo: bool = True,
         verbose: bool = False) -> None:
+    generator = _load(ckpt, spec, verbose)
+    generator.check_call(prompt, spec)  # refuse a prompt or a batch that cannot fit before printing anything
+    _sample(generator, prompt, spec, output_format=output_format, echo=echo, verbose=verbose)
+
+
+def run_interactive(ckpt: str, spec: GenerateSpec, *, output_format: str = "text", echo: bool = True,
+                    verbose: bool = False) -> None:
+    """`gpt2 generate CKPT --interactive`: the model is loaded (and compiled) once, then every line
+    of stdin is a prompt, sampled and printed as a one-off call would, until end of input. On a
+    terminal a "> " on stderr asks for the next one, and Ctrl-C stops the sample at hand (what it
+    wrote stays) and asks again; piped, Ctrl-C ends the command as usual."""
+    generator = _load(ckpt, spec, verbose)
+    terminal = sys.stdin.isatty()
+    stdin_bytes = getattr(sys.stdin, "buffer", None)  # absent where stdin was replaced by text (tests)
+    while True:
+        if terminal:
+            err.print("> ", end="")
+        try:
+            line = stdin_bytes.readline() if stdin_bytes else sys.stdin.readline()
+        except KeyboardInterrupt:  # Ctrl-C at the prompt: the session ends, as at a shell's
+            err.print()
+            raise
+        if not line:  # end of input
+            if terminal:
+                err.print()
+            return
+        try:
+            text = _utf8(line, "the prompt on stdin") if isinstance(line, bytes) else line
+            prompt = text.rstrip("\r\n").replace("\\n", "\n")
+            generator.check_call(prompt, spec)
+            _sample(generator, prompt, spec, output_format=output_format, echo=echo, verbose=verbose)
+        except UserError as exc:  # this prompt cannot be sampled; the next one may
+            sys.stderr.write(exc.render() + "\n")  # as the command would end with it
+        except KeyboardInterrupt:
+            if not terminal:
+                raise
+            err.print("(stopped)")
+
+
+def _load(ckpt: str, spec: GenerateSpec, verbose: bool):
     from gpt2cli.generate import Generator
 
     generator, source = Generator.from_source(ckpt, device=spec.device, dtype=spec.dtype, compile=spec.compile,
                                               quantize=spec.quantize)
-    generator.check_call(prompt, spec)  # refuse a prompt or a batch that cannot fit before printing anything
     slow_int8 = _slow_int8_reason(spec, generator.device.type)
     if slow_int8:
         from rich.text import Text
@@ -160,7 +210,11 @@ def run(ckpt: str, prompt: str, spec: GenerateSpec, *, output_format: str = "tex
             f"weights {weight_bytes(generator.model) / 2**20:,.1f} MiB"
             f"{' (linear layers int8)' if generator.quantize == 'int8' else ''}\n"
         )
+    return generator
 
+
+def _sample(generator, prompt: str, spec: GenerateSpec, *, output_format: str, echo: bool, verbose: bool) -> None:
+    """One call: the samples of ``prompt`` to stdout, the timing line to stderr."""
     text_mode = output_format == "text"
     several = spec.num_samples > 1
     pending: dict[int, list[str]] = {}
