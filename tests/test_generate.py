@@ -358,6 +358,49 @@ def test_interactive_samples_every_line_as_a_one_off_call_would(ckpt, capsys):
     assert "--interactive reads its prompts from stdin" in one_error_line(code, err)
 
 
+def test_interactive_ctrl_c_on_a_terminal_stops_the_sample_and_asks_again(ckpt):
+    """On a terminal: "> " asks for a prompt; Ctrl-C stops an endless sample (--ignore-eos, the
+    window slides) and asks for the next prompt; Ctrl-D ends the session, exit 0."""
+    import os
+    import pty
+    import select
+    import time
+
+    from tests.conftest import gpt2_command
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the real command on the terminal's other end
+        os.execv(gpt2_command()[0], [*gpt2_command(), "generate", str(ckpt), "-i", "-n", "1000000", "--ignore-eos"])
+    seen = b""
+
+    def read_until(marker: bytes, timeout: float = 60.0) -> None:
+        nonlocal seen
+        start, deadline = len(seen), time.monotonic() + timeout
+        while marker not in seen[start:]:
+            assert time.monotonic() < deadline, f"no {marker!r} in {seen[-500:]!r}"
+            if select.select([fd], [], [], 0.1)[0]:
+                seen += os.read(fd, 65536)
+
+    try:
+        read_until(b"> ")
+        os.write(fd, b"Hello\n")
+        read_until(b"Hello")
+        time.sleep(0.5)  # sampling, endlessly
+        os.write(fd, b"\x03")  # Ctrl-C
+        read_until(b"(stopped)")
+        read_until(b"> ")
+        os.write(fd, b"\x04")  # Ctrl-D: end of input
+        _, status = os.waitpid(pid, 0)
+    except BaseException:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        raise
+    finally:
+        os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert b"Traceback" not in seen and b"Aborted" not in seen
+
+
 def test_hf_folder_generates_like_transformers(tmp_path, capsys):
     pytest.importorskip("transformers")
     hf = random_hf_gpt2(0.1)
