@@ -59,7 +59,6 @@ METRICS = {
     "train_loss": "final_train_loss",
     "hellaswag_acc_norm": "best_hellaswag_acc_norm",
 }
-HIGHER_IS_BETTER = ("hellaswag_acc_norm",)  # the other metrics: lower is better
 METRIC_LABELS = {"val_loss": "val loss", "val_ppl": "val perplexity", "train_loss": "train loss",
                  "hellaswag_acc_norm": "HellaSwag acc_norm"}
 
@@ -95,6 +94,11 @@ METRIC_ROWS: tuple[RowDef, ...] = (
     RowDef("wall_time_s", "wall time", "min", "duration"),
 )
 METRIC_KEYS = tuple(r.key for r in METRIC_ROWS)
+
+
+def rank_row(metric: str) -> RowDef:
+    """The row that ranks the runs by ``metric`` (one of METRICS); its ``better`` says which way."""
+    return next(d for d in METRIC_ROWS if d.key == METRICS[metric])
 TARGET_KEYS = ("tokens_to_target", "time_to_target_s")
 PPL_KEYS = ("best_val_ppl", "final_val_ppl")
 
@@ -406,7 +410,7 @@ def _ppl(loss: float | None) -> float | None:
 def time_to_target(run: Run, metric: str, target: float) -> tuple[float | None, float | None]:
     """(tokens, wall seconds) at the first logged row where ``metric`` reaches ``target``: at or
     below it, at or above it for a metric where higher is better."""
-    higher = metric in HIGHER_IS_BETTER
+    higher = rank_row(metric).better == "max"
     for row in run.series(metric):
         value = row["value"]
         if _finite(value) and (value >= target if higher else value <= target):
@@ -692,9 +696,8 @@ def compare_runs(
                     values.append(float(value))  # type: ignore[arg-type]
             col.stats[key] = Stat(values, len(col.runs), geometric=key in PPL_KEYS)
 
-    rank_key = METRICS[metric]
-    rank_kind = next(d.kind for d in METRIC_ROWS if d.key == rank_key)
-    higher = metric in HIGHER_IS_BETTER
+    ranking = rank_row(metric)
+    rank_key, rank_kind, higher = ranking.key, ranking.kind, ranking.better == "max"
     means = [c.stats[rank_key].mean for c in columns]
     # A mean over only some runs of a group (no eval yet) ranks after every complete column.
     full = [c.stats[rank_key].n == len(c.runs) for c in columns]
@@ -713,7 +716,7 @@ def compare_runs(
         rows.append(Row("runs", "runs", None, "int"))
     rows.append(Row("status", "status", None, "text"))
     if len(columns) > 1:
-        rows.append(Row("rank", f"rank by {next(d.label for d in METRIC_ROWS if d.key == rank_key)}", "min", "int"))
+        rows.append(Row("rank", f"rank by {ranking.label}", "min", "int"))
     metric_label = METRIC_LABELS[metric]
     for d in METRIC_ROWS:
         if d.key in TARGET_KEYS:

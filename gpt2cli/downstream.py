@@ -196,12 +196,19 @@ class Task:
     name: str  # hellaswag, lambada
     title: str  # HellaSwag, LAMBADA: for errors and the report
     published_url: str
-    read: Callable[[Path, int | None], list[Any]]  # (file, limit) -> examples; UserError on a bad file
-    check: Callable[[Path, str], Any]  # (file, name to show) -> anything: reads a download before it is kept
+    # (file, limit, *, name=file as errors call it) -> examples; a UserError for a bad file
+    read: Callable[..., list[Any]]
     encode: Callable[[list[Any], int], list[Any]]  # (examples, block_size) -> encoded examples
     # (model, encoded, batch_size, autocast, on_examples) -> a row's results: the task's metrics,
     # examples, truncated and error (None, or why the metrics are not usable)
     score: Callable[..., dict[str, Any]]
+
+    def fetch(self, source: str | None, on_download: DownloadProgress | None = None) -> Path:
+        """The local file of ``source`` (see :func:`fetch`): a path, a URL downloaded once into the
+        cache, or None / ``val`` for the task's published set; a download is read as the task's
+        examples before it is kept."""
+        return fetch(source, published_url=self.published_url, what=self.title,
+                     check=lambda path, name: self.read(path, None, name=name), on_download=on_download)
 
 
 def evaluate_task(task: Task, spec, progress=None) -> dict[str, Any]:
@@ -218,8 +225,7 @@ def evaluate_task(task: Task, spec, progress=None) -> dict[str, Any]:
         raise UserError("no checkpoint to evaluate", "pass one or more checkpoints, run folders or GPT-2 folders")
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
-    path = fetch(spec.task_data, published_url=task.published_url, what=task.title, check=task.check,
-                 on_download=getattr(progress, "download", None))
+    path = task.fetch(spec.task_data, getattr(progress, "download", None))
     examples = task.read(path, spec.examples)  # before the models: a bad file fails at once
 
     models = [load_model(c, device="cpu") for c in spec.checkpoints]

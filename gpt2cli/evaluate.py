@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -48,6 +48,19 @@ def evaluate_loss(
     return stats[0] / stats[1]
 
 
+@contextlib.contextmanager
+def evaluation_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode (no dropout) for the block, then back in the mode it came in, also
+    when the block fails (a bad batch, out of memory)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        if was_training:
+            model.train()
+
+
 @torch.no_grad()
 def evaluate_sums(model, tokens, *, seq_len, batch_size, max_tokens=None, strategy=None, autocast=None,
                   loss_chunk=DEFAULT_LOSS_CHUNK, on_windows: Callable[[int], None] | None = None,
@@ -61,12 +74,10 @@ def evaluate_sums(model, tokens, *, seq_len, batch_size, max_tokens=None, strate
     rank = strategy.rank if strategy is not None else 0
     world = strategy.world_size if strategy is not None else 1
     device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
     windows_done = 0
-    try:
+    with evaluation_mode(model):
         for x, y, weight in eval_batches(tokens, batch_size=batch_size, seq_len=seq_len, max_tokens=max_tokens,
                                          rank=rank, world_size=world, device=device, vocab_size=vocab_size):
             with autocast() if autocast else contextlib.nullcontext():
@@ -76,9 +87,6 @@ def evaluate_sums(model, tokens, *, seq_len, batch_size, max_tokens=None, strate
             if on_windows is not None:
                 windows_done += y.shape[0] if weight else 0
                 on_windows(windows_done)
-    finally:  # an error (a bad batch, out of memory) leaves the model as it came
-        if was_training:
-            model.train()
     totals = torch.stack([loss_sum, count])
     if strategy is not None:
         totals = strategy.all_reduce_sum(totals)
@@ -109,19 +117,20 @@ class EvalProgress(Protocol):
     """What evaluate_checkpoints tells its caller while it works (the CLI draws it on stderr)."""
 
     # The report less its results, after every check; header["unit"] names what is counted below
-    # (windows, or examples for the HellaSwag task).
+    # (windows, or examples for a downstream task). A downstream task also calls a
+    # ``download(done, total)`` method where the progress object has one, while its data file is
+    # first fetched (bytes so far, and the size when the server gives it).
     def start(self, header: dict[str, Any]) -> None: ...
     def model(self, index: int, checkpoint: str, windows: int) -> None: ...  # before scoring model ``index``
     def windows_done(self, windows: int) -> None: ...  # the current model's windows (examples) scored so far
-    # Optional: bytes of a download done so far, and its size when known (HellaSwag's data, once).
-    # def download(self, done: int, total: int | None) -> None: ...
 
 
 def evaluate_checkpoints(spec: EvaluateSpec, progress: EvalProgress | None = None) -> dict[str, Any]:
     """Score every checkpoint of ``spec`` on the same windows (or, with a downstream task, the same
-    examples: gpt2cli.hellaswag, gpt2cli.lambada); returns the report (the JSON that ``--format json`` prints):
-    data, split, seq_len, windows, tokens, bytes and one row per checkpoint. A model whose loss is not finite does not stop the others: its row holds the
-    NaN/inf values and says so in ``error``; the caller decides how to end."""
+    examples: gpt2cli.hellaswag, gpt2cli.lambada); returns the report (the JSON that ``--format
+    json`` prints): data, split, seq_len, windows, tokens, bytes and one row per checkpoint. A
+    model whose loss is not finite does not stop the others: its row holds the NaN/inf values and
+    says so in ``error``; the caller decides how to end."""
     from gpt2cli.data import TokenFolder, default_data_dir
     from gpt2cli.loading import load_model
     from gpt2cli.parallel.base import resolve_device

@@ -37,8 +37,9 @@ import torch
 from torch import nn
 
 from gpt2cli import downstream
-from gpt2cli.downstream import Autocast, DownloadProgress, batches, fit_to_context
+from gpt2cli.downstream import Autocast, batches, fit_to_context
 from gpt2cli.errors import UserError
+from gpt2cli.evaluate import evaluation_mode
 
 HELLASWAG_VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 FORMAT_HINT = "a HellaSwag .jsonl file holds one JSON object per line with ctx, endings and label"
@@ -113,17 +114,6 @@ def _parse_example(line: str, where: str) -> Example:
     return Example(context=context, endings=tuple(endings), label=label)
 
 
-def resolve_source(source: str | None, on_download: DownloadProgress | None = None) -> Path:
-    """The local HellaSwag file of ``source``: a path as it is, a URL downloaded once into the
-    cache, None or ``val`` the validation set."""
-    return downstream.fetch(source, published_url=HELLASWAG_VAL_URL, what="HellaSwag", check=_check_file,
-                            on_download=on_download)
-
-
-def _check_file(path: Path, name: str) -> None:
-    read_examples(path, name=name)
-
-
 # ------------------------------------------------------------------------------------ scoring
 
 
@@ -145,11 +135,9 @@ def score_examples(model: nn.Module, encoded: list[EncodedExample], *, batch_siz
     """Accuracy of ``model`` on the examples, ``batch_size`` examples (all their rows) per forward.
     ``forwards``: make that many forward passes in all, the ones past the examples on a dummy row
     whose result is dropped (FSDP: every rank must gather the weights as often as the others)."""
-    was_training = model.training
-    model.eval()
     score = HellaSwagScore()
     made = 0
-    try:
+    with evaluation_mode(model):
         for batch in batches(encoded, batch_size):
             made += 1
             rows = [row for example in batch for row in example.rows]
@@ -172,9 +160,6 @@ def score_examples(model: nn.Module, encoded: list[EncodedExample], *, batch_siz
                 on_examples(score.examples)
         for _ in range((forwards or 0) - made):
             downstream.continuation_scores(model, [np.zeros(2, dtype=np.int64)], [1], autocast=autocast, device=device)
-    finally:
-        if was_training:
-            model.train()
     return score
 
 
@@ -207,7 +192,7 @@ def _result_row(model: nn.Module, encoded: list[EncodedExample], **kwargs) -> di
 
 
 TASK = downstream.Task(name="hellaswag", title="HellaSwag", published_url=HELLASWAG_VAL_URL,
-                       read=read_examples, check=_check_file, encode=encode_examples, score=_result_row)
+                       read=read_examples, encode=encode_examples, score=_result_row)
 
 
 def evaluate_hellaswag(spec, progress=None) -> dict[str, Any]:

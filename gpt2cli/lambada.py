@@ -34,6 +34,7 @@ from torch import nn
 from gpt2cli import downstream
 from gpt2cli.downstream import Autocast, batches, fit_to_context
 from gpt2cli.errors import UserError
+from gpt2cli.evaluate import evaluation_mode
 
 LAMBADA_URL = "https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl"
 FORMAT_HINT = 'a LAMBADA .jsonl file holds one JSON object per line with a "text" of two or more words'
@@ -93,17 +94,6 @@ def _parse_passage(line: str, where: str) -> Passage:
     return Passage(context=context, target=" " + word)
 
 
-def resolve_source(source: str | None, on_download=None) -> Path:
-    """The local LAMBADA file of ``source``: a path as it is, a URL downloaded once into the cache,
-    None or ``val`` OpenAI's test set."""
-    return downstream.fetch(source, published_url=LAMBADA_URL, what="LAMBADA", check=_check_file,
-                            on_download=on_download)
-
-
-def _check_file(path: Path, name: str) -> None:
-    read_passages(path, name=name)
-
-
 def encode_passages(passages: list[Passage], block_size: int) -> list[EncodedPassage]:
     from gpt2cli.tokenizer import encode
 
@@ -117,10 +107,8 @@ def encode_passages(passages: list[Passage], block_size: int) -> list[EncodedPas
 def score_passages(model: nn.Module, encoded: list[EncodedPassage], *, batch_size: int, autocast: Autocast = None,
                    on_examples=None, device: torch.device | None = None) -> LambadaScore:
     """Accuracy and perplexity of ``model`` on the passages, ``batch_size`` passages per forward."""
-    was_training = model.training
-    model.eval()
     score = LambadaScore()
-    try:
+    with evaluation_mode(model):
         for batch in batches(encoded, batch_size):
             scores = downstream.continuation_scores(model, [p.row for p in batch], [p.start for p in batch],
                                                     autocast=autocast, device=device)
@@ -135,9 +123,6 @@ def score_passages(model: nn.Module, encoded: list[EncodedPassage], *, batch_siz
                 score.correct += bool(scores.greedy[i])
             if on_examples is not None:
                 on_examples(score.examples)
-    finally:
-        if was_training:
-            model.train()
     return score
 
 
@@ -150,7 +135,7 @@ def _result_row(model: nn.Module, encoded: list[EncodedPassage], **kwargs) -> di
 
 
 TASK = downstream.Task(name="lambada", title="LAMBADA", published_url=LAMBADA_URL, read=read_passages,
-                       check=_check_file, encode=encode_passages, score=_result_row)
+                       encode=encode_passages, score=_result_row)
 
 
 def evaluate_lambada(spec, progress=None) -> dict[str, Any]:

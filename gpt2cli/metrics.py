@@ -102,10 +102,11 @@ def mirrored_scalars(row: dict[str, Any]) -> dict[str, float]:
     return values
 
 
-def tensorboard_missing() -> bool:
+def package_missing(name: str) -> bool:
+    """Whether the optional package ``name`` (tensorboard, wandb) is not installed."""
     import importlib.util
 
-    return importlib.util.find_spec("tensorboard") is None
+    return importlib.util.find_spec(name) is None
 
 
 class TensorBoardWriter:
@@ -141,12 +142,6 @@ WANDB_ID_FILE = "wandb-id"  # in the run folder: the W&B run a resume continues
 WANDB_DEFAULT_PROJECT = "gpt2"
 
 
-def wandb_missing() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("wandb") is None
-
-
 class WandbWriter:
     """The metrics rows logged to a Weights & Biases run, beside metrics.jsonl (which stays the
     record). The W&B run's id is kept in ``RUN/wandb-id``: a resume continues the same W&B run
@@ -172,7 +167,6 @@ class WandbWriter:
             resume="allow", dir=str(run_dir), config=config,
             settings=wandb.Settings(console="off", silent=quiet),  # --quiet: not even W&B's banner
         )
-        self.run_id = run_id
         self._floor = int(getattr(self._run, "step", 0) or 0)  # steps below it were logged before
 
     def write(self, row: dict[str, Any]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -37,11 +38,10 @@ from gpt2cli.metrics import (
     TensorBoardWriter,
     WandbWriter,
     mfu,
+    package_missing,
     peak_flops,
     perplexity,
-    tensorboard_missing,
     truncate_metrics,
-    wandb_missing,
 )
 from gpt2cli.model import GPT
 from gpt2cli.parallel import Strategy, make_strategy
@@ -93,6 +93,11 @@ class TrainResult:
     wall_s: float
     checkpoint: Path | None
     best: Path | None
+
+    @property
+    def finished(self) -> bool:
+        """The run is over (its steps done, or stopped early by --patience): nothing to resume."""
+        return self.status in ("completed", "early-stopped")
 
 
 # ----------------------------------------------------------------------------- batch arithmetic
@@ -243,19 +248,25 @@ def check_metric_mirrors(spec: TrainSpec) -> None:
     check_wandb(spec)
 
 
+def _require_package(flag: str, package: str, module: str) -> Any:
+    """``module`` imported, or one line for ``flag``: its package is not installed, or does not load
+    (installed but broken, e.g. against a protobuf it does not work with): said now, not mid-run."""
+    if package_missing(package):
+        raise UserError(f"{flag} needs the {package} package, which is not installed",
+                        f"pip install 'gpt2cli[{package}]' (or {package}), or drop {flag}")
+    try:
+        return importlib.import_module(module)
+    except Exception as exc:
+        raise UserError(f"{flag}: the {package} package does not load ({str(exc).splitlines()[0][:200]})",
+                        f"repair the installation (pip install -U {package}), or drop {flag}") from exc
+
+
 def check_wandb(spec: TrainSpec) -> None:
     """--wandb without the package, or online without credentials: one line, before the run folder.
     (The network itself is first met by wandb.init, in the run.)"""
     if not spec.run.wandb:
         return
-    if wandb_missing():
-        raise UserError("--wandb needs the wandb package, which is not installed",
-                        "pip install 'gpt2cli[wandb]' (or wandb), or drop --wandb")
-    try:
-        import wandb
-    except Exception as exc:
-        raise UserError(f"--wandb: the wandb package does not load ({str(exc).splitlines()[0][:200]})",
-                        "repair the installation (pip install -U wandb), or drop --wandb") from exc
+    wandb = _require_package("--wandb", "wandb", "wandb")
     if os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun", "disabled"):
         return
     try:  # reads WANDB_API_KEY, the settings files or ~/.netrc; no network, no prompt
@@ -269,16 +280,8 @@ def check_wandb(spec: TrainSpec) -> None:
 
 def check_tensorboard(spec: TrainSpec) -> None:
     """--tensorboard without the package: one line before anything is written."""
-    if not spec.run.tensorboard:
-        return
-    if tensorboard_missing():
-        raise UserError("--tensorboard needs the tensorboard package, which is not installed",
-                        "pip install 'gpt2cli[tensorboard]' (or tensorboard), or drop --tensorboard")
-    try:  # installed but broken (e.g. a protobuf it does not work with): said now, not mid-run
-        import torch.utils.tensorboard  # noqa: F401
-    except Exception as exc:
-        raise UserError(f"--tensorboard: the tensorboard package does not load ({str(exc).splitlines()[0][:200]})",
-                        "repair the installation (pip install -U tensorboard), or drop --tensorboard") from exc
+    if spec.run.tensorboard:
+        _require_package("--tensorboard", "tensorboard", "torch.utils.tensorboard")
 
 
 def _start_wandb(run_dir: Path, spec: TrainSpec) -> WandbWriter:
@@ -694,9 +697,9 @@ class _Trainer:
         past it are untrained), read (and downloaded, the first time) before the run folder appears.
         Every process reads them itself, so they are compared: a file rewritten meanwhile, or a
         cache that differs between nodes, would give the ranks different examples."""
-        from gpt2cli.hellaswag import encode_examples, read_examples, resolve_source
+        from gpt2cli.hellaswag import TASK, encode_examples, read_examples
 
-        examples = read_examples(resolve_source(self.spec.eval.hellaswag), self.spec.eval.hellaswag_examples)
+        examples = read_examples(TASK.fetch(self.spec.eval.hellaswag), self.spec.eval.hellaswag_examples)
         encoded = encode_examples(examples, self.plan.seq_len)
         if self.strategy.world_size > 1:
             digest = hashlib.sha256(b"".join(row.tobytes() for e in encoded for row in e.rows)).digest()

@@ -336,7 +336,7 @@ def test_the_default_source_is_the_hellaswag_validation_url(tmp_path, monkeypatc
     monkeypatch.setenv("GPT2_CACHE_DIR", str(tmp_path))
     fetched = []
     monkeypatch.setattr(downstream, "download", lambda url, check, on_download=None: fetched.append(url) or tmp_path / "x")
-    assert hellaswag.resolve_source(None) == tmp_path / "x"
+    assert hellaswag.TASK.fetch(None) == tmp_path / "x"
     assert fetched == ["https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"]
     assert cached_path(fetched[0]).name.endswith("-hellaswag_val.jsonl")
 

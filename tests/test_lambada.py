@@ -164,5 +164,5 @@ def test_the_published_set_is_openais_test_file(tmp_path, monkeypatch):
     fetched = []
     monkeypatch.setattr(downstream, "download", lambda url, check, on_download=None: fetched.append(url) or tmp_path)
     for source in (None, "val"):
-        lambada.resolve_source(source)
+        lambada.TASK.fetch(source)
     assert fetched == ["https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl"] * 2

@@ -134,7 +134,7 @@ def test_a_wandb_run_that_does_not_start_is_one_line(tmp_path, fake_wandb, cache
 def test_a_missing_package_is_said_before_anything(monkeypatch):
     from gpt2cli import train
 
-    monkeypatch.setattr(train, "wandb_missing", lambda: True)
+    monkeypatch.setattr(train, "package_missing", lambda name: name == "wandb")
     with pytest.raises(UserError, match="--wandb needs the wandb package, which is not installed"):
         train.check_wandb(TrainSpec(run=RunSpec(wandb=True)))
     train.check_wandb(TrainSpec())  # without --wandb, nothing is asked of the package

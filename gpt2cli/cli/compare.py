@@ -307,7 +307,7 @@ def _train_point(spec: TrainSpec) -> str:
     from gpt2cli.train import train as train_workflow
 
     result = train_workflow(spec, reporter=_sweep_progress(spec.run.quiet))
-    return "done" if result.status in ("completed", "early-stopped") else "interrupted"
+    return "done" if result.finished else "interrupted"
 
 
 def _sweep_progress(quiet: bool) -> Any:

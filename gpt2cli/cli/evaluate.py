@@ -46,6 +46,14 @@ FLAG_FOR_FIELD = {
 }
 
 
+# The downstream tasks as the header line and the table show them: their name, how they are
+# scored, and the result column between acc and examples (name, JSON key, format).
+DOWNSTREAM_DISPLAY = {
+    "hellaswag": ("HellaSwag", "completion style", ("acc_norm", "acc_norm", "{:.4f}")),
+    "lambada": ("LAMBADA", "last word", ("ppl", "ppl", "{:,.2f}")),
+}
+
+
 class Task(str, Enum):
     loss = "loss"
     hellaswag = "hellaswag"
@@ -114,9 +122,8 @@ def evaluate(
 
 
 def _header_line(header: dict[str, Any]) -> str:
-    if header["task"] in ("hellaswag", "lambada"):
-        how = "completion style" if header["task"] == "hellaswag" else "last word"
-        title = "HellaSwag" if header["task"] == "hellaswag" else "LAMBADA"
+    if header["task"] in DOWNSTREAM_DISPLAY:
+        title, how, _ = DOWNSTREAM_DISPLAY[header["task"]]
         return (
             f"{title} {header['data']}: {plural(header['examples'], 'example')}, {how} "
             f"({header['device']}, {header['dtype']}{', int8 weights' if header['quantize'] == 'int8' else ''})"
@@ -214,7 +221,7 @@ class _ScoringDisplay:
 
 
 def _nonfinite_error(failed: list[dict[str, Any]], rows: int, dtype: str, task: str) -> NonFiniteLossError:
-    if task in ("hellaswag", "lambada"):
+    if task in DOWNSTREAM_DISPLAY:
         what = "; ".join(f"{r['checkpoint']!r}: {r['error']}" for r in failed)
     else:
         named = ", ".join(f"{r['checkpoint']!r} ({r['loss']})" for r in failed)
@@ -231,17 +238,11 @@ def _print_table(report: dict[str, Any]) -> None:
     """The results table (its header line went out before the scoring, see _ScoringDisplay)."""
     from rich.table import Table
 
-    if report["task"] == "hellaswag":
-        columns = ("checkpoint", "params", "acc", "acc_norm", "examples", "truncated", "examples/s")
+    if report["task"] in DOWNSTREAM_DISPLAY:
+        _, _, (column, key, form) = DOWNSTREAM_DISPLAY[report["task"]]
+        columns = ("checkpoint", "params", "acc", column, "examples", "truncated", "examples/s")
         cells = [
-            (f"{r['params']:,}", f"{r['acc']:.4f}", f"{r['acc_norm']:.4f}", f"{r['examples']:,}",
-             f"{r['truncated']:,}", f"{r['examples_per_s']:,.1f}")
-            for r in report["results"]
-        ]
-    elif report["task"] == "lambada":
-        columns = ("checkpoint", "params", "acc", "ppl", "examples", "truncated", "examples/s")
-        cells = [
-            (f"{r['params']:,}", f"{r['acc']:.4f}", f"{r['ppl']:,.2f}", f"{r['examples']:,}",
+            (f"{r['params']:,}", f"{r['acc']:.4f}", form.format(r[key]), f"{r['examples']:,}",
              f"{r['truncated']:,}", f"{r['examples_per_s']:,.1f}")
             for r in report["results"]
         ]

@@ -108,7 +108,7 @@ class TrainProgress:
             table.add_row("best model", str(result.best))
         print_wide(table)
         run_dir = shlex.quote(str(result.run_dir))  # copy-pastable with spaces in the path
-        if result.status in ("completed", "early-stopped"):
+        if result.finished:
             out.print(f'next: gpt2 generate {run_dir} "ROMEO:"   |   gpt2 eval {run_dir}', soft_wrap=True)
         else:
             out.print(f"continue: gpt2 train --out {run_dir} --resume auto", soft_wrap=True)
