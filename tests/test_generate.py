@@ -371,15 +371,17 @@ def test_interactive_ctrl_c_on_a_terminal_stops_the_sample_and_asks_again(ckpt):
     pid, fd = pty.fork()
     if pid == 0:  # the child: the real command on the terminal's other end
         os.execv(gpt2_command()[0], [*gpt2_command(), "generate", str(ckpt), "-i", "-n", "1000000", "--ignore-eos"])
-    seen = b""
+    seen, after = b"", 0  # the output so far; where the last marker found ends
 
     def read_until(marker: bytes, timeout: float = 60.0) -> None:
-        nonlocal seen
-        start, deadline = len(seen), time.monotonic() + timeout
-        while marker not in seen[start:]:
+        """Read until ``marker`` shows after the previous one (it may have come with it)."""
+        nonlocal seen, after
+        deadline = time.monotonic() + timeout
+        while (found := seen.find(marker, after)) < 0:
             assert time.monotonic() < deadline, f"no {marker!r} in {seen[-500:]!r}"
             if select.select([fd], [], [], 0.1)[0]:
                 seen += os.read(fd, 65536)
+        after = found + len(marker)
 
     try:
         read_until(b"> ")

@@ -415,16 +415,21 @@ def _evil_files(folder: Path, marker: Path, spec_json: str) -> dict[str, Path]:
                 "step": 4, "model": _Evil(str(marker)), "digest": "0" * 64}
     zipped = folder / "evil.pt"  # torch.save archive, looks like a checkpoint
     torch.save(disguise, zipped)
-    raw = folder / "evil-legacy.pt"  # a bare pickle (torch's legacy format)
+    # A folder of its own: `train --resume FILE` takes its folder's run lock, and the cases run two
+    # at a time; sharing a folder, the second of two resumes could meet the first one's lock.
+    raw = folder / "legacy" / "evil-legacy.pt"  # a bare pickle (torch's legacy format)
+    raw.parent.mkdir()
     import pickle
 
     raw.write_bytes(pickle.dumps(disguise, protocol=2))
-    for name, source in (("run-ckpt", zipped), ("run-best", raw)):
+    # run-ckpt-auto: the same as run-ckpt, for the `--resume auto` case (its own lock, as above)
+    for name, source in (("run-ckpt", zipped), ("run-ckpt-auto", zipped), ("run-best", raw)):
         run = folder / name
         run.mkdir()
         (run / "spec.json").write_text(spec_json)
-        shutil.copy(source, run / (ckpt.CKPT_NAME if name == "run-ckpt" else ckpt.BEST_NAME))
-    return {"file": zipped, "legacy": raw, "run-ckpt": folder / "run-ckpt", "run-best": folder / "run-best"}
+        shutil.copy(source, run / (ckpt.BEST_NAME if name == "run-best" else ckpt.CKPT_NAME))
+    return {"file": zipped, "legacy": raw, "run-ckpt": folder / "run-ckpt", "run-ckpt-auto": folder / "run-ckpt-auto",
+            "run-best": folder / "run-best"}
 
 
 @pytest.fixture(scope="module")
@@ -457,7 +462,7 @@ def file_attacks(reference, root):
         ("train --resume", "file", ["train", "--resume", str(evil["file"])]),
         ("train --resume", "legacy", ["train", "--resume", str(evil["legacy"]), "--device", "cpu"]),
         ("train --resume", "run-ckpt", ["train", "--resume", str(evil["run-ckpt"])]),
-        ("train --resume auto", "run-ckpt", ["train", "--out", str(evil["run-ckpt"]), "--resume", "auto"]),
+        ("train --resume auto", "run-ckpt-auto", ["train", "--out", str(evil["run-ckpt-auto"]), "--resume", "auto"]),
         ("eval", "file", ["eval", str(evil["file"]), "--device", "cpu"]),
         ("eval", "run-ckpt", ["eval", str(evil["run-ckpt"]), "--device", "cpu"]),
         ("eval", "run-best", ["eval", str(evil["run-best"]), "--device", "cpu"]),
@@ -486,7 +491,7 @@ def _attack_ids():
     ids.append("damaged flipped-byte: train --resume auto")
     ids += [f"malicious {w}: {c}" for c, w in (
         ("train --resume", "file"), ("train --resume", "legacy"), ("train --resume", "run-ckpt"),
-        ("train --resume auto", "run-ckpt"), ("eval", "file"), ("eval", "run-ckpt"), ("eval", "run-best"),
+        ("train --resume auto", "run-ckpt-auto"), ("eval", "file"), ("eval", "run-ckpt"), ("eval", "run-best"),
         ("generate", "legacy"), ("generate", "run-ckpt"), ("generate", "run-best"), ("export", "file"),
         ("export", "run-best"), ("export", "run-ckpt"))]
     return ids
