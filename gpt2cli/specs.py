@@ -230,6 +230,11 @@ class DataSpec(_Spec):
 # Adam moves each weight by about lr per step: far above any learning rate that trains (GPT-2
 # uses 6e-4), and low enough that the optimizer's arithmetic cannot overflow (lr 1e38 did).
 MAX_LR = 10.0
+# The share of a wsd run that decays: 20%, where Hägele et al. 2024 ("Scaling Laws and
+# Compute-Optimal Training Beyond Fixed Training Durations") found it matching cosine.
+DEFAULT_DECAY_FRACTION = 0.2
+# Muon's momentum (Nesterov), as in Keller Jordan's Muon and torch.optim.Muon.
+DEFAULT_MUON_MOMENTUM = 0.95
 
 
 def default_min_lr(lr: float) -> float:
@@ -241,7 +246,12 @@ def default_min_lr(lr: float) -> float:
 class OptimSpec(_Spec):
     """Optimizer and learning-rate schedule."""
 
-    name: Literal["adamw", "adam"] = Field("adamw", description="Optimizer (weight decay only on 2-D weights).")
+    name: Literal["adamw", "adam", "muon"] = Field(
+        "adamw",
+        description="Optimizer (weight decay only on 2-D weights). muon: Muon for the blocks' matrices, its "
+        "steps scaled to AdamW's size so lr and weight decay carry over, and AdamW for embeddings, biases and "
+        "norms; needs torch 2.9 or newer.",
+    )
     lr: float = Field(
         6e-4, gt=0.0, le=MAX_LR, allow_inf_nan=False,
         description=f"Peak learning rate, at most {MAX_LR:g}; in gpt2 train the default depends on the preset "
@@ -253,13 +263,24 @@ class OptimSpec(_Spec):
         "(the last step is one decay step above it).",
     )
     warmup: int | None = Field(None, ge=0, description="Linear warm-up steps; default: 5% of the steps.")
-    schedule: Literal["cosine", "linear", "constant"] = Field(
-        "cosine", description="Decay from lr to min_lr after warm-up."
+    schedule: Literal["cosine", "linear", "constant", "wsd"] = Field(
+        "cosine", description="Decay from lr to min_lr after warm-up; wsd (warm-up, stable, decay) holds lr "
+        "and decays linearly over the last decay_fraction of the steps, so a run can be extended from any "
+        "checkpoint before its decay.",
+    )
+    decay_fraction: float | None = Field(
+        None, gt=0.0, le=1.0, allow_inf_nan=False,
+        description="With schedule wsd: the share of the steps, at the end, that decays from lr to min_lr; "
+        f"default {DEFAULT_DECAY_FRACTION:g}.",
     )
     weight_decay: float = Field(0.1, ge=0.0, description="Decoupled weight decay on 2-D weights (AdamW).")
     betas: tuple[float, float] = Field((0.9, 0.95), description="Adam betas (beta1, beta2).")
     eps: float = Field(1e-8, gt=0.0, description="Adam epsilon.")
     grad_clip: float = Field(1.0, ge=0.0, description="Clip the global gradient norm to this; 0 = off.")
+    muon_momentum: float | None = Field(
+        None, ge=0.0, lt=1.0,
+        description=f"With optimizer muon: its (Nesterov) momentum; default {DEFAULT_MUON_MOMENTUM:g}.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -285,6 +306,16 @@ class OptimSpec(_Spec):
         assert self.min_lr is not None
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        if self.muon_momentum is not None and self.name != "muon":
+            raise ValueError(
+                f"muon_momentum applies to optimizer muon only (optimizer is {self.name}): "
+                "drop it, or add --optimizer muon"
+            )
+        if self.decay_fraction is not None and self.schedule != "wsd":
+            raise ValueError(
+                f"decay_fraction applies to schedule wsd only (schedule is {self.schedule}): "
+                "drop it, or add --schedule wsd"
+            )
         return self
 
 
@@ -518,6 +549,9 @@ class TrainSpec(_Spec):
             # --device auto is checked where the device is resolved (gpt2cli.parallel.check_cpu_offload).
             raise ValueError(f"--fsdp-cpu-offload (parallel.fsdp_cpu_offload) needs a CUDA device, not --device "
                              f"{device}: it moves FSDP's shards from GPU memory to the CPU; drop it")
+        if self.optim.name == "muon" and p.strategy == "fsdp":
+            raise ValueError("--optimizer muon does not run under --strategy fsdp: its Newton-Schulz step needs "
+                             "whole matrices and FSDP holds shards; use --strategy ddp, or --optimizer adamw")
         if self.eval.hellaswag is not None and self.model.vocab_size < GPT2_VOCAB_SIZE:
             raise ValueError(f"eval.hellaswag needs the GPT-2 vocabulary ({GPT2_VOCAB_SIZE:,} tokens) that its text "
                              f"is encoded with; model.vocab_size is {self.model.vocab_size:,}")

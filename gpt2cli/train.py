@@ -44,9 +44,11 @@ from gpt2cli.metrics import (
     truncate_metrics,
 )
 from gpt2cli.model import GPT
+from gpt2cli.optim import build_optimizer, check_optimizer
 from gpt2cli.parallel import Strategy, make_strategy
 from gpt2cli.profiling import StepProfiler
 from gpt2cli.specs import (
+    DEFAULT_DECAY_FRACTION,
     DEFAULT_LOSS_CHUNK,
     DEFAULT_STEPS,
     ParallelSpec,
@@ -151,19 +153,48 @@ def warmup_steps(spec: TrainSpec, total_steps: int) -> int:
     return spec.optim.warmup if spec.optim.warmup is not None else max(1, round(0.05 * total_steps))
 
 
+def decay_start_step(spec: TrainSpec, total_steps: int) -> int:
+    """The step index where the decay from lr to min_lr begins: right after warm-up, except for
+    wsd, which holds lr until its last decay_fraction of the steps. For wsd a longer budget moves
+    it later and leaves every earlier step's lr as it was."""
+    o = spec.optim
+    warmup = warmup_steps(spec, total_steps)
+    if o.schedule != "wsd":
+        return warmup
+    fraction = o.decay_fraction if o.decay_fraction is not None else DEFAULT_DECAY_FRACTION
+    return max(warmup, total_steps - max(1, round(fraction * total_steps)))
+
+
 def lr_at(step: int, spec: TrainSpec, total_steps: int) -> float:
-    """Linear warm-up over `warmup` steps, then the chosen decay from lr to min_lr."""
+    """Linear warm-up over `warmup` steps, then the chosen decay from lr to min_lr, reached one
+    step past the last."""
     o = spec.optim
     assert o.min_lr is not None
     warmup = warmup_steps(spec, total_steps)
     if step < warmup:
         return o.lr * (step + 1) / warmup
-    if o.schedule == "constant":
+    decay_start = decay_start_step(spec, total_steps)
+    if o.schedule == "constant" or step < decay_start:
         return o.lr
-    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-    if o.schedule == "linear":
+    progress = min(1.0, (step - decay_start) / max(1, total_steps - decay_start))
+    if o.schedule in ("linear", "wsd"):
         return o.lr - progress * (o.lr - o.min_lr)
     return o.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (o.lr - o.min_lr)
+
+
+def describe_schedule(spec: TrainSpec, total_steps: int) -> str:
+    """The learning rate over the run in words, for --dry-run; steps counted from 1, as in
+    metrics.jsonl (step N runs with lr_at(N - 1))."""
+    o = spec.optim
+    warmup = warmup_steps(spec, total_steps)
+    text = f"warm-up {warmup:,} steps to {o.lr:g}" if warmup else f"{o.lr:g} from the first step"
+    if o.schedule == "constant":
+        return text + ", then constant"
+    decay_start = decay_start_step(spec, total_steps)
+    if decay_start > warmup:
+        text += f", held through step {decay_start + 1:,}"
+    shape = "cosine" if o.schedule == "cosine" else "linear"
+    return text + f", {shape} decay towards {o.min_lr:g}, reached after step {total_steps:,}"
 
 
 # ------------------------------------------------------------------------------ fault hooks
@@ -222,28 +253,13 @@ def autocast_context(device: torch.device, dtype: torch.dtype) -> contextlib.Abs
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def build_optimizer(model: nn.Module, spec: TrainSpec, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW/Adam with weight decay only on 2-D weights (matrices and embeddings), fused on CUDA."""
-    o = spec.optim
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": o.weight_decay if o.name == "adamw" else 0.0},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    kwargs: dict[str, Any] = {"lr": o.lr, "betas": tuple(o.betas), "eps": o.eps}
-    if device.type == "cuda":
-        kwargs["fused"] = True
-    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
-    return cls(groups, **kwargs)
-
-
 # ------------------------------------------------------------------------------ run folder
 
 
-def check_metric_mirrors(spec: TrainSpec) -> None:
-    """--tensorboard and --wandb: what they need, checked before anything is written."""
+def check_requirements(spec: TrainSpec) -> None:
+    """What the settings need of the installed packages (--optimizer muon: a torch with Muon;
+    --tensorboard, --wandb: their packages), checked before anything is written."""
+    check_optimizer(spec)
     check_tensorboard(spec)
     check_wandb(spec)
 
@@ -385,6 +401,13 @@ def check_resume_compatible(spec: TrainSpec, saved: TrainSpec, saved_state: dict
         raise UserError(
             f"cannot resume with a different model shape (changed: {', '.join(changed)})",
             "keep the model settings of the checkpoint, or start a new run with another --out",
+        )
+    if (spec.optim.name == "muon") != (saved.optim.name == "muon"):
+        # Adam and AdamW keep the same state (moments per weight); Muon keeps a momentum per matrix.
+        raise UserError(
+            f"cannot resume with another optimizer ({saved.optim.name} -> {spec.optim.name}): the checkpoint holds "
+            f"{saved.optim.name}'s state",
+            f"keep --optimizer {saved.optim.name}, or start a new run from these weights with --init and another --out",
         )
     saved_batch = saved_state.get("global_batch")
     if saved_batch is not None and saved_batch != plan.global_batch:
@@ -727,7 +750,7 @@ class _Trainer:
         started = time.perf_counter()
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 matmuls
-        check_metric_mirrors(spec)
+        check_requirements(spec)
         hellaswag = self._read_hellaswag() if spec.eval.hellaswag is not None else None
         run_dir = resolve_run_dir(spec, strategy.world_size)
         self.lock_run_folder(run_dir)

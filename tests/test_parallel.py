@@ -172,6 +172,21 @@ def test_ddp_resume_is_exact(runs, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch 2.9+")
+def test_muon_under_ddp_matches_one_process(tmp_path, cache_dir):
+    """Every rank orthogonalises the same all-reduced gradient, so the replicas stay one model and
+    follow the single-process run. Not bit for bit: Newton-Schulz runs in bf16, where the last-bit
+    differences of a gradient averaged over two processes can round the other way."""
+    muon = ("--optimizer", "muon", "--steps", "8")
+    train(tmp_path / "single", *muon, "--batch-size", "4")
+    train(tmp_path / "ddp", *muon, "--batch-size", "2", "--strategy", "ddp", "--nproc", "2")
+    single, ddp = losses(tmp_path / "single"), losses(tmp_path / "ddp")
+    assert sorted(ddp) == sorted(single) == list(range(1, 9))
+    for step in single:
+        assert ddp[step] == pytest.approx(single[step], rel=1e-3), step
+    assert single[8] < single[1] - 0.5
+
+
 def test_crashed_worker_is_restarted_and_resumes(tmp_path, cache_dir):
     run = tmp_path / "elastic"
     proc = train(run, "--steps", "12", "--batch-size", "2", "--strategy", "ddp", "--nproc", "2",

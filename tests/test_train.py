@@ -17,7 +17,14 @@ from gpt2cli import checkpoint as ckpt
 from gpt2cli.errors import NonFiniteLossError, UserError
 from gpt2cli.metrics import read_metrics
 from gpt2cli.specs import DEFAULT_LOSS_CHUNK, TrainSpec, build_spec
-from gpt2cli.train import SilentReporter, lr_at, plan_batches, resolve_loss_chunk, train
+from gpt2cli.train import (
+    SilentReporter,
+    describe_schedule,
+    lr_at,
+    plan_batches,
+    resolve_loss_chunk,
+    train,
+)
 from tests.conftest import REPO, gpt2_command, run_gpt2
 
 
@@ -231,6 +238,42 @@ def test_schedule_warmup_then_cosine_to_min_lr():
     assert all(a >= b for a, b in zip(values, values[1:], strict=False))
 
 
+def test_wsd_schedule_holds_lr_then_decays_linearly_and_a_longer_budget_keeps_the_past():
+    spec = build_spec(TrainSpec, flags={"optim": {"lr": 1.0, "min_lr": 0.1, "warmup": 10, "schedule": "wsd"}})
+    assert lr_at(0, spec, 100) == pytest.approx(0.1)
+    assert [lr_at(s, spec, 100) for s in range(9, 81)] == [1.0] * 72  # stable until the last 20%
+    assert lr_at(90, spec, 100) == pytest.approx(0.55)  # halfway down the linear decay
+    assert lr_at(100, spec, 100) == pytest.approx(0.1)
+    # Twice the budget: the decay starts at 160, every step before 80 keeps its lr.
+    assert [lr_at(s, spec, 200) for s in range(80)] == [lr_at(s, spec, 100) for s in range(80)]
+    assert lr_at(159, spec, 200) == 1.0 and lr_at(180, spec, 200) == pytest.approx(0.55)
+    half = build_spec(TrainSpec, flags={"optim": {"lr": 1.0, "min_lr": 0.0, "warmup": 0, "schedule": "wsd",
+                                                  "decay_fraction": 0.5}})
+    assert lr_at(49, half, 100) == 1.0 and lr_at(75, half, 100) == pytest.approx(0.5)
+    # What --dry-run says, in metrics.jsonl's steps (step N runs with lr_at(N - 1)): held through 81.
+    assert describe_schedule(spec, 100) == ("warm-up 10 steps to 1, held through step 81, "
+                                            "linear decay towards 0.1, reached after step 100")
+    assert lr_at(81 - 1, spec, 100) == 1.0 and lr_at(82 - 1, spec, 100) < 1.0
+    with pytest.raises(UserError, match="decay_fraction applies to schedule wsd only"):
+        build_spec(TrainSpec, flags={"optim": {"decay_fraction": 0.3}})
+
+
+def test_a_wsd_run_extended_before_its_decay_equals_the_longer_run(tmp_path, cache_dir, monkeypatch):
+    """What wsd is for: a 10-step run stopped in its stable phase (the decay starts at step 8)
+    and resumed with a 20-step budget trains exactly like a 20-step run from the start."""
+    wsd = {"warmup": 2, "lr": 3e-3, "schedule": "wsd"}
+    full = tmp_path / "full"
+    train(tiny_spec(full, train={"steps": 20}, optim=wsd))
+    part = tmp_path / "part"
+    monkeypatch.setenv("GPT2_FAULT", "stop_at_step:7")
+    assert train(tiny_spec(part, train={"steps": 10}, optim=wsd)).step == 7
+    monkeypatch.delenv("GPT2_FAULT")
+    assert train(tiny_spec(part, train={"steps": 20}, optim=wsd, run={"resume": "auto"})).step == 20
+    assert train_losses(part) == train_losses(full)
+    lrs = {r["step"]: r["lr"] for r in read_metrics(full / "metrics.jsonl") if r["kind"] == "train"}
+    assert lrs[17] == 3e-3 and lrs[20] < lrs[18] < 3e-3  # row N holds the lr of step index N - 1
+
+
 # ------------------------------------------------------------------ the real command
 
 
@@ -256,6 +299,7 @@ def test_cli_dry_run_prints_plan_and_creates_nothing(tmp_path):
     proc = run_gpt2("train", "--preset", "gpt2", "--attn", "gqa", "--batch-size", "8", "--grad-accum", "4",
                     "--dry-run", "--out", str(tmp_path / "run"), check=True)
     assert "parameters" in proc.stdout and "32,768 tokens per step" in proc.stdout and '"n_kv_head": 3' in proc.stdout
+    assert "lr: warm-up 10 steps to 0.0006, cosine decay towards 6e-05, reached after step 200" in proc.stdout
     assert not (tmp_path / "run").exists()
 
 
@@ -427,6 +471,8 @@ def test_cli_bad_inputs_exit_2_with_one_line(tmp_path):
         ["--resume", str(tmp_path / "nothing.pt"), "--preset", "tiny"],
         ["--betas", "0.9"],
         ["--nproc", "2"],
+        ["--decay-fraction", "0.3"],
+        ["--schedule", "wsd", "--decay-fraction", "0"],
     ]
     for extra in cases:
         proc = run_gpt2("train", "--device", "cpu", "--out", str(tmp_path / "run"), *extra)

@@ -43,7 +43,9 @@ FLAG_FIELDS: dict[str, tuple[str, str]] = {
     "--data": ("data", "dir"),
     "--optimizer": ("optim", "name"), "--lr": ("optim", "lr"), "--min-lr": ("optim", "min_lr"),
     "--warmup": ("optim", "warmup"), "--schedule": ("optim", "schedule"),
+    "--decay-fraction": ("optim", "decay_fraction"),
     "--weight-decay": ("optim", "weight_decay"), "--betas": ("optim", "betas"), "--grad-clip": ("optim", "grad_clip"),
+    "--muon-momentum": ("optim", "muon_momentum"),
     "--steps": ("train", "steps"), "--tokens": ("train", "tokens"), "--batch-size": ("train", "batch_size"),
     "--seq-len": ("train", "seq_len"), "--grad-accum": ("train", "grad_accum"),
     "--batch-tokens": ("train", "batch_tokens"), "--dtype": ("train", "dtype"), "--compile": ("train", "compile"),
@@ -119,9 +121,11 @@ def train(
     min_lr: Annotated[float | None, typer.Option(help=h("--min-lr"), rich_help_panel=OPT)] = None,
     warmup: Annotated[int | None, typer.Option(help=h("--warmup"), rich_help_panel=OPT)] = None,
     schedule: Annotated[str | None, typer.Option(help=h("--schedule"), rich_help_panel=OPT)] = None,
+    decay_fraction: Annotated[float | None, typer.Option(help=h("--decay-fraction"), rich_help_panel=OPT)] = None,
     weight_decay: Annotated[float | None, typer.Option(help=h("--weight-decay"), rich_help_panel=OPT)] = None,
     betas: Annotated[str | None, typer.Option(help=h("--betas") + " Written 0.9,0.95.", rich_help_panel=OPT)] = None,
     grad_clip: Annotated[float | None, typer.Option(help=h("--grad-clip"), rich_help_panel=OPT)] = None,
+    muon_momentum: Annotated[float | None, typer.Option(help=h("--muon-momentum"), rich_help_panel=OPT)] = None,
     # training
     steps: Annotated[int | None, typer.Option(help=h("--steps"), rich_help_panel=T)] = None,
     tokens: Annotated[int | None, typer.Option(help=h("--tokens"), rich_help_panel=T)] = None,
@@ -183,8 +187,10 @@ def train(
         "--init": init, "--preset": preset, "--attn": attn, "--kv-heads": kv_heads, "--pos": pos, "--rope-base": rope_base,
         "--rope-learnable": rope_learnable, "--n-layer": n_layer, "--n-head": n_head, "--n-embd": n_embd,
         "--block-size": block_size, "--dropout": dropout, "--data": data, "--optimizer": optimizer, "--lr": lr,
-        "--min-lr": min_lr, "--warmup": warmup, "--schedule": schedule, "--weight-decay": weight_decay,
-        "--betas": _parse_betas(betas), "--grad-clip": grad_clip, "--steps": steps, "--tokens": tokens,
+        "--min-lr": min_lr, "--warmup": warmup, "--schedule": schedule,
+        "--decay-fraction": decay_fraction, "--weight-decay": weight_decay,
+        "--betas": _parse_betas(betas), "--grad-clip": grad_clip,
+        "--muon-momentum": muon_momentum, "--steps": steps, "--tokens": tokens,
         "--batch-size": batch_size, "--seq-len": seq_len, "--grad-accum": grad_accum,
         "--batch-tokens": batch_tokens, "--dtype": dtype, "--compile": compile, "--loss-chunk": loss_chunk,
         "--profile": profile, "--device": device,
@@ -365,7 +371,7 @@ def run(spec: TrainSpec, dry_run: bool = False) -> None:
         under_torchrun,
     )
     from gpt2cli.train import (
-        check_metric_mirrors,
+        check_requirements,
         plan_batches,
         refuse_existing_run,
         take_run_folder,
@@ -377,7 +383,7 @@ def run(spec: TrainSpec, dry_run: bool = False) -> None:
         check_gpus(p)
         check_rendezvous(p)
         _check_device(spec)
-        check_metric_mirrors(spec)
+        check_requirements(spec)
     plan = plan_batches(spec, int(os.environ.get("WORLD_SIZE", world)))
     if dry_run:
         _print_dry_run(spec, plan)
@@ -541,6 +547,7 @@ def _first_line(exc: BaseException) -> str:
 
 def _print_dry_run(spec: TrainSpec, plan) -> None:
     from gpt2cli.modelinfo import model_stats
+    from gpt2cli.train import describe_schedule
 
     stats = model_stats(spec.model, seq_len=plan.seq_len, world_size=plan.world_size)
     summary = {
@@ -561,5 +568,6 @@ def _print_dry_run(spec: TrainSpec, plan) -> None:
         f"model: {summary['params']:,} parameters ({summary['non_embedding_params']:,} without embeddings)\n"
         f"batch: {plan.batch_size} sequences x {plan.seq_len} tokens x {plan.grad_accum} accumulation x "
         f"{plan.world_size} process(es) = {plan.tokens_per_step:,} tokens per step\n"
-        f"budget: {plan.total_steps:,} steps = {summary['total_tokens']:,} tokens"
+        f"budget: {plan.total_steps:,} steps = {summary['total_tokens']:,} tokens\n"
+        f"lr: {describe_schedule(spec, plan.total_steps)}"
     )
