@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +135,15 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------- read
 
 
+def load_weights_only(path: str | Path, **kwargs: Any) -> Any:
+    """``torch.load(path, weights_only=True, **kwargs)``, without torch's warnings about the file
+    (such as a pickle protocol it did not write): a file it cannot load is one error line, and
+    one it can needs no remark."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.load(path, weights_only=True, **kwargs)
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", verify: bool = True) -> dict[str, Any]:
     """Load and verify a checkpoint. Anything wrong is one UserError line, never a half load.
 
@@ -145,7 +155,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     if p.is_dir():
         raise UserError(f"{str(p)!r} is a folder, not a checkpoint file", "pass a .pt file or a run folder")
     try:
-        record = torch.load(p, map_location=map_location, weights_only=True, mmap=not verify)
+        record = load_weights_only(p, map_location=map_location, mmap=not verify)
     except _UNPICKLING_ERROR as exc:
         if "global" in str(exc).lower():
             # weights_only refused to build an object: a foreign or malicious pickle. Never retry unsafely.

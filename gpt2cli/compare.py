@@ -769,7 +769,9 @@ def _drop_duplicates(runs: Sequence[Run]) -> tuple[list[Run], list[str]]:
     kept: dict[int, Run] = {}
     notes: list[str] = []
     for members in sets.values():
-        chosen = max(members, key=lambda r: r.step)  # max keeps the first of equals
+        # The most complete: the furthest step, then the most evaluations, then the most rows (a copy
+        # cut short can lose its last eval row and keep the step); max keeps the first of equals.
+        chosen = max(members, key=lambda r: (r.step, len(r.eval_rows), len(r.train_rows)))
         kept[id(members[0])] = chosen
         if len(members) > 1:
             names = [str(r.path) for r in members]

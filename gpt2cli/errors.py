@@ -19,7 +19,9 @@ class UserError(Exception):
 
     def render(self) -> str:
         """One line: ``Error: <message> (<hint>)``."""
-        text = self.message.rstrip(".")
+        # One sentence-ending period goes (the hint follows in brackets); an ellipsis saying that
+        # a list goes on stays.
+        text = self.message if self.message.endswith("...") else self.message.removesuffix(".")
         if self.hint:
             text += f" ({self.hint})"
         return f"Error: {text}"

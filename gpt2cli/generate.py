@@ -252,6 +252,27 @@ class TextStream:
 # --------------------------------------------------------------------------------- generator
 
 
+# A compiled generator's cache grows in steps of this many positions (Generator._cache_length).
+CACHE_GROWTH = 64
+# Graphs a compiled decode step may have: one per (batch, cache length, sampling setting); dynamo's
+# default of 8 would fail a long interactive session outright (fullgraph=True).
+DECODE_RECOMPILE_LIMIT = 64
+
+
+def _with_recompile_limit(compiled: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Call the compiled decode step under DECODE_RECOMPILE_LIMIT (dynamo reads it per call)."""
+    from torch._dynamo import config as dynamo_config
+
+    # torch 2.4-2.5 call the setting cache_size_limit.
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+
+    def step(*args: object) -> torch.Tensor:
+        with dynamo_config.patch({name: DECODE_RECOMPILE_LIMIT}):
+            return compiled(*args)
+
+    return step
+
+
 def _frozen(compiled: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     """Call a compiled CPU decode step with inductor's freezing on: the weights become constants
     of the graph, which lets inductor pre-pack them for the BLAS (as pack_linears does for eager
@@ -341,6 +362,7 @@ class Generator:
             # constants, and the step would read four times the bytes again.
             if on_cpu and quantize == "none":
                 self._decode = _frozen(self._decode)
+            self._decode = _with_recompile_limit(self._decode)
 
     @classmethod
     def from_source(cls, source: str, *, device: str = "auto", dtype: str = "auto",
@@ -356,6 +378,23 @@ class Generator:
         return generator, loaded.source
 
     # ------------------------------------------------------------------------------ pieces
+
+    def _cache_length(self, batch: int, needed: int) -> int:
+        """The cache length for a call that needs ``needed`` positions. Exact for eager CUDA steps
+        (they attend over the whole cache). Compiled steps and eager CPU steps (which attend over
+        the filled slots only) keep using the cache they have when it is long enough. A compiled
+        step is a graph per cache: new buffers (even of a length seen before) would compile it
+        again, as would every new prompt length of an interactive session. So a compiled
+        generator's cache only grows, in steps of CACHE_GROWTH positions: at most
+        block_size / CACHE_GROWTH compilations per batch size and sampling setting."""
+        if not (self.compiled or self._attend_filled_slots_only):
+            return needed
+        if self._cache_key is not None and self._cache_key[0] == batch and self._cache_key[1] >= needed:
+            return self._cache_key[1]
+        if not self.compiled:
+            return needed
+        rounded = -(-needed // CACHE_GROWTH) * CACHE_GROWTH
+        return min(self.spec.block_size, rounded)
 
     def _attach_cache(self, batch: int, length: int) -> None:
         """Give every layer its preallocated cache; a call with the same batch and length reuses
@@ -479,17 +518,27 @@ class Generator:
             available = None  # no portable way to ask (mps): the allocator's own error stands
         if available is None:
             return ids
+        if use_cache:
+            cache_len = self._cache_length(batch, cache_len)
         reused = self._cache_key == (batch, cache_len)  # the last call's cache is reused: nothing new
         per_sample = self.bytes_per_sample(len(ids), spec, 0 if reused else cache_len)
         if batch * per_sample <= available:
             return ids
         fit = available // per_sample
         gib = 1024**3
+        if fit >= 1:
+            hint = f"use --num-samples {fit:,} or fewer"
+        elif spec.max_new_tokens > self.spec.block_size:
+            # Beyond the context the cache stops growing; what grows is the output itself.
+            hint = "ask for fewer tokens with --max-new-tokens (-n), or free some memory"
+        else:
+            hint = "free some memory, or use a smaller model"
+        samples = "1 sample of {:,} tokens needs" if batch == 1 else f"{batch:,} samples of {{:,}} tokens need"
         raise UserError(
-            f"{batch:,} samples of {len(ids) + spec.max_new_tokens:,} tokens need about "
+            f"{samples.format(len(ids) + spec.max_new_tokens)} about "
             f"{batch * per_sample / gib:,.1f} GiB, more than the {available / gib:,.1f} GiB of "
             f"{self.device.type} memory available",
-            f"use --num-samples {fit:,} or fewer" if fit >= 1 else "free some memory, or use a smaller model",
+            hint,
         )
 
     # ------------------------------------------------------------------------------ generate
@@ -522,7 +571,7 @@ class Generator:
         B, P, new = spec.num_samples, len(ids), spec.max_new_tokens
         block = self.spec.block_size
         shift = max(1, block // 4)
-        cache_len = min(block, P + new)
+        cache_len = self._cache_length(B, min(block, P + new))
         device = self.device
 
         buf = torch.zeros(B, P + new, dtype=torch.long, device=device)

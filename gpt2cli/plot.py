@@ -9,6 +9,7 @@ same token counts.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -55,9 +56,31 @@ def _zoom_top(all_series: Sequence[Series]) -> float | None:
 
 def plot_format(path: str | Path) -> str:
     """"png" or "svg" from the file name; anything else is a UserError (checked before work)."""
-    fmt = Path(path).suffix.lower().lstrip(".")
+    p = Path(path)
+    fmt = p.suffix.lower().lstrip(".")
+    if p.name.lower() in (".png", ".svg"):  # a suffix alone is a hidden file's name to pathlib
+        raise UserError(f"--plot {str(path)!r} has no file name before its suffix", "e.g. --plot curves.png")
     if fmt not in FORMATS:
         raise UserError(f"--plot {str(path)!r} must end in .png or .svg", "e.g. --plot curves.png")
+    return fmt
+
+
+def check_plot_path(path: str | Path) -> str:
+    """The figure's format, once the path is known to be writable: not a folder, no file among its
+    parents, and the nearest existing parent writable (missing folders are created). Checked before
+    anything is computed or printed, so a bad --plot never comes after the table."""
+    fmt = plot_format(path)
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"--plot {str(path)!r} is a folder", f"name a file, e.g. --plot {p / ('curves.' + fmt)}")
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"--plot {str(path)!r} goes through {str(parent)!r}, which is a file, not a folder",
+                        "choose another path")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"--plot {str(path)!r}: the folder {str(parent)!r} is not writable", "choose another path")
     return fmt
 
 

@@ -631,7 +631,8 @@ class EvaluateSpec(_Spec):
         other = DOWNSTREAM_TASK_FIELDS if self.task == "loss" else LOSS_TASK_FIELDS
         given = [name for name in other if name in self.model_fields_set and getattr(self, name) is not None]
         if given:
-            names = " and ".join(given)
+            # As typed on the command line, with the field a file or --set names.
+            names = " and ".join(f"--{name.replace('_', '-')} ({name})" for name in given)
             raise ValueError(f"{names} {'does' if len(given) == 1 else 'do'} not apply to task {self.task}; "
                              f"leave {'it' if len(given) == 1 else 'them'} out or use the other --task")
         return self
@@ -693,7 +694,8 @@ class CompareSpec(_Spec):
         "(lower is better) or hellaswag_acc_norm (higher is better; runs trained with --hellaswag).",
     )
     target: float | None = Field(
-        None, description="Report the tokens and wall time each run took to first reach this metric value."
+        None, allow_inf_nan=False,
+        description="Report the tokens and wall time each run took to first reach this metric value.",
     )
     plot: str | None = Field(
         None, description="Write val and train loss (and HellaSwag acc_norm, where logged) against tokens to "
@@ -717,6 +719,18 @@ class CompareSpec(_Spec):
         "off: one column per run.",
     )
     chart: bool = Field(True, description="With the table format and no --plot, draw a loss chart in the terminal.")
+
+    @model_validator(mode="after")
+    def _check_target(self) -> CompareSpec:
+        # A value the metric can take: a perplexity is at least 1, an accuracy lies in [0, 1], a
+        # loss is not negative. Any other target could never be reached (and a log-scale plot of
+        # perplexity has no place for its line).
+        lowest, highest = {"val_ppl": (1.0, None), "hellaswag_acc_norm": (0.0, 1.0)}.get(self.metric, (0.0, None))
+        t = self.target
+        if t is not None and (t < lowest or (highest is not None and t > highest)):
+            allowed = f"between {lowest:g} and {highest:g}" if highest is not None else f"at least {lowest:g}"
+            raise ValueError(f"--target {t:g} is not a value of {self.metric}, which is {allowed}")
+        return self
 
 
 # -------------------------------------------------------------------------- building a spec

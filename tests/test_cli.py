@@ -178,3 +178,10 @@ def test_a_piped_table_keeps_every_cell_on_one_line(capsys):
     row = next(line for line in out.splitlines() if long_path in line)
     assert row.split("│")[2].strip() == "nan"
     assert all(line == line.rstrip() for line in out.splitlines())
+
+
+def test_an_error_line_drops_one_period_and_keeps_an_ellipsis():
+    from gpt2cli.errors import UserError
+
+    assert UserError("bad value.", "fix it").render() == "Error: bad value (fix it)"
+    assert UserError("missing a, b, c ...", "damaged").render() == "Error: missing a, b, c ... (damaged)"

@@ -511,8 +511,20 @@ def test_cli_json_csv_and_markdown(tmp_path, capsys):
     code, stdout, _ = cli(capsys, "compare", *paths, "--no-group-seeds", "--format", "markdown")
     assert stdout.splitlines()[0] == "| | rope-s0 | rope-s1 | learned |"
 
-    code, _, stderr = cli(capsys, "compare", *paths, "--plot", str(tmp_path / "c.jpg"))
-    assert code == 2 and stderr.startswith("Error: --plot")
+    (tmp_path / "folder.png").mkdir()
+    bad = {"c.jpg": "must end in .png or .svg", ".png": "no file name", "folder.png": "is a folder",
+           "rope-s0/spec.json/x.png": "which is a file, not a folder"}
+    for name, says in bad.items():
+        code, stdout, stderr = cli(capsys, "compare", *paths, "--plot", str(tmp_path / name))
+        # refused before the table: nothing on stdout, one line on stderr
+        assert code == 2 and stdout == "" and stderr.startswith("Error: --plot") and says in stderr, name
+    for target, says in [("nan", "finite"), ("inf", "finite"), ("-1", "at least 0")]:
+        code, stdout, stderr = cli(capsys, "compare", *paths, "--target", target)
+        assert code == 2 and stdout == "" and says in stderr, target
+    code, _, stderr = cli(capsys, "compare", *paths, "--metric", "val_ppl", "--target", "0.5")
+    assert code == 2 and "at least 1" in stderr
+    code, _, stderr = cli(capsys, "compare", *paths, "--metric", "hellaswag_acc_norm", "--target", "1.5")
+    assert code == 2 and "between 0 and 1" in stderr
 
 
 def test_real_command_table_plot_and_not_a_run(tmp_path):
@@ -566,6 +578,19 @@ def test_copies_of_the_same_run_count_once(tmp_path, capsys):
     code, out, err = cli(capsys, "compare", str(tmp_path / "x"), str(tmp_path / "y"), "--no-chart")
     assert code == 0 and "(2)" in out and "(4)" not in out
     assert "have the same settings and seed; counted once" in err
+
+
+def test_of_two_copies_the_one_that_kept_its_last_evaluation_counts(tmp_path):
+    """A copy cut short after its last train row (same step, its final eval row lost) is the
+    less complete one, whichever order the folders are given in."""
+    whole = make_run(tmp_path / "whole", val=[4.0, 3.5], train=[5, 4, 3, 2], seed=1)
+    cut = make_run(tmp_path / "cut", val=[4.0, 3.5], train=[5, 4, 3, 2], seed=1)
+    rows = (cut / "metrics.jsonl").read_text().splitlines()
+    last_eval = max(i for i, line in enumerate(rows) if '"kind": "eval"' in line)
+    (cut / "metrics.jsonl").write_text("\n".join(rows[:last_eval] + rows[last_eval + 1:]) + "\n")
+    for order in ([cut, whole], [whole, cut]):
+        result = compare_paths(order)
+        assert [r.path for r in result.columns[0].runs] == [whole] and "(kept " + str(whole) in result.notes[0]
 
 
 def test_group_perplexity_is_exp_of_the_mean_loss_and_marks_as_the_loss_row(tmp_path):

@@ -315,3 +315,10 @@ def test_an_error_during_evaluation_leaves_the_model_in_training_mode():
     with pytest.raises(RuntimeError, match="out of memory"):
         evaluate_sums(model, np.arange(200, dtype=np.uint16), seq_len=16, batch_size=2, autocast=failing_autocast)
     assert model.training and all(m.training for m in model.modules())
+
+
+def test_a_huge_perplexity_is_shown_in_scientific_notation():
+    from gpt2cli.cli.evaluate import _number
+
+    assert _number(572.2349, "{:,.2f}") == "572.23" and _number(999_999.0, "{:,.2f}") == "999,999.00"
+    assert _number(6.975e253, "{:,.2f}") == "6.975e+253" and _number(float("nan"), "{:.2f}") == "nan"

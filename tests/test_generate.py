@@ -271,6 +271,24 @@ def test_compiled_step_samples_like_eager():
     assert first.compiled and first.samples[0].tokens != first.samples[1].tokens
 
 
+def test_a_compiled_generator_compiles_once_per_cache_growth_not_per_prompt_length():
+    """An interactive session sends prompts of any length, back and forth. The compiled step's
+    cache only grows (in steps of 64 positions), so 12 calls of 7 lengths compile 3 times (caches
+    of 64, 128 and 160 positions), never hit dynamo's recompile limit (8 by default), and give
+    eager's tokens every time."""
+    model = random_model("gqa", "rope", block_size=160)
+    compiled = Generator(model, device="cpu", dtype="fp32", compile=True)
+    eager = Generator(random_model("gqa", "rope", block_size=160), device="cpu", dtype="fp32")
+    spec = greedy(max_new_tokens=20, ignore_eos=True)
+    compiles = []
+    for length in (3, 70, 3, 70, 5, 9, 100, 3, 130, 3, 70, 40):
+        prompt = [(7 * i) % 500 + 1 for i in range(length)]
+        result = compiled.generate(prompt, spec)
+        assert result.samples[0].tokens == eager.generate(prompt, spec).samples[0].tokens, length
+        compiles.append(result.compile_s > 0)
+    assert compiles == [True, True] + [False] * 6 + [True] + [False] * 3
+
+
 def test_prompt_longer_than_the_context_is_refused_and_output_slides():
     gen = Generator(tiny_gpt2(), device="cpu", dtype="fp32")
     with pytest.raises(UserError, match="no room left"):
@@ -464,6 +482,11 @@ def test_a_batch_beyond_the_memory_left_is_refused_before_anything_is_allocated(
     assert gen._cache_key is None  # refused before the cache was made
     result = gen.generate([11, 12], spec.model_copy(update={"num_samples": 5}))
     assert len(result.samples) == 5 and all(s.num_tokens == 8 for s in result.samples)
+    # Not one sample fits because of its length (beyond the context only the output grows): say -n.
+    with pytest.raises(UserError) as exc:
+        gen.generate([11, 12], greedy(max_new_tokens=10**12))
+    assert exc.value.render().startswith("Error: 1 sample of 1,000,000,000,002 tokens needs about")
+    assert "ask for fewer tokens with --max-new-tokens (-n)" in exc.value.render()
 
 
 def test_real_command_ctrl_c_says_aborted_and_exits_130(ckpt):

@@ -342,9 +342,9 @@ def test_the_default_source_is_the_hellaswag_validation_url(tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("args,expected", [
-    (["--examples", "3"], "examples does not apply to task loss"),
-    (["--task", "hellaswag", "--data", "x"], "data does not apply to task hellaswag"),
-    (["--task", "hellaswag", "--tokens", "64", "--seq-len", "8"], "tokens and seq_len do not apply to task hellaswag"),
+    (["--examples", "3"], "--examples (examples) does not apply to task loss"),
+    (["--task", "hellaswag", "--data", "x"], "--data (data) does not apply to task hellaswag"),
+    (["--task", "hellaswag", "--tokens", "64", "--seq-len", "8"], "--tokens (tokens) and --seq-len (seq_len) do not apply to task hellaswag"),
     (["--task", "hellaswag", "--examples", "0"], "--examples"),
     (["--task", "hellaswag", "--task-data", "/no/such.jsonl"], "HellaSwag file '/no/such.jsonl' does not exist"),
 ])

@@ -157,7 +157,7 @@ def test_eval_lambada_table_json_and_errors(capsys, tmp_path, lambada_file):
     code, _, err = cli(capsys, "eval", ckpt, "--task", "lambada", "--task-data", tmp_path / "none.jsonl")
     assert "LAMBADA file" in one_error_line(code, err) and "does not exist" in err
     code, _, err = cli(capsys, "eval", ckpt, "--task", "lambada", "--data", "x")
-    assert "data does not apply to task lambada" in one_error_line(code, err)
+    assert "--data (data) does not apply to task lambada" in one_error_line(code, err)
 
 
 def test_the_published_set_is_openais_test_file(tmp_path, monkeypatch):

@@ -17,8 +17,6 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
-from gpt2cli.specs import build_spec
-
 # Results go to stdout; progress, timing and messages to stderr so that stdout stays pipeable.
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False)
@@ -52,10 +50,6 @@ def field_help(spec_cls: type[BaseModel], field: str) -> str:
     """The spec field's description: one source for --help and docs."""
     info = spec_cls.model_fields[field]
     return info.description or ""
-
-
-def make_spec(spec_cls: type[BaseModel], config: str | None, flags: dict[str, Any], sets: list[str] | None):
-    return build_spec(spec_cls, config_file=config, flags=flags, sets=sets or ())
 
 
 def print_json(obj: Any) -> None:

@@ -102,9 +102,9 @@ def compare(
     if spec.plot_vs and not spec.plot:
         raise UserError("--plot-vs adds a panel to the --plot figure", "pass --plot FILE too")
     if spec.plot:
-        from gpt2cli.plot import plot_format
+        from gpt2cli.plot import check_plot_path
 
-        plot_format(spec.plot)
+        check_plot_path(spec.plot)
     from gpt2cli.compare import compare_paths
 
     result = compare_paths(spec.runs, metric=spec.metric, target=spec.target, group_by=spec.group_by,

@@ -16,6 +16,7 @@ gets its row (NaN/inf as they are; null in JSON, which has no NaN), and then the
 
 from __future__ import annotations
 
+import math
 from enum import Enum
 from typing import Annotated, Any
 
@@ -108,7 +109,9 @@ def evaluate(
     # Imported here: it imports torch, which flag errors do without.
     from gpt2cli.evaluate import evaluate_checkpoints
 
-    with _ScoringDisplay(models=len(spec.checkpoints), header_on_stdout=spec.format == "table") as display:
+    data_name = DOWNSTREAM_DISPLAY[spec.task][0] if spec.task in DOWNSTREAM_DISPLAY else "data"
+    with _ScoringDisplay(models=len(spec.checkpoints), header_on_stdout=spec.format == "table",
+                         data_name=data_name) as display:
         report = evaluate_checkpoints(spec, progress=display)
     if spec.format == "json":
         print_json(report)  # a NaN/inf number is null there; the row's error says why
@@ -143,12 +146,13 @@ class _ScoringDisplay:
     models are scored, a terminal's stderr shows a bar: which model of how many, and its windows
     done; it disappears before the table. Piped stderr gets nothing, as with `gpt2 data`."""
 
-    def __init__(self, *, models: int, header_on_stdout: bool) -> None:
+    def __init__(self, *, models: int, header_on_stdout: bool, data_name: str = "data") -> None:
         self.models = models
         self.header_on_stdout = header_on_stdout
+        self.data_name = data_name  # what a download bar says it downloads
         self.progress: Any = None
         self.task: Any = None
-        self.downloading: Any = None  # a bar while HellaSwag's data downloads (before start)
+        self.downloading: Any = None  # a bar while a task's data downloads (before start)
 
     def __enter__(self) -> _ScoringDisplay:
         return self
@@ -171,7 +175,7 @@ class _ScoringDisplay:
                 TransferSpeedColumn,
             )
 
-            self.downloading = Progress(TextColumn("[bold]downloading[/] HellaSwag"), BarColumn(), DownloadColumn(),
+            self.downloading = Progress(TextColumn(f"[bold]downloading[/] {self.data_name}"), BarColumn(), DownloadColumn(),
                                         TransferSpeedColumn(), console=err, transient=True)
             self.downloading.start()
             self.downloading.add_task("download", total=total)
@@ -234,6 +238,14 @@ def _nonfinite_error(failed: list[dict[str, Any]], rows: int, dtype: str, task: 
     return NonFiniteLossError(what, cause)
 
 
+def _number(value: float, form: str) -> str:
+    """``value`` in ``form``, or in scientific notation from a million up: the perplexity of a
+    model far off can have hundreds of digits."""
+    if math.isfinite(value) and abs(value) >= 1e6:
+        return f"{value:.3e}"
+    return form.format(value)
+
+
 def _print_table(report: dict[str, Any]) -> None:
     """The results table (its header line went out before the scoring, see _ScoringDisplay)."""
     from rich.table import Table
@@ -242,14 +254,14 @@ def _print_table(report: dict[str, Any]) -> None:
         _, _, (column, key, form) = DOWNSTREAM_DISPLAY[report["task"]]
         columns = ("checkpoint", "params", "acc", column, "examples", "truncated", "examples/s")
         cells = [
-            (f"{r['params']:,}", f"{r['acc']:.4f}", form.format(r[key]), f"{r['examples']:,}",
+            (f"{r['params']:,}", f"{r['acc']:.4f}", _number(r[key], form), f"{r['examples']:,}",
              f"{r['truncated']:,}", f"{r['examples_per_s']:,.1f}")
             for r in report["results"]
         ]
     else:
         columns = ("checkpoint", "params", "loss", "ppl", "bits/byte", "tokens", "tokens/s")
         cells = [
-            (f"{r['params']:,}", f"{r['loss']:.4f}", f"{r['perplexity']:.2f}", f"{r['bits_per_byte']:.4f}",
+            (f"{r['params']:,}", f"{r['loss']:.4f}", _number(r["perplexity"], "{:.2f}"), f"{r['bits_per_byte']:.4f}",
              f"{r['tokens']:,}", f"{r['tokens_per_s']:,.0f}")
             for r in report["results"]
         ]

@@ -12,14 +12,13 @@ from gpt2cli.cli.common import (
     ConfigOpt,
     SetOpt,
     field_help,
-    make_spec,
     out,
     plural,
     print_json,
     print_wide,
 )
 from gpt2cli.errors import UserError
-from gpt2cli.specs import ModelSpec, TrainSpec
+from gpt2cli.specs import ModelSpec, TrainSpec, build_spec
 
 HELP = "Model size, FLOPs per token, KV-cache bytes and memory estimates for a spec."
 DEFAULT_PRESET = "gpt2"
@@ -97,7 +96,11 @@ def info(
         "preset": preset if preset is not None or config else DEFAULT_PRESET,
     }
     # A training spec, so that a config file written for `gpt2 train` means the same here.
-    spec = make_spec(TrainSpec, config, {"model": model_flags}, set_)
+    # Errors name the flag that was typed: --attn, not model.attn.
+    flag_names = {f"model.{name}": "--kv-heads" if name == "n_kv_head" else "--" + name.replace("_", "-")
+                  for name in model_flags}
+    spec = build_spec(TrainSpec, config_file=config, flags={"model": model_flags}, sets=set_ or (),
+                      flag_names=flag_names)
     if seq_len is None:
         seq_len = spec.seq_len
     if world_size is None:
