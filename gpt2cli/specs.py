@@ -736,13 +736,23 @@ class CompareSpec(_Spec):
 # -------------------------------------------------------------------------- building a spec
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a TOML, YAML or JSON file into a dict (the format is chosen by its extension)."""
+def read_config_file(path: str | Path, flag: str = "--config") -> dict[str, Any]:
+    """Read a TOML, YAML or JSON file into a dict (the format is chosen by its extension);
+    ``flag`` is the option that named it, for the error messages."""
     p = Path(path)
+    what = "config file" if flag == "--config" else f"{flag} file"
+    if p.is_dir():
+        raise UserError(f"{what} {str(p)!r} is a folder", f"give {flag} a .toml, .yaml or .json file")
     if not p.is_file():
-        raise UserError(f"config file {str(p)!r} does not exist", "check the --config path")
+        raise UserError(f"{what} {str(p)!r} does not exist", f"check the {flag} path")
     suffix = p.suffix.lower()
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{what} {str(p)!r} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                        f"{exc.start:,})", f"give {flag} a text file") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {what} {str(p)!r}: {exc.strerror or exc}", "check its permissions") from None
     try:
         if suffix == ".toml":
             try:

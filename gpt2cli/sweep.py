@@ -212,7 +212,7 @@ def read_variants(path: str, aliases: Mapping[str, str] | None = None) -> Axis:
     from gpt2cli.compare import flatten
     from gpt2cli.specs import read_config_file
 
-    data = read_config_file(path)
+    data = read_config_file(path, flag="--sweep")
     variants = data.get("variants")
     if set(data) != {"variants"} or not isinstance(variants, list) or not variants \
             or not all(isinstance(v, dict) for v in variants):
@@ -231,7 +231,8 @@ def read_variants(path: str, aliases: Mapping[str, str] | None = None) -> Axis:
         parsed.append((_safe(str(name)) if name is not None else default, tuple(settings.items())))
     names = [n for n, _ in parsed]
     if len(set(names)) != len(names):
-        raise UserError(f"--sweep file {path!r} names two variants alike", "give each variant its own name")
+        raise UserError(f"--sweep file {path!r} names two variants alike (unnamed ones are named by their settings)",
+                        "give each variant its own name")
     return Axis(Path(path).name, "", variants=tuple(parsed))
 
 
@@ -279,7 +280,22 @@ def plan_sweep(parent: str | Path, axes: Sequence[Axis], seeds: int, base_seed: 
             except UserError as exc:
                 raise UserError(f"sweep run {name}: {exc.message}", exc.hint) from exc
             sweep.points.append(Point(name, overrides, seed, spec))
+    _refuse_identical_points(sweep.points)
     return sweep
+
+
+def _refuse_identical_points(points: Sequence[Point]) -> None:
+    """Two points that train the same run (values spelled two ways, 1e-3 and 0.001, or variants
+    with the same settings) would be one run twice, counted as two in the comparison."""
+    seen: dict[str, str] = {}
+    for point in points:
+        settings = point.spec.model_dump(mode="json")
+        settings["run"] = {k: v for k, v in settings["run"].items() if k not in ("out", "wandb_name")}
+        key = json.dumps(settings, sort_keys=True)
+        if key in seen:
+            raise UserError(f"--sweep points {seen[key]} and {point.name} are the same run (the same settings and "
+                            "seed)", "list each value once; values spelled two ways (1e-3, 0.001) are one value")
+        seen[key] = point.name
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:

@@ -116,6 +116,12 @@ def test_config_formats(tmp_path, suffix, text):
 def test_bad_config_files(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         build_spec(TrainSpec, config_file=tmp_path / "missing.toml")
+    with pytest.raises(UserError, match="is a folder"):
+        build_spec(TrainSpec, config_file=tmp_path)
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"optim:\n  lr: \xff\xfe\n")
+    with pytest.raises(UserError, match=r"is not UTF-8 text \(byte 0xff at offset 13\)"):
+        build_spec(TrainSpec, config_file=binary)
     bad = tmp_path / "bad.toml"
     bad.write_text("[optim\nlr=")
     with pytest.raises(UserError, match="cannot parse"):

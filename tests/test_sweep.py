@@ -169,3 +169,10 @@ def test_tiny_sweep_creates_and_compares_its_grid(tmp_path, cache_dir):
     # The same command again continues the sweep: both runs are done, so it only compares.
     resumed = run_gpt2(*args, "--resume", "auto", check=True)
     assert resumed.stderr.count("done, skipped") == 2 and "model.pos" in resumed.stdout
+
+
+def test_two_spellings_of_one_value_are_one_run_and_refused(tmp_path):
+    proc = run_gpt2("train", "--preset", "tiny", "--steps", "2", "--sweep", "lr=1e-3,0.001", "--out",
+                    str(tmp_path / "sweep"), "--dry-run")
+    assert proc.returncode == 2 and proc.stderr.startswith("Error: --sweep points lr=1e-3 and lr=0.001 are the same run")
+    assert not (tmp_path / "sweep").exists()

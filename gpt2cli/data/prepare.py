@@ -36,6 +36,7 @@ import shutil
 import signal
 import threading
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -121,7 +122,40 @@ Document = str | Iterator[str]
 
 
 def _open_binary(path: Path) -> IO[bytes]:
-    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+    return _GzipReader(path) if path.name.endswith(".gz") else open(path, "rb")  # type: ignore[return-value]
+
+
+class _GzipReader:
+    """A gzip file read the way the sources read files (read, lines, with), whose damage (not
+    gzip at all, cut short, corrupt) is one UserError naming the file, wherever the reading has
+    got to when it shows."""
+
+    def __init__(self, path: Path) -> None:
+        self._label = str(path)
+        self._fh = gzip.open(path, "rb")
+
+    def _checked(self, read: Callable[[int], bytes], size: int) -> bytes:
+        try:
+            return read(size)
+        except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+            raise UserError(f"{self._label} is not a whole gzip file ({exc})",
+                            "compress it again, or pass the uncompressed file") from None
+
+    def read(self, size: int = -1) -> bytes:
+        return self._checked(self._fh.read, size)
+
+    def readline(self, size: int = -1) -> bytes:
+        return self._checked(self._fh.readline, size)
+
+    def __iter__(self) -> Iterator[bytes]:
+        while line := self.readline():
+            yield line
+
+    def __enter__(self) -> _GzipReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._fh.close()
 
 
 def _not_utf8(where: str, byte: int, offset: int) -> UserError:

@@ -186,6 +186,19 @@ def test_jsonl_json_and_gzip(tmp_path):
     assert other.fingerprint == jsonl.fingerprint
 
 
+@pytest.mark.parametrize("name, damage", [
+    ("notgz.txt.gz", lambda data: b"not gzip at all"),
+    ("cut.txt.gz", lambda data: data[: len(data) // 2]),  # cut short: EOFError deep in the read
+    ("cut.jsonl.gz", lambda data: data[: len(data) // 2]),
+])
+def test_a_damaged_gzip_source_is_one_error_naming_it(tmp_path, name, damage):
+    whole = gzip.compress("\n".join(json.dumps({"text": d}) for d in DOCS * 200).encode())
+    (tmp_path / name).write_bytes(damage(whole))
+    with pytest.raises(UserError, match=rf"{name} is not a whole gzip file"):
+        prepare(tmp_path, tmp_path / name)
+    assert not (tmp_path / "out").exists()
+
+
 def test_parquet(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
