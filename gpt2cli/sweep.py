@@ -80,6 +80,8 @@ class Point:
     spec: TrainSpec
     status: str = "pending"
     error: str | None = None
+    # Done, but a stop (Ctrl-C, SIGTERM) came during its last step: the sweep stops after it.
+    stop_after: bool = False
 
     def run_dir(self, parent: Path) -> Path:
         return parent / self.name
@@ -336,7 +338,8 @@ def run_sweep(sweep: Sweep, train_one: Callable[[Point, int], str], *, resume: b
               on_skip: Callable[[Point, int], None] | None = None) -> Sweep:
     """Train every point not yet done, one after another, keeping sweep.json current.
 
-    ``train_one(point, index)`` trains one run and returns "done" or "interrupted". A run that
+    ``train_one(point, index)`` trains one run and returns "done" or "interrupted" (and sets
+    ``point.stop_after`` when a stop came too late to interrupt a run that completed). A run that
     stops on a non-finite loss is recorded as failed and the sweep goes on (a learning-rate
     sweep may diverge at its largest rate); an interruption stops the sweep; any other error is
     recorded and raised."""
@@ -360,7 +363,7 @@ def run_sweep(sweep: Sweep, train_one: Callable[[Point, int], str], *, resume: b
             sweep.write_manifest()
             raise
         sweep.write_manifest()
-        if point.status == INTERRUPTED:
+        if point.status == INTERRUPTED or point.stop_after:
             break
     return sweep
 

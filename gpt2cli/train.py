@@ -95,6 +95,9 @@ class TrainResult:
     wall_s: float
     checkpoint: Path | None
     best: Path | None
+    # SIGINT/SIGTERM that came during the last step, its evaluation or checkpoint, too late to stop
+    # a run that then completed: the caller (a sweep) still owes the user a stop.
+    late_signal: int | None = None
 
     @property
     def finished(self) -> bool:
@@ -187,6 +190,10 @@ def describe_schedule(spec: TrainSpec, total_steps: int) -> str:
     metrics.jsonl (step N runs with lr_at(N - 1))."""
     o = spec.optim
     warmup = warmup_steps(spec, total_steps)
+    if warmup >= total_steps:
+        peak = lr_at(total_steps - 1, spec, total_steps)
+        return (f"warm-up {warmup:,} steps, longer than the run's {total_steps:,}: the lr rises to {peak:.3g} at "
+                f"step {total_steps:,}, not to --lr {o.lr:g}")
     text = f"warm-up {warmup:,} steps to {o.lr:g}" if warmup else f"{o.lr:g} from the first step"
     if o.schedule == "constant":
         return text + ", then constant"
@@ -324,6 +331,20 @@ def auto_run_name(spec: TrainSpec) -> str:
     return f"{m.preset or 'custom'}-{m.attn}-{m.pos}-{stamp}"
 
 
+def claim_new_folder(path: Path) -> Path:
+    """Create ``path``, or ``path-2``, ``path-3``, ... if it exists: an auto-named run folder of its
+    own even for two runs started in the same second (mkdir is atomic: one of them gets each name)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        candidate = path if n == 1 else path.with_name(f"{path.name}-{n}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise UserError(f"no free run folder name next to {str(path)!r}", "pass --out RUN_DIR")
+
+
 def resolve_run_dir(spec: TrainSpec, world_size: int) -> Path:
     if spec.run.out:
         return Path(spec.run.out)
@@ -421,6 +442,41 @@ def check_resume_compatible(spec: TrainSpec, saved: TrainSpec, saved_state: dict
         raise UserError(
             "the training data differs from the data of the checkpoint (fingerprint mismatch)",
             "resume with the same --data folder",
+        )
+
+
+def preview_resume(spec: TrainSpec, plan: BatchPlan) -> str:
+    """What --dry-run says of a resume: the checkpoint it would continue and from which step, with
+    the same refusals the resume itself makes (model, batch, data, a budget already spent).
+    Reads the checkpoint's spec and counters only (its tensors are memory-mapped, not read)."""
+    from gpt2cli.data.prepare import embedded_data_dir
+    from gpt2cli.data.shards import TokenFolder, is_token_folder
+
+    run_dir = resolve_run_dir(spec, plan.world_size)
+    warnings: list[str] = []
+    resume_from = find_resume_checkpoint(spec, run_dir, warnings.append)
+    if resume_from is None:
+        return f"resume: no checkpoint in {run_dir} yet; the run starts at step 0"
+    saved_state = ckpt.load_checkpoint(resume_from, verify=False)
+    saved = spec_from_json(TrainSpec, saved_state["spec"])
+    data_dir = Path(spec.data.dir) if spec.data.dir else embedded_data_dir()
+    fingerprint = TokenFolder(data_dir).fingerprint if is_token_folder(data_dir) else None
+    check_resume_compatible(spec, saved, saved_state, plan, fingerprint)
+    step = int(saved_state["step"])
+    check_resume_budget(resume_from, step, plan)
+    lines = [*warnings, f"resume: {resume_from} at step {step:,} of {plan.total_steps:,}"]
+    changes = changed_settings(saved, spec)
+    if changes:
+        lines.append("resume changes: " + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changes.items()))
+    return "\n".join(lines)
+
+
+def check_resume_budget(resume_from: Path, step: int, plan: BatchPlan) -> None:
+    if step > plan.total_steps:
+        raise UserError(
+            f"{str(resume_from)!r} is at step {step:,}, past the {plan.total_steps:,} steps asked for: there is "
+            "nothing to train",
+            f"pass --steps above {step:,} to continue the run",
         )
 
 
@@ -660,12 +716,15 @@ class _Trainer:
         folder = TokenFolder(Path(self.spec.data.dir) if self.spec.data.dir else default_data_dir())
         for split in (self.spec.data.train_split, self.spec.data.val_split):
             if split not in folder.splits:
-                only_val_missing = split == self.spec.data.val_split and self.spec.data.train_split in folder.splits
+                # A folder prepared with --val-fraction 0 has no "val": say how to get one. Another
+                # name is a setting to correct.
+                no_val = (split == self.spec.data.val_split == "val" and self.spec.data.train_split in folder.splits)
+                field = "data.val_split" if split == self.spec.data.val_split else "data.train_split"
                 raise UserError(
                     f"data folder {str(folder.path)!r} has no {split!r} split (it has: {', '.join(folder.splits)})",
                     "prepare it again with a --val-fraction above 0, or score the training split: "
-                    f"--set data.val_split={self.spec.data.train_split}" if only_val_missing
-                    else "prepare it with gpt2 data, or set data.train_split / data.val_split",
+                    f"--set data.val_split={self.spec.data.train_split}" if no_val
+                    else f"set {field} to one of {', '.join(folder.splits)}",
                 )
         # Both splits, before any step: a validation split shorter than one window used to surface
         # only at the first evaluation, after the run folder was made and steps were spent.
@@ -753,10 +812,15 @@ class _Trainer:
         check_requirements(spec)
         hellaswag = self._read_hellaswag() if spec.eval.hellaswag is not None else None
         run_dir = resolve_run_dir(spec, strategy.world_size)
-        self.lock_run_folder(run_dir)
+        # An auto-named run gets a folder of its own when it is made (claim_new_folder): the
+        # name is a first choice, and a run already there (same second) is no conflict.
+        auto_named = spec.run.out is None and spec.run.resume is None
+        if not auto_named:
+            self.lock_run_folder(run_dir)
         folder, loader = self._open_data()
         resume_from = find_resume_checkpoint(spec, run_dir, reporter.message)
-        refuse_existing_run(spec, run_dir)
+        if not auto_named:
+            refuse_existing_run(spec, run_dir)
         saved_state: dict[str, Any] | None = None
         resume_changes: dict[str, list[Any]] = {}
         if resume_from is not None:
@@ -766,12 +830,7 @@ class _Trainer:
             resume_changes = changed_settings(saved_spec, spec)
             if "optimizer" not in saved_state:
                 raise UserError(f"{str(resume_from)!r} holds no optimizer state", "resume from ckpt.pt, not best.pt")
-            if int(saved_state["step"]) > plan.total_steps:
-                raise UserError(
-                    f"{str(resume_from)!r} is at step {int(saved_state['step']):,}, past the {plan.total_steps:,} "
-                    "steps asked for: there is nothing to train",
-                    f"pass --steps above {int(saved_state['step']):,} to continue the run",
-                )
+            check_resume_budget(resume_from, int(saved_state["step"]), plan)
             written_by = str(saved_state.get("torch_version", ""))
             running = torch.__version__.split("+")[0]
             if written_by and written_by != running:
@@ -814,7 +873,10 @@ class _Trainer:
 
         # Validation passed: only now does the run folder appear.
         if strategy.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
+            if auto_named:
+                run_dir = claim_new_folder(run_dir)
+            else:
+                run_dir.mkdir(parents=True, exist_ok=True)
             self.lock_run_folder(run_dir)
             resolved = spec.model_copy(update={"run": spec.run.model_copy(update={"out": str(run_dir)})})
             ckpt.atomic_write_bytes(run_dir / "spec.json", lambda f: f.write(spec_to_json(resolved).encode()))
@@ -897,6 +959,8 @@ class _Trainer:
                 ckpt.save_checkpoint(path, payload)
                 if spec.run.keep:
                     _keep_step_copy(run_dir, path, step_now, spec.run.keep, reporter.message)
+                # status.json follows the checkpoints: a run killed outright says how far it got.
+                write_status(run_dir, "running", step_now, plan.total_steps)
             strategy.barrier()
             return path
 
@@ -995,6 +1059,8 @@ class _Trainer:
                 # The one host sync of a step: is the update finite, and was a stop requested
                 # (agreed across ranks, so every process stops at the same step)?
                 nonfinite, stop_now = _agree(strategy, ~torch.isfinite(grad_norm), stop.signal is not None, self.device)
+                if _fault_at("late_stop_at_step", step + 1, strategy.rank):
+                    stop.signal = signal.SIGTERM  # as if SIGTERM arrived just after the ranks agreed
                 if nonfinite and scaler is None:
                     optimizer.zero_grad(set_to_none=True)
                     # Counted from 1, as the logs and metrics rows count steps (step is the 0-based index).
@@ -1003,9 +1069,13 @@ class _Trainer:
                     if spec.train.on_nonfinite == "stop" or consecutive_skips >= spec.train.max_nonfinite_skips:
                         metrics.close()
                         where = f"; the last checkpoint {ckpt_path} holds finite values" if ckpt_path else ""
+                        skipping = spec.train.on_nonfinite == "skip"
                         raise NonFiniteLossError(
-                            msg + " (the optimizer step was not taken" + where + ")",
-                            "lower --lr, raise --warmup, use --grad-clip, or --on-nonfinite skip",
+                            msg + (f" after {consecutive_skips} skipped in a row" if skipping else "")
+                            + " (the optimizer step was not taken" + where + ")",
+                            "lower --lr, raise --warmup, use --grad-clip, or "
+                            + (f"raise --max-nonfinite-skips (now {spec.train.max_nonfinite_skips})" if skipping
+                               else "--on-nonfinite skip"),
                         )
                     consecutive_skips += 1
                     reporter.message(f"{msg}: step skipped ({consecutive_skips} in a row)")
@@ -1077,6 +1147,9 @@ class _Trainer:
                         f"checkpoint written, continue with --resume auto"
                     )
                     break
+        late_signal = stop.signal if status != "interrupted" else None
+        if late_signal is not None:
+            reporter.message(f"{signal.Signals(late_signal).name} came during the last step; the run completed")
         report_profile(profiler.close())  # a run stopped before the profiled steps ended
         metrics.close()
         if strategy.is_main:
@@ -1087,7 +1160,7 @@ class _Trainer:
             best_val_loss=None if math.isinf(best_val) else best_val,
             wall_s=time.perf_counter() - started,
             checkpoint=next((p for p in (ckpt_path, run_dir / ckpt.CKPT_NAME) if p and p.exists()), None),
-            best=best_path,
+            best=best_path, late_signal=late_signal,
         )
         reporter.end(result)
         return result

@@ -365,7 +365,8 @@ def test_crash_between_write_and_rename_keeps_the_previous_checkpoint(reference,
     assert ckpt.latest_checkpoint(run) == run / ckpt.CKPT_NAME  # never the temp file
     assert last_complete_checkpoint(run, max(losses(run))) == 4
     assert sorted(p.name for p in ckpt.step_checkpoints(run)) == [ckpt.step_checkpoint_name(s) for s in (2, 4)]
-    assert json.loads((run / "status.json").read_text())["status"] == "running"  # a crash, not a stop
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == "running" and status["step"] == 4  # a crash, not a stop; its last checkpoint
 
     run_gpt2("train", "--out", str(run), "--resume", "auto", check=True)
     assert not list(run.glob(".*.tmp-*"))  # the stale temp file was removed on resume

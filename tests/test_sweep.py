@@ -176,3 +176,18 @@ def test_two_spellings_of_one_value_are_one_run_and_refused(tmp_path):
                     str(tmp_path / "sweep"), "--dry-run")
     assert proc.returncode == 2 and proc.stderr.startswith("Error: --sweep points lr=1e-3 and lr=0.001 are the same run")
     assert not (tmp_path / "sweep").exists()
+
+
+def test_a_stop_during_a_runs_last_step_stops_the_sweep_after_it(tmp_path, cache_dir):
+    """SIGTERM just after the ranks agreed on the last step (GPT2_FAULT late_stop_at_step): too late
+    to interrupt that run, which completes, but the sweep stops there and says how to go on."""
+    parent = tmp_path / "sweep"
+    args = [*TINY, "--sweep", "pos=learned,rope", "--out", str(parent)]
+    proc = run_gpt2(*args, env={"GPT2_FAULT": "late_stop_at_step:2"})
+    assert proc.returncode == 75, proc.stderr
+    assert "SIGTERM came during the last step; the run completed" in proc.stderr
+    assert "sweep stopped after pos=learned" in proc.stderr
+    manifest = json.loads((parent / "sweep.json").read_text())
+    assert [r["status"] for r in manifest["runs"]] == ["done", "pending"]
+    resumed = run_gpt2(*args, "--resume", "auto", check=True)
+    assert resumed.stderr.count("done, skipped") == 1 and "sweep 2/2 pos=rope" in resumed.stderr

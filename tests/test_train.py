@@ -213,8 +213,9 @@ def test_nonfinite_skip_limit_allows_that_many_skips_in_a_row(tmp_path, cache_di
     assert result.status == "completed" and result.step == 6
     assert [ln for ln in reporter.lines if "skipped" in ln] == ["non-finite loss or gradient at step 3: step skipped (1 in a row)",
                        "non-finite loss or gradient at step 4: step skipped (2 in a row)"]
-    with pytest.raises(NonFiniteLossError, match=r"at step 4 "):
+    with pytest.raises(NonFiniteLossError, match=r"at step 4 after 1 skipped in a row ") as stopped:
         train(tiny_spec(tmp_path / "one", train={**skip, "max_nonfinite_skips": 1}))
+    assert "raise --max-nonfinite-skips (now 1)" in stopped.value.render()  # not the mode already on
 
 
 def test_batch_arithmetic():
@@ -254,6 +255,8 @@ def test_wsd_schedule_holds_lr_then_decays_linearly_and_a_longer_budget_keeps_th
     assert describe_schedule(spec, 100) == ("warm-up 10 steps to 1, held through step 81, "
                                             "linear decay towards 0.1, reached after step 100")
     assert lr_at(81 - 1, spec, 100) == 1.0 and lr_at(82 - 1, spec, 100) < 1.0
+    assert describe_schedule(spec, 3) == "warm-up 10 steps, longer than the run's 3: the lr rises to 0.3 at step 3, " \
+        "not to --lr 1"
     with pytest.raises(UserError, match="decay_fraction applies to schedule wsd only"):
         build_spec(TrainSpec, flags={"optim": {"decay_fraction": 0.3}})
 
@@ -517,6 +520,9 @@ def test_a_folder_without_a_validation_split_names_both_ways_out(tmp_path):
     assert "has no 'val' split (it has: train)" in info.value.message
     assert "--val-fraction above 0" in info.value.hint and "--set data.val_split=train" in info.value.hint
     assert not (tmp_path / "run").exists()
+    with pytest.raises(UserError) as typo:  # a misspelt split is a setting to correct, not data to prepare
+        train(tiny_spec(tmp_path / "run", data={"dir": str(data), "val_split": "nosuch"}))
+    assert typo.value.hint == "set data.val_split to one of train"
     result = train(tiny_spec(tmp_path / "run", data={"dir": str(data), "val_split": "train"},
                              train={"steps": 2}))
     assert result.status == "completed"
@@ -749,3 +755,46 @@ def test_compare_shows_an_early_stopped_run_as_such(tmp_path, cache_dir, monkeyp
     result = train(tiny_spec(tmp_path / "run", train={"steps": 8}, eval={"every": 1, "patience": 1}))
     assert (result.status, result.step) == ("early-stopped", 2)
     assert load_run(tmp_path / "run").status == "early-stopped"
+
+
+def test_auto_named_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path, cache_dir, monkeypatch):
+    import gpt2cli.train as train_module
+
+    monkeypatch.setattr(train_module, "auto_run_name", lambda spec: "tiny-mha-learned-20261129-120000")
+    runs = tmp_path / "runs"
+    spec = tiny_spec(tmp_path / "unused", train={"steps": 2})
+    spec = spec.model_copy(update={"run": spec.run.model_copy(update={"out": None, "runs_dir": str(runs)})})
+    first, second = train(spec), train(spec)
+    assert first.run_dir == runs / "tiny-mha-learned-20261129-120000"
+    assert second.run_dir == runs / "tiny-mha-learned-20261129-120000-2"
+    assert first.finished and second.finished and (second.run_dir / "ckpt.pt").exists()
+    stored = TrainSpec.model_validate_json((second.run_dir / "spec.json").read_text())
+    assert stored.run.out == str(second.run_dir)
+
+
+def test_a_typed_setting_that_does_nothing_is_refused_but_not_in_a_sweep(tmp_path):
+    for extra, says in [(["--rope-base", "5000"], "--rope-base (model.rope_base) does nothing without --pos rope"),
+                        (["--set", "model.rope_base=500"], "does nothing without --pos rope"),
+                        (["--max-nonfinite-skips", "3"], "does nothing without --on-nonfinite skip")]:
+        proc = run_gpt2("train", "--preset", "tiny", "--dry-run", *extra)
+        assert proc.returncode == 2 and says in proc.stderr, (extra, proc.stderr)
+    assert run_gpt2("train", "--preset", "tiny", "--dry-run", "--rope-base", "5000", "--pos", "rope").returncode == 0
+    # In a sweep the setting is meant for the points where it applies.
+    sweep = run_gpt2("train", "--preset", "tiny", "--steps", "2", "--rope-base", "5000", "--sweep", "pos=learned,rope",
+                     "--out", str(tmp_path / "sweep"), "--dry-run")
+    assert sweep.returncode == 0, sweep.stderr
+
+
+def test_a_dry_run_of_a_resume_says_where_it_continues_and_refuses_what_the_resume_would(tmp_path, cache_dir):
+    run = tmp_path / "run"
+    train(tiny_spec(run, train={"steps": 4}))
+    common = ["train", "--out", str(run), "--resume", "auto", "--dry-run"]
+    ok = run_gpt2(*common, "--steps", "8", "--lr", "1e-3", check=True)
+    assert f"resume: {run / 'ckpt.pt'} at step 4 of 8" in ok.stdout and "optim.lr 0.003 -> 0.001" in ok.stdout
+    for extra, says in [(["--steps", "8", "--batch-size", "8"], "the global batch changed from 4 to 8"),
+                        (["--steps", "3"], "is at step 4, past the 3 steps asked for")]:
+        refused = run_gpt2(*common, *extra)
+        assert refused.returncode == 2 and refused.stdout == "" and says in refused.stderr, refused.stderr
+    fresh = run_gpt2("train", "--preset", "tiny", "--out", str(tmp_path / "new"), "--resume", "auto", "--dry-run",
+                     check=True)
+    assert "resume: no checkpoint in" in fresh.stdout and not (tmp_path / "new").exists()

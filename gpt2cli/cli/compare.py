@@ -235,7 +235,7 @@ def train_sweep(spec: TrainSpec, values: dict[str, Any], config: str | None, set
     def build(overrides: dict[str, str], seed: int, run_dir: Path) -> TrainSpec:
         point_values = {**values, "--out": str(run_dir)}
         extra = [f"{path}={raw}" for path, raw in overrides.items()] + [f"train.seed={seed}"]
-        point = resolve_train_spec(point_values, config, [*sets, *extra])
+        point = resolve_train_spec(point_values, config, [*sets, *extra], refuse_unused=False)
         _check_runnable(point)
         return point
 
@@ -252,12 +252,15 @@ def train_sweep(spec: TrainSpec, values: dict[str, Any], config: str | None, set
 
     def train_one(point: Point, index: int) -> str:
         err.print(f"[bold]sweep {index + 1}/{total}[/] {point.name}", soft_wrap=True)
-        return _train_point(point.spec)
+        status, point.stop_after = _train_point(point.spec)
+        return status
 
     run_sweep(sweep, train_one, resume=resume == "auto", on_skip=skip)
     interrupted = [p for p in sweep.points if p.status == "interrupted"]
-    if interrupted:
-        err.print(f"[yellow]sweep stopped during {interrupted[0].name}; continue it with the same command "
+    stopped_after = [p for p in sweep.points if p.stop_after]
+    if interrupted or (stopped_after and any(p.status == "pending" for p in sweep.points)):
+        where = f"during {interrupted[0].name}" if interrupted else f"after {stopped_after[0].name}"
+        err.print(f"[yellow]sweep stopped {where}; continue it with the same command "
                   f"and --resume auto[/]", soft_wrap=True)
         raise typer.Exit(EXIT_INTERRUPTED)
 
@@ -286,8 +289,9 @@ def _check_runnable(spec: TrainSpec) -> None:
     plan_batches(spec, p.procs_per_node * p.nnodes)
 
 
-def _train_point(spec: TrainSpec) -> str:
-    """Train one run of a sweep: "done" or "interrupted"; a non-finite loss raises."""
+def _train_point(spec: TrainSpec) -> tuple[str, bool]:
+    """Train one run of a sweep: "done" or "interrupted", and whether a stop came too late to
+    interrupt it (the sweep stops after it); a non-finite loss raises."""
     from gpt2cli.parallel.launch import needs_launch
 
     if needs_launch(spec.parallel):
@@ -297,17 +301,17 @@ def _train_point(spec: TrainSpec) -> str:
             run_train(spec)
         except typer.Exit as exc:
             if exc.exit_code == 0:
-                return "done"
+                return "done", False
             if exc.exit_code == EXIT_INTERRUPTED:
-                return "interrupted"
+                return "interrupted", False
             if exc.exit_code == 3:
                 raise NonFiniteLossError("the run stopped on a non-finite loss") from exc
             raise
-        return "done"
+        return "done", False
     from gpt2cli.train import train as train_workflow
 
     result = train_workflow(spec, reporter=_sweep_progress(spec.run.quiet))
-    return "done" if result.finished else "interrupted"
+    return ("done" if result.finished else "interrupted"), result.late_signal is not None
 
 
 def _sweep_progress(quiet: bool) -> Any:

@@ -212,7 +212,8 @@ def train(
                             "edit the spec file instead")
         spec = _read_spec_file(spec_file)
     else:
-        spec = resolve_train_spec(values, config, set_ or [])
+        # A sweep checks its points (where a setting may apply to some points only).
+        spec = resolve_train_spec(values, config, set_ or [], refuse_unused=not (sweep or seeds is not None))
     if sweep or seeds is not None:
         from gpt2cli.cli.compare import train_sweep
 
@@ -228,11 +229,15 @@ def _read_spec_file(path: str) -> TrainSpec:
     return spec_from_json(TrainSpec, p.read_bytes(), source=path)
 
 
-def resolve_train_spec(values: dict[str, Any], config: str | None, sets: list[str]) -> TrainSpec:
+def resolve_train_spec(values: dict[str, Any], config: str | None, sets: list[str],
+                       refuse_unused: bool = True) -> TrainSpec:
     """Flags -> nested dict -> TrainSpec: defaults < config file < flags < --set. The base layer,
     under the config file, is the stored spec when resuming (so `gpt2 train --out RUN --resume auto`
     continues with the run's own settings) and otherwise the device's default preset. Resume, run
-    folder, device and preset are read from all three given layers, wherever the user put them."""
+    folder, device and preset are read from all three given layers, wherever the user put them.
+    ``refuse_unused``: a typed setting that does nothing for this spec (--rope-base without --pos
+    rope) is an error; a sweep turns that off (--rope-base with --sweep pos=learned,rope is meant
+    for its rope points)."""
     flags: dict[str, dict[str, Any]] = {}
     for flag, value in values.items():
         if value is not None:
@@ -258,7 +263,25 @@ def resolve_train_spec(values: dict[str, Any], config: str | None, sets: list[st
     if base is None and "preset" not in model_given:
         device, gpus = given.get("train", {}).get("device"), given.get("parallel", {}).get("gpus")
         base = {"model": {"preset": _default_preset(device, gpus)}}
-    return build_spec(TrainSpec, config_file=config, flags=flags, sets=sets, base=base, flag_names=FLAG_FOR_FIELD)
+    spec = build_spec(TrainSpec, config_file=config, flags=flags, sets=sets, base=base, flag_names=FLAG_FOR_FIELD)
+    if refuse_unused:
+        _refuse_settings_without_effect(spec, layer_settings(flags=flags, sets=sets))
+    return spec
+
+
+# (section, field) typed on the command line -> what must hold for it to do anything, and the flag
+# that makes it hold. Only flags and --set: a config file (a run's spec.json, say) holds every field.
+_NEEDS: dict[tuple[str, str], tuple[Any, str]] = {
+    ("model", "rope_base"): (lambda s: s.model.pos == "rope", "--pos rope"),
+    ("train", "max_nonfinite_skips"): (lambda s: s.train.on_nonfinite == "skip", "--on-nonfinite skip"),
+}
+
+
+def _refuse_settings_without_effect(spec: TrainSpec, typed: dict[str, dict[str, Any]]) -> None:
+    for (section, name), (holds, needs) in _NEEDS.items():
+        if name in typed.get(section, {}) and not holds(spec):
+            flag = next((f for f, path in FLAG_FIELDS.items() if path == (section, name)), f"{section}.{name}")
+            raise UserError(f"{flag} ({section}.{name}) does nothing without {needs}", f"drop it, or add {needs}")
 
 
 def _model_of_init(init: str, model_given: dict[str, Any]) -> ModelSpec:
@@ -392,17 +415,22 @@ def run(spec: TrainSpec, dry_run: bool = False) -> None:
         from gpt2cli.train import resolve_run_dir
 
         run_dir = resolve_run_dir(spec, 1) if spec.run.out or spec.run.resume else None
+        # The outermost folder this launch creates (run_dir or a parent), to remove if refused.
         if run_dir is None:
-            from gpt2cli.train import auto_run_name
+            from gpt2cli.train import auto_run_name, claim_new_folder
 
-            run_dir = Path(spec.run.runs_dir) / auto_run_name(spec)
-        refuse_existing_run(spec, run_dir)
+            base = Path(spec.run.runs_dir) / auto_run_name(spec)
+            made_here = next((f for f in reversed([base, *base.parents]) if not f.exists()), None)
+            run_dir = claim_new_folder(base)  # base, or base-2, ...: never another launch's folder
+            if made_here == base:
+                made_here = run_dir
+        else:
+            refuse_existing_run(spec, run_dir)
+            made_here = next((f for f in reversed([run_dir, *run_dir.parents]) if not f.exists()), None)
+            run_dir.mkdir(parents=True, exist_ok=True)
         # Workers resume by themselves after an elastic restart: resume=auto in the run folder.
         resume = spec.run.resume if spec.run.resume is not None else ("auto" if p.max_restarts else None)
         child = spec.model_copy(update={"run": spec.run.model_copy(update={"out": str(run_dir), "resume": resume})})
-        # The outermost folder this launch creates (run_dir or a parent), to remove if refused.
-        made_here = next((f for f in reversed([run_dir, *run_dir.parents]) if not f.exists()), None)
-        run_dir.mkdir(parents=True, exist_ok=True)
         # Held for the whole launch (see _Trainer.lock_run_folder); with several nodes rank 0 takes
         # it, as only its node writes the folder.
         lock = FolderLock(run_dir)
@@ -547,7 +575,7 @@ def _first_line(exc: BaseException) -> str:
 
 def _print_dry_run(spec: TrainSpec, plan) -> None:
     from gpt2cli.modelinfo import model_stats
-    from gpt2cli.train import describe_schedule
+    from gpt2cli.train import describe_schedule, preview_resume
 
     stats = model_stats(spec.model, seq_len=plan.seq_len, world_size=plan.world_size)
     summary = {
@@ -563,6 +591,8 @@ def _print_dry_run(spec: TrainSpec, plan) -> None:
         "steps": plan.total_steps,
         "total_tokens": plan.tokens_per_step * plan.total_steps,
     }
+    # A resume's refusals (another batch, data, a budget spent) come before anything is printed.
+    resume_line = preview_resume(spec, plan) if spec.run.resume is not None else None
     out.print_json(spec_to_json(spec))
     out.print(
         f"model: {summary['params']:,} parameters ({summary['non_embedding_params']:,} without embeddings)\n"
@@ -571,3 +601,5 @@ def _print_dry_run(spec: TrainSpec, plan) -> None:
         f"budget: {plan.total_steps:,} steps = {summary['total_tokens']:,} tokens\n"
         f"lr: {describe_schedule(spec, plan.total_steps)}"
     )
+    if resume_line is not None:
+        out.print(resume_line, soft_wrap=True)

@@ -1440,6 +1440,11 @@ def settings_key(spec: PrepareSpec) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
 
 
+def embedded_data_dir() -> Path:
+    """Where :func:`default_data_dir` keeps the prepared embedded corpus (which may not exist yet)."""
+    return cache_root() / f"{EMBEDDED_NAME}-{settings_key(PrepareSpec())}"
+
+
 def default_data_dir(progress: ProgressFn | None = None) -> Path:
     """The embedded corpus, prepared on first use into the cache and reused afterwards.
 
@@ -1447,7 +1452,7 @@ def default_data_dir(progress: ProgressFn | None = None) -> Path:
     temporary folder, the first rename wins, and the others use the winner's folder.
     """
     spec = PrepareSpec()
-    target = cache_root() / f"{EMBEDDED_NAME}-{settings_key(spec)}"
+    target = embedded_data_dir()
     if is_token_folder(target):
         return target
     mode = "replace" if target.exists() and any(target.iterdir()) else "keep"
