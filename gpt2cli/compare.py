@@ -222,6 +222,9 @@ def load_run(path: str | Path, sweep_status: str | None = None) -> Run:
     train_rows = [r for r in rows if r.get("kind") == "train"]
     eval_rows = [r for r in rows if r.get("kind") == "eval"]
     step = max((int(r.get("step", 0)) for r in rows), default=0)
+    recorded = read_status(p) or {}  # how the run itself says it ended, and at which step
+    if isinstance(recorded.get("step"), int):
+        step = max(step, recorded["step"])  # steps done past the last logged row (a failure, a kill)
     total = _planned_steps(spec)
     if not rows:
         status = "no metrics"
@@ -232,7 +235,7 @@ def load_run(path: str | Path, sweep_status: str | None = None) -> Run:
     if sweep_status in ("failed", "interrupted", "running") and status != "done":
         status = sweep_status
     elif status != "done":
-        ended = (read_status(p) or {}).get("status")  # how the run itself says it ended
+        ended = recorded.get("status")
         if ended in ("failed", "interrupted", "early-stopped"):
             status = ended
     fields = flatten(spec)
@@ -755,6 +758,10 @@ def compare_runs(
                     present = [s for s in scores if s is not None]
             top = min(present) if row.better == "min" else max(present)
             best[row.key] = [i for i, s in enumerate(scores) if s is not None and _tied_row(s, top, row.kind)]
+    ranked = METRICS[metric]
+    if columns and all(c.stats[ranked].mean is None for c in columns if ranked in c.stats):
+        why = "train with --hellaswag to log it" if metric == "hellaswag_acc_norm" else "none has an evaluation yet"
+        notes.append(f"note: no run has a {metric} to rank by ({why})")
     return Comparison(columns=columns, rows=rows, best=best, metric=metric, target=target,
                       group_by=paths, runs=list(runs), notes=notes)
 

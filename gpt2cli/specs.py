@@ -17,7 +17,7 @@ import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 from pydantic import (
     AfterValidator,
@@ -42,8 +42,26 @@ from gpt2cli.presets import (
 SpecT = TypeVar("SpecT", bound=BaseModel)
 
 
+def _annotation_types(annotation: Any) -> set[Any]:
+    """The types an annotation names, through unions, optionals and Annotated."""
+    args = get_args(annotation)
+    if not args:
+        return {annotation}
+    return set().union(*(_annotation_types(a) for a in args))
+
+
 class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_true_or_false_for_a_number(cls, value: Any, info: Any) -> Any:
+        """pydantic reads true as 1 for an int field: --set train.steps=true would train one step."""
+        if isinstance(value, bool) and info.field_name in cls.model_fields:
+            types = _annotation_types(cls.model_fields[info.field_name].annotation)
+            if bool not in types and types & {int, float}:
+                raise ValueError(f"must be a number, not {str(value).lower()}")
+        return value
 
 
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")

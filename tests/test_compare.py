@@ -350,9 +350,12 @@ def test_the_runs_own_status_names_a_failed_or_interrupted_end(tmp_path):
     (live / "status.json").write_text('{"status": "running", "step": 1, "total_steps": 10}')
     done = make_run(tmp_path / "done", train=[5, 4, 3, 2])
     (done / "status.json").write_text("{damaged")
-    statuses = {c.label: c.status for c in compare_paths([failed, stopped, live, done], group_seeds=False).columns}
+    unlogged = make_run(tmp_path / "unlogged", train=[5.0], steps=10)  # failed 3 steps past its last row
+    (unlogged / "status.json").write_text('{"status": "failed", "step": 4, "total_steps": 10, "error": "x"}')
+    statuses = {c.label: c.status for c in compare_paths([failed, stopped, live, done, unlogged],
+                                                         group_seeds=False).columns}
     assert statuses == {"failed": "failed: step 2 of 10", "stopped": "interrupted: step 1 of 10",
-                        "live": "partial: step 1 of 10", "done": "done"}
+                        "live": "partial: step 1 of 10", "done": "done", "unlogged": "failed: step 4 of 10"}
 
 
 def test_a_torn_last_line_is_ignored(tmp_path):
@@ -701,3 +704,12 @@ def test_plot_vs_without_grouped_seeds_makes_one_point_per_x(tmp_path, capsys):
     assert code == 0
     svg = (tmp_path / "p.svg").read_text()
     assert "target ppl 1000 (loss 6.908)" in svg and "geometric mean" in svg
+
+
+def test_a_metric_no_run_has_is_said_once(tmp_path, capsys):
+    a = make_run(tmp_path / "a", val=[4.0, 3.0], train=[5, 4, 3, 2])
+    b = make_run(tmp_path / "b", val=[4.0, 3.2], train=[5, 4, 3, 2], pos="rope")
+    code, _, err = cli(capsys, "compare", str(a), str(b), "--metric", "hellaswag_acc_norm", "--no-chart")
+    assert code == 0 and "note: no run has a hellaswag_acc_norm to rank by (train with --hellaswag" in err
+    code, _, err = cli(capsys, "compare", str(a), str(b), "--no-chart")
+    assert code == 0 and "note:" not in err

@@ -443,3 +443,11 @@ def test_every_field_description_survives_rich_markup_in_help():
                 assert Text.from_markup(field.description).plain == field.description, f"{cls.__name__}.{name}"
                 checked += 1
     assert checked > 50
+
+
+def test_true_or_false_is_not_a_number():
+    with pytest.raises(UserError, match="must be a number, not true"):
+        build_spec(TrainSpec, sets=["train.steps=true"])
+    with pytest.raises(UserError, match="must be a number, not false"):
+        build_spec(TrainSpec, sets=["optim.lr=false"])
+    assert build_spec(TrainSpec, sets=["train.compile=true", "train.steps=3"]).train.steps == 3

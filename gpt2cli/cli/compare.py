@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -252,7 +253,11 @@ def train_sweep(spec: TrainSpec, values: dict[str, Any], config: str | None, set
 
     def train_one(point: Point, index: int) -> str:
         err.print(f"[bold]sweep {index + 1}/{total}[/] {point.name}", soft_wrap=True)
-        status, point.stop_after = _train_point(point.spec)
+        try:
+            status, point.stop_after = _train_point(point.spec)
+        except NonFiniteLossError as exc:  # the sweep goes on; this run's line says why it ended
+            err.print(f"  [red]failed[/]: {escape(exc.message)}", soft_wrap=True)
+            raise
         return status
 
     run_sweep(sweep, train_one, resume=resume == "auto", on_skip=skip)
