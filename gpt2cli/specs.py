@@ -455,6 +455,10 @@ class ParallelSpec(_Spec):
             raise ValueError(f"nproc ({self.nproc}) and gpus ({self.gpus}) disagree; give one of them")
         if self.nnodes > 1 and not self.rdzv_endpoint:
             raise ValueError("nnodes > 1 needs rdzv_endpoint (host:port of the rendezvous)")
+        if self.nnodes == 1 and (self.node_rank is not None or self.rdzv_endpoint):
+            given = "--node-rank (node_rank)" if self.node_rank is not None else "--rdzv-endpoint (rdzv_endpoint)"
+            # A node that forgot --nnodes would otherwise train a job of its own, unnoticed.
+            raise ValueError(f"{given} is for runs over several nodes; add --nnodes N, or drop it")
         if self.strategy != "fsdp":
             # FSDP settings would be silently ignored under another strategy.
             if self.fsdp_cpu_offload:

@@ -47,10 +47,11 @@ def _stop_workers_with_sigterm(api: object, signal_exception: type[Exception]) -
 
 class _DropShutdownNotices(logging.Filter):
     """torchrun logs a warning per worker when it stops them ("Received 15 death signal, shutting
-    down workers", "Sending process N closing signal SIGTERM"). The launcher already says, once,
-    that the run was stopped and where its checkpoint is; these lines only repeat it."""
+    down workers", "Sending process N closing signal SIGTERM"), and an error when one fails
+    ("failed (exitcode: 1) local_rank: ..."). The launcher already says, once, that the run was
+    stopped and where its checkpoint is, or which worker failed; these lines only repeat it."""
 
-    NOTICES = ("death signal, shutting down workers", "closing signal")
+    NOTICES = ("death signal, shutting down workers", "closing signal", "failed (exitcode")
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
@@ -119,6 +120,42 @@ def _keep_agent_stores_on_loopback() -> None:
         handler._create_tcp_store_server = shared_store
 
 
+# Where the agent leaves the line saying which worker failed (in the launch folder).
+JOB_FAILURE_FILE = ".job-failure"
+
+
+def describe_failure(failures: dict[int, Any]) -> str:
+    """"worker rank 1 was killed by SIGKILL": how torchrun's failed workers ended. Once one
+    fails, torchrun stops the others with SIGTERM, and they are recorded as failed too: those are
+    named only when no worker ended another way. Workers that ended alike are named together
+    (a peer that noticed the failure exits with code 1 as well; which came first is not known)."""
+    def how(failure: Any) -> str:
+        return (f"killed by {failure.signal_name()}" if failure.exitcode < 0
+                else f"exited with code {failure.exitcode}")
+
+    causes = {rank: f for rank, f in failures.items() if f.exitcode != -signal.SIGTERM} or dict(failures)
+    by_how: dict[str, list[int]] = {}
+    for rank in sorted(causes):
+        by_how.setdefault(how(causes[rank]), []).append(rank)
+    parts = []
+    for text, ranks in by_how.items():
+        many = len(ranks) > 1
+        verb = ("were " if many else "was ") if text.startswith("killed") else ""
+        parts.append(f"worker rank{'s' if many else ''} {', '.join(map(str, ranks))} {verb}{text}")
+    return "; ".join(parts)
+
+
+def _leave_failure_for_launcher(exc: Any) -> None:
+    folder = os.environ.get("GPT2CLI_LAUNCH_DIR")  # gpt2cli.parallel.launch.LAUNCH_DIR_ENV
+    if not folder:
+        return
+    try:
+        with open(os.path.join(folder, JOB_FAILURE_FILE), "w", encoding="utf-8") as f:
+            f.write(describe_failure(exc.failures))
+    except (OSError, AttributeError, ValueError):
+        pass
+
+
 def main() -> None:
     os.environ[AGENT_PID_ENV] = str(os.getpid())
     try:
@@ -131,10 +168,18 @@ def main() -> None:
             _keep_agent_stores_on_loopback()
         for name in _SHUTDOWN_NOTICE_LOGGERS:
             logging.getLogger(name).addFilter(_DropShutdownNotices())
+        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
         try:
             torchrun_main()
         except SignalException as exc:
             sys.exit(128 + int(exc.sigval))
+        except ChildFailedError as exc:
+            if "--debug" in sys.argv:
+                raise
+            # torchrun's traceback and "Root Cause" block, replaced by one line for the launcher.
+            _leave_failure_for_launcher(exc)
+            sys.exit(1)
     except KeyboardInterrupt:  # before torchrun installed its handlers (while importing torch)
         sys.exit(128 + signal.SIGINT)
 

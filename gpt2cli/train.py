@@ -1142,7 +1142,7 @@ class _Trainer:
                 if stop_now:
                     status = "interrupted"
                     reporter.message(
-                        f"stopped by {signal.Signals(stop.signal).name if stop.signal else 'another rank'} "
+                        f"stopped by {_stopped_by(stop.signal)} "
                         f"after step {step}; "
                         f"checkpoint written, continue with --resume auto"
                     )
@@ -1164,6 +1164,16 @@ class _Trainer:
         )
         reporter.end(result)
         return result
+
+
+def _stopped_by(signum: int | None) -> str:
+    """The signal to name in the "stopped by" line: the one the user sent to the launcher of a
+    multi-process run (torchrun passes a Ctrl-C on as SIGTERM), or this process's."""
+    from gpt2cli.parallel.launch import launcher_stop_signal
+
+    if signum is None:
+        return "another rank"
+    return launcher_stop_signal() or signal.Signals(signum).name
 
 
 def write_status(run_dir: Path, status: str, step: int, total_steps: int, error: str | None = None) -> None:

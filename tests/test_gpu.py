@@ -241,3 +241,18 @@ def test_fsdp_with_cpu_offload_evaluates_on_the_gpu(tmp_path, cache_dir):
     evals = train_rows(run, "eval")
     assert [r["step"] for r in evals] == [2, 4]
     assert all(math.isfinite(r["val_loss"]) and r["hellaswag_examples"] == 6 for r in evals)
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch 2.9+")
+def test_muon_on_cuda_learns_with_compile_and_bf16(tmp_path, cache_dir):
+    """The GPU defaults (torch.compile, bf16 autocast) with Muon for the matrices and fused AdamW
+    for the rest: finite, learning, and a resume continues it."""
+    run = tmp_path / "muon"
+    common = ["train", "--preset", "tiny", "--device", DEVICE, "--optimizer", "muon", "--batch-size", "16",
+              "--seq-len", "64", "--eval-every", "20", "--eval-tokens", "4096", "--log-every", "5",
+              "--save-every", "20", "--out", str(run), "--quiet"]
+    run_gpt2(*common, "--steps", "40", check=True, timeout=600)
+    rows = train_rows(run)
+    assert all(math.isfinite(r["loss"]) for r in rows) and rows[-1]["loss"] < rows[0]["loss"] - 1.0
+    run_gpt2(*common, "--steps", "50", "--resume", "auto", check=True, timeout=600)
+    assert [r["step"] for r in train_rows(run)][-1] == 50

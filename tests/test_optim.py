@@ -120,3 +120,11 @@ def test_muon_settings_that_cannot_work_are_one_line(tmp_path, extra, says):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error:") and says in lines[0], proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_torch_without_muon_is_told_so_before_anything_is_written(tmp_path, monkeypatch):
+    monkeypatch.delattr(torch.optim, "Muon")
+    spec = tiny_spec(tmp_path / "run", optim={"name": "muon"})
+    with pytest.raises(UserError, match=r"--optimizer muon needs torch 2.9 or newer"):
+        train(spec)
+    assert not (tmp_path / "run").exists()

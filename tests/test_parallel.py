@@ -7,6 +7,7 @@ torchrun costs about 4 s per launch here, so runs are shared between assertions 
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -195,6 +196,21 @@ def test_crashed_worker_is_restarted_and_resumes(tmp_path, cache_dir):
     steps = sorted(losses(run))
     assert steps == list(range(1, 13))  # rows after the step-4 checkpoint were rewritten, none lost
     assert ckpt.load_checkpoint(run / "ckpt.pt")["step"] == 12
+
+
+def test_a_crashed_worker_without_restarts_fails_the_job_in_a_line_of_its_own(tmp_path, cache_dir):
+    """No torchrun traceback: the launcher says which worker ended and how, and status.json says
+    failed (for FSDP too, where no rank reported an error of its own)."""
+    for strategy in ("ddp", "fsdp"):
+        run = tmp_path / strategy
+        proc = train(run, "--steps", "12", "--batch-size", "2", "--strategy", strategy, "--nproc", "2",
+                     env={"GPT2_FAULT": "crash_at_step:6:rank1"}, check=False)
+        assert proc.returncode == 1, proc.stderr
+        assert "Traceback" not in proc.stderr and "Root Cause" not in proc.stderr, proc.stderr[-3000:]
+        failed = next(line for line in proc.stderr.splitlines() if line.startswith("Error: the job failed: "))
+        assert "1 exited with code 1" in failed and "Traceback" not in failed, failed  # rank 1, with rank 0 or not
+        status = json.loads((run / "status.json").read_text())
+        assert status["status"] == "failed" and status["step"] >= 5, status
 
 
 def test_hung_peer_fails_within_the_timeout(tmp_path, cache_dir):

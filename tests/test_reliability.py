@@ -634,6 +634,32 @@ def test_ddp_stopped_or_killed_during_start_up_leaves_no_worker_and_no_folder(ro
 
 @pytest.mark.slow
 @pytest.mark.distributed
+@pytest.mark.skipif(not LINUX_PROC, reason="finds workers through /proc")
+@pytest.mark.timeout(300)
+def test_ddp_resume_stopped_during_start_up_leaves_the_run_as_it_was(root):
+    """A resume stopped while its workers start: the previous session's status.json ("interrupted")
+    is not this launch's, so it is one line, exit 130, and the run folder is as it was."""
+    run = root / "startup-resume"
+    stopped = run_gpt2("train", *DDP, "--out", str(run), env={"GPT2_FAULT": "stop_at_step:3"}, timeout=300)
+    assert stopped.returncode == 75, stopped.stderr
+    before = {f.name: f.read_bytes() for f in run.iterdir() if f.is_file()}
+    proc = start(["train", "--out", str(run), "--resume", "auto"])
+    deadline = time.time() + 60
+    while len(worker_pids(run)) < 2:
+        assert proc.poll() is None and time.time() < deadline, "no workers"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    TALLY["faults_injected"] += 1
+    assert proc.returncode == 130, stderr
+    assert stderr.splitlines()[-1] == f"Stopped by SIGINT before the run began; {run} is as it was.", stderr
+    wait_no_workers(run)
+    after = {f.name: f.read_bytes() for f in run.iterdir() if f.is_file()}
+    assert after == before
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.timeout(300)
 def test_a_run_folder_in_use_is_refused_to_a_second_train(root):
     """While a run trains, a second `gpt2 train` into its folder is refused with one line and writes

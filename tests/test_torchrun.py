@@ -55,3 +55,21 @@ def test_a_port_in_use_is_the_runtime_error_torch_raises():
             tcp_store("127.0.0.1", taken.getsockname()[1], is_master=True)
     finally:
         taken.close()
+
+
+def test_a_failed_job_is_described_by_the_workers_that_ended_first():
+    import signal as signals
+
+    from gpt2cli.torchrun import describe_failure
+
+    class Failure:
+        def __init__(self, exitcode: int) -> None:
+            self.exitcode = exitcode
+
+        def signal_name(self) -> str:
+            return signals.Signals(-self.exitcode).name
+
+    # torchrun stops the other workers with SIGTERM once one fails: those are not the cause
+    assert describe_failure({0: Failure(-15), 1: Failure(-9)}) == "worker rank 1 was killed by SIGKILL"
+    assert describe_failure({0: Failure(1), 1: Failure(1)}) == "worker ranks 0, 1 exited with code 1"
+    assert describe_failure({0: Failure(-15), 1: Failure(-15)}) == "worker ranks 0, 1 were killed by SIGTERM"

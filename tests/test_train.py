@@ -475,6 +475,8 @@ def test_cli_bad_inputs_exit_2_with_one_line(tmp_path):
         ["--betas", "0.9"],
         ["--nproc", "2"],
         ["--decay-fraction", "0.3"],
+        ["--strategy", "ddp", "--nproc", "2", "--node-rank", "1"],
+        ["--strategy", "ddp", "--nproc", "2", "--rdzv-endpoint", "127.0.0.1:29599"],
         ["--schedule", "wsd", "--decay-fraction", "0"],
     ]
     for extra in cases:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -383,7 +384,7 @@ def run(spec: TrainSpec, dry_run: bool = False) -> None:
     # Imported here, not at the top: they import torch, which `--help` and flag errors do without.
     from gpt2cli.checkpoint import atomic_write_bytes
     from gpt2cli.fsutil import FolderLock
-    from gpt2cli.metrics import read_status
+    from gpt2cli.metrics import STATUS_NAME, read_status
     from gpt2cli.parallel.launch import (
         LAUNCH_SPEC_NAME,
         check_gpus,
@@ -393,6 +394,7 @@ def run(spec: TrainSpec, dry_run: bool = False) -> None:
         take_worker_error,
         under_torchrun,
     )
+    from gpt2cli.torchrun import JOB_FAILURE_FILE
     from gpt2cli.train import (
         check_requirements,
         plan_batches,
@@ -443,8 +445,12 @@ def run(spec: TrainSpec, dry_run: bool = False) -> None:
         if not spec.run.quiet and p.nnodes > 1:  # one node: rank 0's header says it ("ddp x2 on cpu")
             err.print(f"launching {p.procs_per_node} processes under torchrun ({p.strategy}, {p.nnodes} nodes) "
                       f"-> {run_dir}")
+        # What the workers of this launch write, told from what a previous session left (a resume).
+        spec_stamp, status_stamp = _stamp(run_dir / "spec.json"), _stamp(run_dir / STATUS_NAME)
+        (run_dir / JOB_FAILURE_FILE).unlink(missing_ok=True)
         code, signum = launch(p, spec_path, debug="--debug" in sys.argv, run_locked=lock.held)
-        began = (run_dir / "spec.json").exists()  # the workers passed their checks and wrote it
+        # The workers passed their checks and wrote spec.json (again, on a resume).
+        began = _stamp(run_dir / "spec.json") not in (None, spec_stamp)
         # With several nodes the others' launchers still read the reports: they stay.
         error = take_worker_error(run_dir, remove=p.nnodes == 1)
         if error is not None or (signum is not None and not began):
@@ -457,7 +463,9 @@ def run(spec: TrainSpec, dry_run: bool = False) -> None:
         if error is not None:  # a worker's UserError (bad resume, non-finite loss, ...): once, with its code
             sys.stderr.write(error["error"] + "\n")
             raise typer.Exit(int(error.get("exit_code", 2)))
-        status = (read_status(run_dir) or {}).get("status")
+        # A status.json from before this launch (the session a resume continues) says nothing of it.
+        recorded = (read_status(run_dir) or {}) if _stamp(run_dir / STATUS_NAME) != status_stamp else {}
+        status = recorded.get("status")
         # Workers exit 0 after an interrupt (a non-zero exit would make torchrun restart them);
         # the launcher turns the recorded status into the documented exit code.
         if status == "interrupted":
@@ -471,8 +479,37 @@ def run(spec: TrainSpec, dry_run: bool = False) -> None:
             else:
                 message = f"Stopped by {name} before the run began; {run_dir} is as it was."
             raise StoppedBySignal(message, 128 + signum)
+        if code != 0:  # a worker died or failed without an error line of its own
+            _report_job_failure(run_dir, code, recorded, began)
         raise typer.Exit(code)
     _train_here(spec)
+
+
+def _stamp(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
+
+
+def _report_job_failure(run_dir: Path, code: int, recorded: dict[str, Any], began: bool) -> None:
+    """One line for a job that failed without a worker's own error (a worker killed, say), and
+    status.json "failed" where the run had left it "running"."""
+    from gpt2cli.torchrun import JOB_FAILURE_FILE
+    from gpt2cli.train import write_status
+
+    try:
+        what = (run_dir / JOB_FAILURE_FILE).read_text(encoding="utf-8").strip()
+        (run_dir / JOB_FAILURE_FILE).unlink()
+    except OSError:
+        what = ""
+    line = f"the job failed: {what or f'torchrun exited with code {code}'}"
+    if recorded.get("status") == "running":
+        with contextlib.suppress(OSError, KeyError, TypeError):
+            write_status(run_dir, "failed", int(recorded["step"]), int(recorded["total_steps"]), error=line)
+    hint = ("continue with --resume auto (from the last checkpoint); --max-restarts N restarts failed workers"
+            if began else "see the output above")
+    sys.stderr.write(f"Error: {line} ({hint})\n")
 
 
 def _check_device(spec: TrainSpec) -> None:

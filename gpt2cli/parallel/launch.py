@@ -32,6 +32,20 @@ WORKER_ERROR_PREFIX = ".worker-error-rank"
 # The launcher holds the run folder's lock (gpt2cli.fsutil.FolderLock) for its workers: the
 # resolved folder it locked, so that rank 0 does not try to take it again.
 RUN_LOCKED_ENV = "GPT2CLI_RUN_LOCKED"
+# The signal the launcher got, for the workers' "stopped by" line: torchrun passes a SIGINT on to
+# them as SIGTERM (gpt2cli.torchrun), and the user pressed Ctrl-C.
+STOP_SIGNAL_FILE = ".stop-signal"
+
+
+def launcher_stop_signal() -> str | None:
+    """In a worker started by :func:`launch`: the name of the signal that stopped the launcher."""
+    folder = os.environ.get(LAUNCH_DIR_ENV)
+    if not folder:
+        return None
+    try:
+        return (Path(folder) / STOP_SIGNAL_FILE).read_text(encoding="utf-8").strip() or None
+    except OSError:
+        return None
 
 
 def under_torchrun() -> bool:
@@ -122,33 +136,126 @@ def worker_env(p: ParallelSpec, spec_path: Path, base: Mapping[str, str], run_lo
 def launch(p: ParallelSpec, spec_path: Path, debug: bool = False, run_locked: bool = False) -> tuple[int, int | None]:
     """Run the workers under torchrun (``run_locked``: this process holds the run folder's lock).
     Returns torchrun's exit code (128 + N when a signal N ended it) and the signal (SIGINT or
-    SIGTERM) this launcher received and forwarded to it, if any."""
+    SIGTERM) this launcher received and forwarded to it, if any.
+
+    A first SIGINT/SIGTERM is forwarded to torchrun, once: torchrun runs in a session of its own,
+    so a Ctrl-C at the terminal reaches it only through this process. A second one stops the job
+    at once (torchrun and every worker killed), as a second Ctrl-C stops a single process. Either
+    way this returns only when every worker has exited: on Linux this process is their subreaper,
+    so workers that outlive torchrun come back to it to be waited for, and the run folder's lock
+    is never released while one of them still writes."""
     cmd = torchrun_command(p, spec_path)
     if debug:
         cmd.append("--debug")
     env = worker_env(p, spec_path, os.environ, run_locked)
     take_worker_error(spec_path.parent, remove=True)  # a previous launch's
+    (spec_path.parent / STOP_SIGNAL_FILE).unlink(missing_ok=True)
     received: list[int] = []
     proc: subprocess.Popen | None = None
+    _become_subreaper()
+    ours_before = set(_children(os.getpid()))  # not to be waited for (a caller's other children)
 
     def forward(signum: int, frame: object) -> None:
         received.append(signum)
-        if proc is not None:
+        if proc is None:
+            return
+        if len(received) == 1:
+            _note_stop_signal(spec_path.parent, signum)
             proc.send_signal(signum)
+        else:
+            _kill_job(proc.pid)
 
     # The handlers go in before torchrun starts: a signal arriving while it starts is still
     # forwarded, and torchrun does not inherit an ignored SIGINT (as a background job's is)
     # that would make it deaf to the forwarded one.
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True,
+                                preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         if received:  # arrived before proc existed
+            _note_stop_signal(spec_path.parent, received[0])
             proc.send_signal(received[0])
+            if len(received) > 1:
+                _kill_job(proc.pid)
         code = proc.wait()
+        _wait_for_orphans(received, ignore=ours_before)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        (spec_path.parent / STOP_SIGNAL_FILE).unlink(missing_ok=True)
     return (128 - code if code < 0 else code), (received[0] if received else None)
+
+
+def _note_stop_signal(folder: Path, signum: int) -> None:
+    try:
+        (folder / STOP_SIGNAL_FILE).write_text(signal.Signals(signum).name, encoding="utf-8")
+    except OSError:
+        pass
+
+
+def _become_subreaper() -> None:
+    """Linux: processes orphaned below this one (workers whose torchrun died) are re-parented to
+    it rather than to init, so that :func:`_wait_for_orphans` can wait for them."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        pass
+
+
+def _children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (Linux /proc; empty elsewhere or when it is gone)."""
+    found: list[int] = []
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            found += [int(c) for c in (task / "children").read_text().split()]
+    except (OSError, ValueError):
+        pass
+    return found
+
+
+def _kill_job(torchrun_pid: int) -> None:
+    """Stop the job at once: SIGKILL to torchrun's workers (each leads a session of its own, with
+    any processes it started) and to torchrun's session."""
+    for worker in _children(torchrun_pid):
+        try:
+            os.killpg(worker, signal.SIGKILL)
+        except OSError:
+            pass
+    try:
+        os.killpg(torchrun_pid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def _wait_for_orphans(received: list[int], ignore: set[int]) -> None:
+    """Wait for the workers that outlived torchrun (now this process's children, see
+    :func:`_become_subreaper`; ``ignore``: children it had before); a further SIGINT/SIGTERM
+    meanwhile kills them."""
+    import time
+
+    orphans = [pid for pid in _children(os.getpid()) if pid not in ignore]
+    while orphans:
+        if len(received) > 1:
+            for pid in orphans:
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+        still = []
+        for pid in orphans:
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                continue
+            if not done:
+                still.append(pid)
+        orphans = still
+        if orphans:
+            time.sleep(0.1)
 
 
 def _die_with_parent() -> None:
