@@ -362,7 +362,10 @@ class Generator:
             # constants, and the step would read four times the bytes again.
             if on_cpu and quantize == "none":
                 self._decode = _frozen(self._decode)
-            self._decode = _with_recompile_limit(self._decode)
+        # A call that compiles (a new batch, cache length or sampling setting) runs under the
+        # raised recompile limit; the others skip the config patch (tens of microseconds of host
+        # time per token, which CUDA-graph decoding exists to avoid).
+        self._decode_compiling = _with_recompile_limit(self._decode) if compile else self._decode
 
     @classmethod
     def from_source(cls, source: str, *, device: str = "auto", dtype: str = "auto",
@@ -635,7 +638,8 @@ class Generator:
                         if compiles:
                             sync()
                             t_compile = time.perf_counter()
-                        next_ids = self._decode(next_ids[:, None], pos_buf, noise(), *sampling, kv_len).clone()
+                        decode = self._decode_compiling if compiles else self._decode
+                        next_ids = decode(next_ids[:, None], pos_buf, noise(), *sampling, kv_len).clone()
                         if compiles:
                             sync()
                             compile_s = time.perf_counter() - t_compile

@@ -99,3 +99,17 @@ def build_optimizer(
                             nesterov=True, adjust_lr_fn="match_rms_adamw")
     rest = _adam([p for p in params if id(p) not in in_muon], spec, device, decoupled=True)
     return OptimizerSet([muon, rest])
+
+
+def keep_settings_of(optimizer: torch.optim.Optimizer | OptimizerSet,
+                     built: torch.optim.Optimizer | OptimizerSet) -> None:
+    """Give ``optimizer``'s groups the settings (every key but the parameters) of ``built``, the
+    same optimizer freshly built from the spec: loading a checkpoint's optimizer state replaces
+    the groups' settings with the ones it was saved with."""
+    loaded, wanted = optimizer.param_groups, built.param_groups
+    if len(loaded) != len(wanted):
+        raise RuntimeError(f"optimizer groups differ after loading: {len(loaded)} vs {len(wanted)}")
+    for group, fresh in zip(loaded, wanted, strict=True):
+        for key, value in fresh.items():
+            if key != "params":
+                group[key] = value

@@ -278,9 +278,13 @@ class OptimSpec(_Spec):
     min_lr: float | None = Field(
         None, ge=0.0, allow_inf_nan=False,
         description="Where the decay ends, at most lr; default lr / 10. Reached one step past the last "
-        "(the last step is one decay step above it).",
+        "(the last step is one decay step above it); with schedule wsd, at the last step.",
     )
-    warmup: int | None = Field(None, ge=0, description="Linear warm-up steps; default: 5% of the steps.")
+    warmup: int | None = Field(
+        None, ge=0,
+        description="Linear warm-up steps; default: 5% of the steps, fixed when the run starts (a resume "
+        "with a larger budget keeps it).",
+    )
     schedule: Literal["cosine", "linear", "constant", "wsd"] = Field(
         "cosine", description="Decay from lr to min_lr after warm-up; wsd (warm-up, stable, decay) holds lr "
         "and decays linearly over the last decay_fraction of the steps, so a run can be extended from any "
@@ -324,16 +328,6 @@ class OptimSpec(_Spec):
         assert self.min_lr is not None
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
-        if self.muon_momentum is not None and self.name != "muon":
-            raise ValueError(
-                f"muon_momentum applies to optimizer muon only (optimizer is {self.name}): "
-                "drop it, or add --optimizer muon"
-            )
-        if self.decay_fraction is not None and self.schedule != "wsd":
-            raise ValueError(
-                f"decay_fraction applies to schedule wsd only (schedule is {self.schedule}): "
-                "drop it, or add --schedule wsd"
-            )
         return self
 
 

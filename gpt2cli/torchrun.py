@@ -51,11 +51,18 @@ class _DropShutdownNotices(logging.Filter):
     ("failed (exitcode: 1) local_rank: ..."). The launcher already says, once, that the run was
     stopped and where its checkpoint is, or which worker failed; these lines only repeat it."""
 
-    NOTICES = ("death signal, shutting down workers", "closing signal", "failed (exitcode")
+    NOTICES = ("death signal, shutting down workers", "closing signal")
+    # A worker's failure: the launcher names it when it ends the job. With restarts left it does
+    # not end the job, and torchrun's line is the only word of it: kept then.
+    FAILURE = "failed (exitcode"
+
+    def __init__(self, restarts: bool = False) -> None:
+        super().__init__()
+        self.notices = self.NOTICES if restarts else (*self.NOTICES, self.FAILURE)
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not any(notice in message for notice in self.NOTICES)
+        return not any(notice in message for notice in self.notices)
 
 
 # Where torch logs those notices (agent/server/api.py, multiprocessing/api.py in torch 2.4-2.13).
@@ -166,8 +173,9 @@ def main() -> None:
         _stop_workers_with_sigterm(multiprocessing_api, SignalException)
         if "--standalone" in sys.argv[1:]:
             _keep_agent_stores_on_loopback()
+        restarts = "--max-restarts" in sys.argv[1:]  # gpt2cli.parallel.launch passes it only when above 0
         for name in _SHUTDOWN_NOTICE_LOGGERS:
-            logging.getLogger(name).addFilter(_DropShutdownNotices())
+            logging.getLogger(name).addFilter(_DropShutdownNotices(restarts))
         from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
         try:

@@ -44,7 +44,7 @@ from gpt2cli.metrics import (
     truncate_metrics,
 )
 from gpt2cli.model import GPT
-from gpt2cli.optim import build_optimizer, check_optimizer
+from gpt2cli.optim import build_optimizer, check_optimizer, keep_settings_of
 from gpt2cli.parallel import Strategy, make_strategy
 from gpt2cli.profiling import StepProfiler
 from gpt2cli.specs import (
@@ -156,16 +156,20 @@ def warmup_steps(spec: TrainSpec, total_steps: int) -> int:
     return spec.optim.warmup if spec.optim.warmup is not None else max(1, round(0.05 * total_steps))
 
 
+def decay_steps(spec: TrainSpec, total_steps: int) -> int:
+    """wsd: the steps of its decay, the last of them at min_lr."""
+    fraction = spec.optim.decay_fraction if spec.optim.decay_fraction is not None else DEFAULT_DECAY_FRACTION
+    return max(1, round(fraction * total_steps))
+
+
 def decay_start_step(spec: TrainSpec, total_steps: int) -> int:
     """The step index where the decay from lr to min_lr begins: right after warm-up, except for
     wsd, which holds lr until its last decay_fraction of the steps. For wsd a longer budget moves
     it later and leaves every earlier step's lr as it was."""
-    o = spec.optim
     warmup = warmup_steps(spec, total_steps)
-    if o.schedule != "wsd":
+    if spec.optim.schedule != "wsd":
         return warmup
-    fraction = o.decay_fraction if o.decay_fraction is not None else DEFAULT_DECAY_FRACTION
-    return max(warmup, total_steps - max(1, round(fraction * total_steps)))
+    return max(warmup, total_steps - decay_steps(spec, total_steps))
 
 
 def lr_at(step: int, spec: TrainSpec, total_steps: int) -> float:
@@ -179,7 +183,11 @@ def lr_at(step: int, spec: TrainSpec, total_steps: int) -> float:
     decay_start = decay_start_step(spec, total_steps)
     if o.schedule == "constant" or step < decay_start:
         return o.lr
-    progress = min(1.0, (step - decay_start) / max(1, total_steps - decay_start))
+    if o.schedule == "wsd":
+        # The cool-down is the point of wsd: its last step runs at min_lr, also when it is short.
+        progress = min(1.0, (step - decay_start + 1) / max(1, total_steps - decay_start))
+    else:
+        progress = min(1.0, (step - decay_start) / max(1, total_steps - decay_start))
     if o.schedule in ("linear", "wsd"):
         return o.lr - progress * (o.lr - o.min_lr)
     return o.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (o.lr - o.min_lr)
@@ -190,7 +198,7 @@ def describe_schedule(spec: TrainSpec, total_steps: int) -> str:
     metrics.jsonl (step N runs with lr_at(N - 1))."""
     o = spec.optim
     warmup = warmup_steps(spec, total_steps)
-    if warmup >= total_steps:
+    if warmup > total_steps:
         peak = lr_at(total_steps - 1, spec, total_steps)
         return (f"warm-up {warmup:,} steps, longer than the run's {total_steps:,}: the lr rises to {peak:.3g} at "
                 f"step {total_steps:,}, not to --lr {o.lr:g}")
@@ -198,8 +206,9 @@ def describe_schedule(spec: TrainSpec, total_steps: int) -> str:
     if o.schedule == "constant":
         return text + ", then constant"
     decay_start = decay_start_step(spec, total_steps)
-    if decay_start > warmup:
-        text += f", held through step {decay_start + 1:,}"
+    if o.schedule == "wsd":
+        held = f", held through step {decay_start:,}" if decay_start > warmup else ""
+        return text + held + f", linear decay to {o.min_lr:g} at step {total_steps:,}"
     shape = "cosine" if o.schedule == "cosine" else "linear"
     return text + f", {shape} decay towards {o.min_lr:g}, reached after step {total_steps:,}"
 
@@ -458,6 +467,8 @@ def preview_resume(spec: TrainSpec, plan: BatchPlan) -> str:
     if resume_from is None:
         return f"resume: no checkpoint in {run_dir} yet; the run starts at step 0"
     saved_state = ckpt.load_checkpoint(resume_from, verify=False)
+    if "optimizer" not in saved_state:
+        raise UserError(f"{str(resume_from)!r} holds no optimizer state", "resume from ckpt.pt, not best.pt")
     saved = spec_from_json(TrainSpec, saved_state["spec"])
     data_dir = Path(spec.data.dir) if spec.data.dir else embedded_data_dir()
     fingerprint = TokenFolder(data_dir).fingerprint if is_token_folder(data_dir) else None
@@ -491,6 +502,9 @@ def changed_settings(saved: TrainSpec, spec: TrainSpec) -> dict[str, list[Any]]:
     """``{"optim.lr": [old, new], ...}``: the settings a resume changes, other than the budget and
     where and how it runs. Compared resolved, as spec.json holds them."""
     before, after = flatten(saved.model_dump(mode="json")), flatten(spec.model_dump(mode="json"))
+    # A run from before the default warm-up was stored holds none: the one resolved now is no change.
+    if before.get("optim.warmup") is None:
+        before["optim.warmup"] = after.get("optim.warmup")
     return {name: [before.get(name), value] for name, value in after.items()
             if before.get(name) != value and not name.startswith(_EXPECTED_TO_CHANGE)}
 
@@ -669,12 +683,18 @@ def _train_with(spec: TrainSpec, reporter: Reporter, strategy: Strategy,
 
 class _Trainer:
     def __init__(self, spec: TrainSpec, strategy: Strategy, reporter: Reporter) -> None:
-        self.spec = spec
         self.strategy = strategy
         self.reporter = reporter if strategy.is_main else SilentReporter()
         self.device = strategy.device
         self.dtype = resolve_dtype(spec.train.dtype, self.device)
         self.plan = plan_batches(spec, strategy.world_size)
+        if spec.optim.warmup is None:
+            # The default warm-up (5% of the steps) is fixed when the run starts and stored with it:
+            # a resume with a larger budget keeps the warm-up the run had (what a wsd run needs to
+            # extend exactly), instead of a longer one that would rewrite its past.
+            warmup = warmup_steps(spec, self.plan.total_steps)
+            spec = spec.model_copy(update={"optim": spec.optim.model_copy(update={"warmup": warmup})})
+        self.spec = spec
         compile_flag = spec.train.compile
         self.compiled = self.device.type == "cuda" if compile_flag is None else compile_flag
         self.loss_chunk = resolve_loss_chunk(spec.train.loss_chunk, self.compiled, self.device)
@@ -857,6 +877,9 @@ class _Trainer:
         if saved_state is not None:
             strategy.load_model_state(trained, saved_state["model"])
             strategy.load_optimizer_state(trained, optimizer, saved_state["optimizer"])
+            # The loaded state brings the checkpoint's betas, eps, weight decay, momentum (and
+            # device flags such as fused): the spec's, which a resume may change, go back in.
+            keep_settings_of(optimizer, build_optimizer(trained, spec, self.device))
             loader.load_state_dict(saved_state["loader"])
             step = int(saved_state["step"])
             tokens_seen = int(saved_state["tokens_seen"])
@@ -1071,7 +1094,7 @@ class _Trainer:
                         where = f"; the last checkpoint {ckpt_path} holds finite values" if ckpt_path else ""
                         skipping = spec.train.on_nonfinite == "skip"
                         raise NonFiniteLossError(
-                            msg + (f" after {consecutive_skips} skipped in a row" if skipping else "")
+                            msg + (f", {consecutive_skips + 1} in a row" if skipping else "")
                             + " (the optimizer step was not taken" + where + ")",
                             "lower --lr, raise --warmup, use --grad-clip, or "
                             + (f"raise --max-nonfinite-skips (now {spec.train.max_nonfinite_skips})" if skipping
@@ -1149,7 +1172,7 @@ class _Trainer:
                     break
         late_signal = stop.signal if status != "interrupted" else None
         if late_signal is not None:
-            reporter.message(f"{signal.Signals(late_signal).name} came during the last step; the run completed")
+            reporter.message(f"{_stopped_by(late_signal)} came during the last step; the run completed")
         report_profile(profiler.close())  # a run stopped before the profiled steps ended
         metrics.close()
         if strategy.is_main:

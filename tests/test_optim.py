@@ -100,6 +100,27 @@ def test_a_muon_run_learns_and_resumes_exactly(tmp_path, cache_dir, monkeypatch)
     assert train_losses(part) == losses  # the momentum buffers came back from the checkpoint
 
 
+def test_loaded_optimizer_state_keeps_the_settings_of_the_spec():
+    """An optimizer's state_dict carries its groups' settings: loaded as they are, a resume that
+    changes --betas, --weight-decay or adamw -> adam would run on with the checkpoint's."""
+    from gpt2cli.optim import keep_settings_of
+
+    model = tiny_model()
+    saved = build_optimizer(model, build_spec(TrainSpec, flags={"model": {"preset": "tiny"}}), torch.device("cpu"))
+    x = torch.randint(0, model.spec.vocab_size, (2, 16))
+    model(x, targets=x).backward()
+    saved.step()
+    changed = build_spec(TrainSpec, flags={"model": {"preset": "tiny"},
+                                           "optim": {"name": "adam", "betas": (0.8, 0.9), "weight_decay": 0.3}})
+    resumed = build_optimizer(model, changed, torch.device("cpu"))
+    resumed.load_state_dict(saved.state_dict())
+    assert resumed.param_groups[0]["betas"] == (0.9, 0.95)  # the checkpoint's, until:
+    keep_settings_of(resumed, build_optimizer(model, changed, torch.device("cpu")))
+    assert all(g["betas"] == (0.8, 0.9) and g["weight_decay"] == 0.0 for g in resumed.param_groups)  # Adam: no decay
+    assert all(not g.get("decoupled_weight_decay", False) for g in resumed.param_groups)
+    assert resumed.state  # the moments stay
+
+
 def test_a_resume_cannot_switch_between_adam_and_muon_state(tmp_path, cache_dir):
     run = tmp_path / "run"
     train(tiny_spec(run, train={"steps": 4}))
@@ -111,7 +132,7 @@ def test_a_resume_cannot_switch_between_adam_and_muon_state(tmp_path, cache_dir)
 
 @pytest.mark.parametrize("extra, says", [
     (["--optimizer", "muon", "--strategy", "fsdp"], "does not run under --strategy fsdp"),
-    (["--muon-momentum", "0.9"], "muon_momentum applies to optimizer muon only"),
+    (["--muon-momentum", "0.9"], "--muon-momentum (optim.muon_momentum) does nothing without --optimizer muon"),
     (["--optimizer", "muon", "--muon-momentum", "1"], "--muon-momentum"),
 ])
 def test_muon_settings_that_cannot_work_are_one_line(tmp_path, extra, says):

@@ -213,7 +213,7 @@ def test_nonfinite_skip_limit_allows_that_many_skips_in_a_row(tmp_path, cache_di
     assert result.status == "completed" and result.step == 6
     assert [ln for ln in reporter.lines if "skipped" in ln] == ["non-finite loss or gradient at step 3: step skipped (1 in a row)",
                        "non-finite loss or gradient at step 4: step skipped (2 in a row)"]
-    with pytest.raises(NonFiniteLossError, match=r"at step 4 after 1 skipped in a row ") as stopped:
+    with pytest.raises(NonFiniteLossError, match=r"at step 4, 2 in a row ") as stopped:
         train(tiny_spec(tmp_path / "one", train={**skip, "max_nonfinite_skips": 1}))
     assert "raise --max-nonfinite-skips (now 1)" in stopped.value.render()  # not the mode already on
 
@@ -242,23 +242,25 @@ def test_schedule_warmup_then_cosine_to_min_lr():
 def test_wsd_schedule_holds_lr_then_decays_linearly_and_a_longer_budget_keeps_the_past():
     spec = build_spec(TrainSpec, flags={"optim": {"lr": 1.0, "min_lr": 0.1, "warmup": 10, "schedule": "wsd"}})
     assert lr_at(0, spec, 100) == pytest.approx(0.1)
-    assert [lr_at(s, spec, 100) for s in range(9, 81)] == [1.0] * 72  # stable until the last 20%
-    assert lr_at(90, spec, 100) == pytest.approx(0.55)  # halfway down the linear decay
-    assert lr_at(100, spec, 100) == pytest.approx(0.1)
+    assert [lr_at(s, spec, 100) for s in range(9, 80)] == [1.0] * 71  # stable until the last 20 steps
+    assert lr_at(89, spec, 100) == pytest.approx(0.55)  # halfway down the linear decay
+    assert lr_at(99, spec, 100) == pytest.approx(0.1)  # the last step runs at min_lr
     # Twice the budget: the decay starts at 160, every step before 80 keeps its lr.
     assert [lr_at(s, spec, 200) for s in range(80)] == [lr_at(s, spec, 100) for s in range(80)]
-    assert lr_at(159, spec, 200) == 1.0 and lr_at(180, spec, 200) == pytest.approx(0.55)
+    assert lr_at(159, spec, 200) == 1.0 and lr_at(179, spec, 200) == pytest.approx(0.55)
     half = build_spec(TrainSpec, flags={"optim": {"lr": 1.0, "min_lr": 0.0, "warmup": 0, "schedule": "wsd",
                                                   "decay_fraction": 0.5}})
-    assert lr_at(49, half, 100) == 1.0 and lr_at(75, half, 100) == pytest.approx(0.5)
-    # What --dry-run says, in metrics.jsonl's steps (step N runs with lr_at(N - 1)): held through 81.
-    assert describe_schedule(spec, 100) == ("warm-up 10 steps to 1, held through step 81, "
-                                            "linear decay towards 0.1, reached after step 100")
-    assert lr_at(81 - 1, spec, 100) == 1.0 and lr_at(82 - 1, spec, 100) < 1.0
+    assert lr_at(49, half, 100) == 1.0 and lr_at(74, half, 100) == pytest.approx(0.5)
+    # A decay of one step still reaches min_lr.
+    short = build_spec(TrainSpec, flags={"optim": {"lr": 1.0, "min_lr": 0.1, "warmup": 0, "schedule": "wsd",
+                                                   "decay_fraction": 0.01}})
+    assert lr_at(98, short, 100) == 1.0 and lr_at(99, short, 100) == pytest.approx(0.1)
+    # What --dry-run says, in metrics.jsonl's steps (step N runs with lr_at(N - 1)): held through 80.
+    assert describe_schedule(spec, 100) == "warm-up 10 steps to 1, held through step 80, linear decay to 0.1 at step 100"
+    assert lr_at(80 - 1, spec, 100) == 1.0 and lr_at(81 - 1, spec, 100) < 1.0
     assert describe_schedule(spec, 3) == "warm-up 10 steps, longer than the run's 3: the lr rises to 0.3 at step 3, " \
         "not to --lr 1"
-    with pytest.raises(UserError, match="decay_fraction applies to schedule wsd only"):
-        build_spec(TrainSpec, flags={"optim": {"decay_fraction": 0.3}})
+    assert describe_schedule(spec, 10).startswith("warm-up 10 steps to 1,")  # as long as the run: it gets there
 
 
 def test_a_wsd_run_extended_before_its_decay_equals_the_longer_run(tmp_path, cache_dir, monkeypatch):
@@ -274,7 +276,32 @@ def test_a_wsd_run_extended_before_its_decay_equals_the_longer_run(tmp_path, cac
     assert train(tiny_spec(part, train={"steps": 20}, optim=wsd, run={"resume": "auto"})).step == 20
     assert train_losses(part) == train_losses(full)
     lrs = {r["step"]: r["lr"] for r in read_metrics(full / "metrics.jsonl") if r["kind"] == "train"}
-    assert lrs[17] == 3e-3 and lrs[20] < lrs[18] < 3e-3  # row N holds the lr of step index N - 1
+    # row N holds the lr of step index N - 1; the decay is the last 4 steps, down to min_lr
+    assert lrs[16] == 3e-3 and lrs[20] < lrs[17] < 3e-3 and lrs[20] == pytest.approx(3e-4)
+
+
+def test_the_default_warm_up_is_fixed_when_a_run_starts_so_a_longer_budget_keeps_it(tmp_path, cache_dir,
+                                                                                        monkeypatch):
+    """Without --warmup the warm-up is 5% of the steps, resolved when the run starts and stored:
+    a 20-step wsd run (warm-up 1) stopped at step 7 and resumed with 40 steps trains exactly like
+    a 40-step run with --warmup 1, not like one that warms up over 2 steps."""
+    wsd = {"warmup": None, "lr": 3e-3, "schedule": "wsd"}
+    part = tmp_path / "part"
+    monkeypatch.setenv("GPT2_FAULT", "stop_at_step:7")
+    assert train(tiny_spec(part, train={"steps": 20}, optim=wsd)).step == 7
+    monkeypatch.delenv("GPT2_FAULT")
+    stored = TrainSpec.model_validate_json((part / "spec.json").read_text())
+    assert stored.optim.warmup == 1
+    from gpt2cli.cli.train import resolve_train_spec
+
+    resumed = resolve_train_spec({"--out": str(part), "--resume": "auto", "--steps": 40}, None, [])
+    assert resumed.optim.warmup == 1
+    log = MessageLog()
+    assert train(resumed, reporter=log).step == 40
+    assert not any("changed settings" in line for line in log.lines)
+    full = tmp_path / "full"
+    train(tiny_spec(full, train={"steps": 40}, optim={**wsd, "warmup": 1}))
+    assert train_losses(part) == train_losses(full)
 
 
 # ------------------------------------------------------------------ the real command

@@ -26,7 +26,7 @@ from gpt2cli.cli.common import (
     out,
     print_wide,
 )
-from gpt2cli.errors import EXIT_INTERRUPTED, NonFiniteLossError, UserError
+from gpt2cli.errors import EXIT_INTERRUPTED, NonFiniteLossError, StoppedBySignal, UserError
 from gpt2cli.specs import CompareSpec, build_spec
 
 if TYPE_CHECKING:
@@ -300,10 +300,15 @@ def _train_point(spec: TrainSpec) -> tuple[str, bool]:
     from gpt2cli.parallel.launch import needs_launch
 
     if needs_launch(spec.parallel):
+        from gpt2cli.cli.train import CompletedDespiteSignal
         from gpt2cli.cli.train import run as run_train
 
         try:
             run_train(spec)
+        except StoppedBySignal:
+            return "interrupted", False
+        except CompletedDespiteSignal:
+            return "done", True
         except typer.Exit as exc:
             if exc.exit_code == 0:
                 return "done", False

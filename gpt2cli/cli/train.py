@@ -275,6 +275,8 @@ def resolve_train_spec(values: dict[str, Any], config: str | None, sets: list[st
 _NEEDS: dict[tuple[str, str], tuple[Any, str]] = {
     ("model", "rope_base"): (lambda s: s.model.pos == "rope", "--pos rope"),
     ("train", "max_nonfinite_skips"): (lambda s: s.train.on_nonfinite == "skip", "--on-nonfinite skip"),
+    ("optim", "decay_fraction"): (lambda s: s.optim.schedule == "wsd", "--schedule wsd"),
+    ("optim", "muon_momentum"): (lambda s: s.optim.name == "muon", "--optimizer muon"),
 }
 
 
@@ -424,7 +426,7 @@ def run(spec: TrainSpec, dry_run: bool = False) -> None:
             base = Path(spec.run.runs_dir) / auto_run_name(spec)
             made_here = next((f for f in reversed([base, *base.parents]) if not f.exists()), None)
             run_dir = claim_new_folder(base)  # base, or base-2, ...: never another launch's folder
-            if made_here == base:
+            if made_here is None or made_here == base:
                 made_here = run_dir
         else:
             refuse_existing_run(spec, run_dir)
@@ -448,7 +450,10 @@ def run(spec: TrainSpec, dry_run: bool = False) -> None:
         # What the workers of this launch write, told from what a previous session left (a resume).
         spec_stamp, status_stamp = _stamp(run_dir / "spec.json"), _stamp(run_dir / STATUS_NAME)
         (run_dir / JOB_FAILURE_FILE).unlink(missing_ok=True)
-        code, signum = launch(p, spec_path, debug="--debug" in sys.argv, run_locked=lock.held)
+        try:
+            code, signum = launch(p, spec_path, debug="--debug" in sys.argv, run_locked=lock.held)
+        finally:
+            failure = _take_job_failure(run_dir)
         # The workers passed their checks and wrote spec.json (again, on a resume).
         began = _stamp(run_dir / "spec.json") not in (None, spec_stamp)
         # With several nodes the others' launchers still read the reports: they stay.
@@ -470,6 +475,10 @@ def run(spec: TrainSpec, dry_run: bool = False) -> None:
         # the launcher turns the recorded status into the documented exit code.
         if status == "interrupted":
             raise typer.Exit(EXIT_INTERRUPTED)
+        if signum is not None and code == 0 and status in ("completed", "early-stopped"):
+            # The signal came during the last step: too late to stop a run that then finished
+            # (rank 0 has said so).
+            raise CompletedDespiteSignal()
         if signum is not None:  # stopped, but no checkpoint was committed on the way out
             name = signal.Signals(signum).name
             if began:
@@ -480,7 +489,7 @@ def run(spec: TrainSpec, dry_run: bool = False) -> None:
                 message = f"Stopped by {name} before the run began; {run_dir} is as it was."
             raise StoppedBySignal(message, 128 + signum)
         if code != 0:  # a worker died or failed without an error line of its own
-            _report_job_failure(run_dir, code, recorded, began)
+            _report_job_failure(run_dir, code, recorded, began, failure)
         raise typer.Exit(code)
     _train_here(spec)
 
@@ -492,17 +501,31 @@ def _stamp(path: Path) -> int | None:
         return None
 
 
-def _report_job_failure(run_dir: Path, code: int, recorded: dict[str, Any], began: bool) -> None:
-    """One line for a job that failed without a worker's own error (a worker killed, say), and
-    status.json "failed" where the run had left it "running"."""
+class CompletedDespiteSignal(typer.Exit):
+    """Exit 0: the run completed, though a SIGINT/SIGTERM came during its last step (a sweep
+    stops after it)."""
+
+    def __init__(self) -> None:
+        super().__init__(0)
+
+
+def _take_job_failure(run_dir: Path) -> str:
+    """The line torchrun's agent left on which worker failed (gpt2cli.torchrun), removed."""
     from gpt2cli.torchrun import JOB_FAILURE_FILE
-    from gpt2cli.train import write_status
 
     try:
         what = (run_dir / JOB_FAILURE_FILE).read_text(encoding="utf-8").strip()
         (run_dir / JOB_FAILURE_FILE).unlink()
     except OSError:
         what = ""
+    return what
+
+
+def _report_job_failure(run_dir: Path, code: int, recorded: dict[str, Any], began: bool, what: str) -> None:
+    """One line for a job that failed without a worker's own error (a worker killed, say), and
+    status.json "failed" where the run had left it "running"."""
+    from gpt2cli.train import write_status
+
     line = f"the job failed: {what or f'torchrun exited with code {code}'}"
     if recorded.get("status") == "running":
         with contextlib.suppress(OSError, KeyError, TypeError):

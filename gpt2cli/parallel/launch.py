@@ -151,15 +151,17 @@ def launch(p: ParallelSpec, spec_path: Path, debug: bool = False, run_locked: bo
     take_worker_error(spec_path.parent, remove=True)  # a previous launch's
     (spec_path.parent / STOP_SIGNAL_FILE).unlink(missing_ok=True)
     received: list[int] = []
+    forwarded = [False]  # the first signal reached torchrun (from the handler or after Popen)
     proc: subprocess.Popen | None = None
-    _become_subreaper()
+    _set_subreaper(True)
     ours_before = set(_children(os.getpid()))  # not to be waited for (a caller's other children)
 
     def forward(signum: int, frame: object) -> None:
         received.append(signum)
         if proc is None:
             return
-        if len(received) == 1:
+        if not forwarded[0]:
+            forwarded[0] = True
             _note_stop_signal(spec_path.parent, signum)
             proc.send_signal(signum)
         else:
@@ -172,7 +174,8 @@ def launch(p: ParallelSpec, spec_path: Path, debug: bool = False, run_locked: bo
     try:
         proc = subprocess.Popen(cmd, env=env, start_new_session=True,
                                 preexec_fn=_die_with_parent if sys.platform == "linux" else None)
-        if received:  # arrived before proc existed
+        if received and not forwarded[0]:  # arrived before proc existed
+            forwarded[0] = True
             _note_stop_signal(spec_path.parent, received[0])
             proc.send_signal(received[0])
             if len(received) > 1:
@@ -182,6 +185,7 @@ def launch(p: ParallelSpec, spec_path: Path, debug: bool = False, run_locked: bo
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        _set_subreaper(False)
         (spec_path.parent / STOP_SIGNAL_FILE).unlink(missing_ok=True)
     return (128 - code if code < 0 else code), (received[0] if received else None)
 
@@ -193,15 +197,16 @@ def _note_stop_signal(folder: Path, signum: int) -> None:
         pass
 
 
-def _become_subreaper() -> None:
-    """Linux: processes orphaned below this one (workers whose torchrun died) are re-parented to
-    it rather than to init, so that :func:`_wait_for_orphans` can wait for them."""
+def _set_subreaper(on: bool) -> None:
+    """Linux: while on, processes orphaned below this one (workers whose torchrun died) are
+    re-parented to it rather than to init, so that :func:`_wait_for_orphans` can wait for them.
+    Off again once the launch is over (a caller that lives on, a sweep, collects no strays)."""
     if sys.platform != "linux":
         return
     import ctypes
 
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1 if on else 0)  # PR_SET_CHILD_SUBREAPER
     except (OSError, AttributeError):
         pass
 
@@ -217,45 +222,46 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _kill_job(torchrun_pid: int) -> None:
-    """Stop the job at once: SIGKILL to torchrun's workers (each leads a session of its own, with
-    any processes it started) and to torchrun's session."""
-    for worker in _children(torchrun_pid):
+def _signal_tree(pid: int, sig: int) -> None:
+    """``sig`` to ``pid`` and to the process group it leads, if it leads one (torchrun's workers
+    each lead a session of their own, with any processes they started)."""
+    for send in (os.killpg, os.kill):
         try:
-            os.killpg(worker, signal.SIGKILL)
+            send(pid, sig)
         except OSError:
             pass
-    try:
-        os.killpg(torchrun_pid, signal.SIGKILL)
-    except OSError:
-        pass
+
+
+def _kill_job(torchrun_pid: int) -> None:
+    """Stop the job at once: SIGKILL to torchrun's workers and to torchrun (Linux finds the
+    workers through /proc; elsewhere torchrun's process group only)."""
+    for worker in _children(torchrun_pid):
+        _signal_tree(worker, signal.SIGKILL)
+    _signal_tree(torchrun_pid, signal.SIGKILL)
 
 
 def _wait_for_orphans(received: list[int], ignore: set[int]) -> None:
     """Wait for the workers that outlived torchrun (now this process's children, see
-    :func:`_become_subreaper`; ``ignore``: children it had before); a further SIGINT/SIGTERM
-    meanwhile kills them."""
+    :func:`_set_subreaper`; ``ignore``: children it had before). A signal meanwhile is passed
+    on to them: SIGTERM first (they checkpoint and stop), SIGKILL after."""
     import time
 
-    orphans = [pid for pid in _children(os.getpid()) if pid not in ignore]
-    while orphans:
-        if len(received) > 1:
+    handled = len(received)
+    while True:
+        orphans = [pid for pid in _children(os.getpid()) if pid not in ignore]  # re-read: late arrivals
+        if not orphans:
+            return
+        if len(received) > handled:
+            sig = signal.SIGKILL if len(received) > 1 else signal.SIGTERM
+            handled = len(received)
             for pid in orphans:
-                try:
-                    os.killpg(pid, signal.SIGKILL)
-                except OSError:
-                    pass
-        still = []
+                _signal_tree(pid, sig)
         for pid in orphans:
             try:
-                done, _ = os.waitpid(pid, os.WNOHANG)
+                os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
-                continue
-            if not done:
-                still.append(pid)
-        orphans = still
-        if orphans:
-            time.sleep(0.1)
+                pass
+        time.sleep(0.1)
 
 
 def _die_with_parent() -> None:
