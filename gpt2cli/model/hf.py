@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 
-from gpt2cli.checkpoint import load_weights_only
 from gpt2cli.errors import UserError
 from gpt2cli.fsutil import fsync_dir, remove_stale_staging, staging_path
 from gpt2cli.model.gpt import GPT
@@ -284,7 +283,7 @@ def _read_weights_file(file: Path) -> dict[str, torch.Tensor]:
 
             return load_file(str(file))
         # weights_only: a downloaded .bin is a pickle and must not be able to run code.
-        state = load_weights_only(file, map_location="cpu")
+        state = torch.load(file, map_location="cpu", weights_only=True)
     except torch.serialization.pickle.UnpicklingError as exc:
         if "global" not in str(exc).lower():
             raise _unreadable(file, exc) from exc
