@@ -50,6 +50,7 @@ import codecs
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -265,12 +266,7 @@ def _with_recompile_limit(compiled: Callable[..., torch.Tensor]) -> Callable[...
 
     # torch 2.4-2.5 call the setting cache_size_limit.
     name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
-
-    def step(*args: object) -> torch.Tensor:
-        with dynamo_config.patch({name: DECODE_RECOMPILE_LIMIT}):
-            return compiled(*args)
-
-    return step
+    return _under(dynamo_config, {name: DECODE_RECOMPILE_LIMIT}, compiled)
 
 
 def _frozen(compiled: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
@@ -281,9 +277,15 @@ def _frozen(compiled: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor
     compile option."""
     from torch._inductor import config as inductor_config
 
+    return _under(inductor_config, {"freezing": True}, compiled)
+
+
+def _under(config: Any, settings: dict[str, Any], call: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``call`` with the torch config module ``config`` patched with ``settings`` for each call."""
+
     def step(*args: object) -> torch.Tensor:
-        with inductor_config.patch(freezing=True):
-            return compiled(*args)
+        with config.patch(settings):
+            return call(*args)
 
     return step
 

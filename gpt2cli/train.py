@@ -467,28 +467,32 @@ def preview_resume(spec: TrainSpec, plan: BatchPlan) -> str:
     if resume_from is None:
         return f"resume: no checkpoint in {run_dir} yet; the run starts at step 0"
     saved_state = ckpt.load_checkpoint(resume_from, verify=False)
-    if "optimizer" not in saved_state:
-        raise UserError(f"{str(resume_from)!r} holds no optimizer state", "resume from ckpt.pt, not best.pt")
-    saved = spec_from_json(TrainSpec, saved_state["spec"])
     data_dir = Path(spec.data.dir) if spec.data.dir else embedded_data_dir()
     fingerprint = TokenFolder(data_dir).fingerprint if is_token_folder(data_dir) else None
-    check_resume_compatible(spec, saved, saved_state, plan, fingerprint)
-    step = int(saved_state["step"])
-    check_resume_budget(resume_from, step, plan)
-    lines = [*warnings, f"resume: {resume_from} at step {step:,} of {plan.total_steps:,}"]
-    changes = changed_settings(saved, spec)
+    changes = check_resume(spec, resume_from, saved_state, plan, fingerprint)
+    lines = [*warnings, f"resume: {resume_from} at step {int(saved_state['step']):,} of {plan.total_steps:,}"]
     if changes:
         lines.append("resume changes: " + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changes.items()))
     return "\n".join(lines)
 
 
-def check_resume_budget(resume_from: Path, step: int, plan: BatchPlan) -> None:
+def check_resume(spec: TrainSpec, resume_from: Path, saved_state: dict, plan: BatchPlan,
+                 data_fingerprint: str | None) -> dict[str, list[Any]]:
+    """Every refusal a resume makes of a checkpoint (the resume itself, and --dry-run's preview):
+    no optimizer state, another model, batch or data, a budget already spent. Returns the
+    settings it changes (:func:`changed_settings`)."""
+    if "optimizer" not in saved_state:
+        raise UserError(f"{str(resume_from)!r} holds no optimizer state", "resume from ckpt.pt, not best.pt")
+    saved = spec_from_json(TrainSpec, saved_state["spec"])
+    check_resume_compatible(spec, saved, saved_state, plan, data_fingerprint)
+    step = int(saved_state["step"])
     if step > plan.total_steps:
         raise UserError(
             f"{str(resume_from)!r} is at step {step:,}, past the {plan.total_steps:,} steps asked for: there is "
             "nothing to train",
             f"pass --steps above {step:,} to continue the run",
         )
+    return changed_settings(saved, spec)
 
 
 # What a resume may change without it being a change of the run's settings: the budget and the
@@ -845,12 +849,7 @@ class _Trainer:
         resume_changes: dict[str, list[Any]] = {}
         if resume_from is not None:
             saved_state = ckpt.load_checkpoint(resume_from)
-            saved_spec = spec_from_json(TrainSpec, saved_state["spec"])
-            check_resume_compatible(spec, saved_spec, saved_state, plan, folder.fingerprint)
-            resume_changes = changed_settings(saved_spec, spec)
-            if "optimizer" not in saved_state:
-                raise UserError(f"{str(resume_from)!r} holds no optimizer state", "resume from ckpt.pt, not best.pt")
-            check_resume_budget(resume_from, int(saved_state["step"]), plan)
+            resume_changes = check_resume(spec, resume_from, saved_state, plan, folder.fingerprint)
             written_by = str(saved_state.get("torch_version", ""))
             running = torch.__version__.split("+")[0]
             if written_by and written_by != running:

@@ -283,7 +283,7 @@ _NEEDS: dict[tuple[str, str], tuple[Any, str]] = {
 def _refuse_settings_without_effect(spec: TrainSpec, typed: dict[str, dict[str, Any]]) -> None:
     for (section, name), (holds, needs) in _NEEDS.items():
         if name in typed.get(section, {}) and not holds(spec):
-            flag = next((f for f, path in FLAG_FIELDS.items() if path == (section, name)), f"{section}.{name}")
+            flag = FLAG_FOR_FIELD.get(f"{section}.{name}", f"{section}.{name}")
             raise UserError(f"{flag} ({section}.{name}) does nothing without {needs}", f"drop it, or add {needs}")
 
 
@@ -424,13 +424,13 @@ def run(spec: TrainSpec, dry_run: bool = False) -> None:
             from gpt2cli.train import auto_run_name, claim_new_folder
 
             base = Path(spec.run.runs_dir) / auto_run_name(spec)
-            made_here = next((f for f in reversed([base, *base.parents]) if not f.exists()), None)
+            made_here = _outermost_missing(base)
             run_dir = claim_new_folder(base)  # base, or base-2, ...: never another launch's folder
             if made_here is None or made_here == base:
                 made_here = run_dir
         else:
             refuse_existing_run(spec, run_dir)
-            made_here = next((f for f in reversed([run_dir, *run_dir.parents]) if not f.exists()), None)
+            made_here = _outermost_missing(run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
         # Workers resume by themselves after an elastic restart: resume=auto in the run folder.
         resume = spec.run.resume if spec.run.resume is not None else ("auto" if p.max_restarts else None)
@@ -492,6 +492,11 @@ def run(spec: TrainSpec, dry_run: bool = False) -> None:
             _report_job_failure(run_dir, code, recorded, began, failure)
         raise typer.Exit(code)
     _train_here(spec)
+
+
+def _outermost_missing(path: Path) -> Path | None:
+    """The outermost folder that making ``path`` creates (it or a parent), or None if it exists."""
+    return next((f for f in reversed([path, *path.parents]) if not f.exists()), None)
 
 
 def _stamp(path: Path) -> int | None:

@@ -156,16 +156,20 @@ def launch(p: ParallelSpec, spec_path: Path, debug: bool = False, run_locked: bo
     _set_subreaper(True)
     ours_before = set(_children(os.getpid()))  # not to be waited for (a caller's other children)
 
-    def forward(signum: int, frame: object) -> None:
-        received.append(signum)
-        if proc is None:
+    def pass_on() -> None:
+        """The first signal to torchrun, once; a second one kills the job."""
+        if proc is None or not received:
             return
         if not forwarded[0]:
             forwarded[0] = True
-            _note_stop_signal(spec_path.parent, signum)
-            proc.send_signal(signum)
-        else:
+            _note_stop_signal(spec_path.parent, received[0])
+            proc.send_signal(received[0])
+        if len(received) > 1:
             _kill_job(proc.pid)
+
+    def forward(signum: int, frame: object) -> None:
+        received.append(signum)
+        pass_on()
 
     # The handlers go in before torchrun starts: a signal arriving while it starts is still
     # forwarded, and torchrun does not inherit an ignored SIGINT (as a background job's is)
@@ -174,12 +178,7 @@ def launch(p: ParallelSpec, spec_path: Path, debug: bool = False, run_locked: bo
     try:
         proc = subprocess.Popen(cmd, env=env, start_new_session=True,
                                 preexec_fn=_die_with_parent if sys.platform == "linux" else None)
-        if received and not forwarded[0]:  # arrived before proc existed
-            forwarded[0] = True
-            _note_stop_signal(spec_path.parent, received[0])
-            proc.send_signal(received[0])
-            if len(received) > 1:
-                _kill_job(proc.pid)
+        pass_on()  # what arrived before proc existed
         code = proc.wait()
         _wait_for_orphans(received, ignore=ours_before)
     finally:
@@ -201,14 +200,8 @@ def _set_subreaper(on: bool) -> None:
     """Linux: while on, processes orphaned below this one (workers whose torchrun died) are
     re-parented to it rather than to init, so that :func:`_wait_for_orphans` can wait for them.
     Off again once the launch is over (a caller that lives on, a sweep, collects no strays)."""
-    if sys.platform != "linux":
-        return
-    import ctypes
-
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(36, 1 if on else 0)  # PR_SET_CHILD_SUBREAPER
-    except (OSError, AttributeError):
-        pass
+    if sys.platform == "linux":
+        _prctl(36, 1 if on else 0)  # PR_SET_CHILD_SUBREAPER
 
 
 def _children(pid: int) -> list[int]:
@@ -267,10 +260,15 @@ def _wait_for_orphans(received: list[int], ignore: set[int]) -> None:
 def _die_with_parent() -> None:
     """In the torchrun child (Linux): SIGTERM when this launcher dies, even by SIGKILL, so that
     torchrun stops its workers (they checkpoint and exit) instead of running on unattended."""
+    _prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _prctl(option: int, value: int) -> None:
+    """Linux prctl(2); nothing where libc has none."""
     import ctypes
 
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        ctypes.CDLL(None, use_errno=True).prctl(option, value)
     except (OSError, AttributeError):
         pass
 
